@@ -1,0 +1,90 @@
+"""The one mapping from failures to HTTP: every error body is {"error": {"code", "message", ...}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import DomainError, Unavailable
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "overloaded",
+    503: "unavailable",
+}
+
+
+def error_body(error: DomainError) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    if error.param is not None:
+        body["param"] = error.param
+    if error.line is not None:
+        body["line"] = error.line
+    return {"error": body}
+
+
+def error_response(error: DomainError) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers or None)
+
+
+def _validation_error(exc: RequestValidationError) -> DomainError:
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = ".".join(location) or None
+    message = first.get("msg", "Invalid request.")
+    if param:
+        message = f"{param}: {message}"
+    error = DomainError(message, param=param, code="invalid_request")
+    error.status = 422
+    return error
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = DomainError(str(exc.detail), code=HTTP_CODES.get(exc.status_code, "http_error"))
+        error.status = exc.status_code
+        return error_response(error)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        log.error("registry database error: %s", exc)
+        return error_response(
+            Unavailable(
+                "The registry database is unreachable; retry shortly.",
+                code="database_unavailable",
+                headers={"Retry-After": "5"},
+            )
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            {"error": {"code": "internal_error", "message": "Internal server error."}}, status_code=500
+        )

@@ -1,0 +1,24 @@
+"""OpenAPI descriptions of error responses, so /docs shows what each route can answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.api.schemas import ErrorResponse
+
+DESCRIPTIONS = {
+    400: "Malformed request.",
+    404: "No such object.",
+    409: "Conflicts with the object's current state.",
+    413: "Body or file over the size limit.",
+    415: "Unsupported file format.",
+    422: "Invalid value; `param` names it.",
+    429: "Too many requests in flight; retry after `Retry-After` seconds.",
+    503: "A dependency (database, broker, backbone) is unavailable; retry later.",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"model": ErrorResponse, "description": DESCRIPTIONS[status]} for status in (*statuses, 503)
+    }

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+
+from app.api.deps import AfterQuery, LimitQuery, ServingDep, SessionDep, SettingsDep
+from app.api.responses import errors
+from app.api.schemas import DatasetPublic, Page
+from app.errors import InvalidRequest, PayloadTooLarge
+from app.services import datasets as service
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+READ_CHUNK = 1024 * 1024
+
+
+@router.post("", status_code=201, response_model=DatasetPublic, responses=errors(409, 413, 415, 422))
+async def upload_dataset(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    serving: ServingDep,
+    file: Annotated[
+        UploadFile | None,
+        File(description=".jsonl or .csv: {text,label}, {input,output} or {prompt,completion} records."),
+    ] = None,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> DatasetPublic:
+    """Upload a labeled dataset; it is validated whole before anything is stored."""
+    if file is None:
+        raise InvalidRequest("The multipart body has no 'file' part.", param="file", code="missing_file")
+    data = await _read_limited(file, settings.max_upload_bytes)
+    tokenizer = serving.backbone.tokenizer if serving.backbone is not None else None
+    count_tokens = (
+        (lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])) if tokenizer else None
+    )
+    dataset = service.create_dataset(
+        session,
+        data=data,
+        filename=file.filename or "",
+        name=name,
+        min_examples=settings.min_examples,
+        max_examples=settings.max_examples,
+        count_tokens=count_tokens,
+    )
+    session.commit()
+    return DatasetPublic.of(dataset)
+
+
+async def _read_limited(file: UploadFile, limit: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := await file.read(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"The file is larger than the upload limit of {limit} bytes.",
+                param="file",
+                code="file_too_large",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.get("", response_model=Page[DatasetPublic], responses=errors(422))
+def list_datasets(
+    session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None
+) -> Page[DatasetPublic]:
+    """List datasets, newest first."""
+    rows, has_more = service.list_datasets(session, limit=limit, after=after)
+    return Page[DatasetPublic](data=[DatasetPublic.of(r) for r in rows], has_more=has_more)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=errors(404))
+def get_dataset(dataset_id: int, session: SessionDep) -> DatasetPublic:
+    """Get one dataset's description and statistics."""
+    return DatasetPublic.of(service.get_dataset(session, dataset_id=dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=errors(404, 409))
+def delete_dataset(dataset_id: int, session: SessionDep) -> Response:
+    """Delete a dataset; refused while a queued or running job uses it."""
+    service.delete_dataset(session, dataset_id=dataset_id)
+    session.commit()
+    return Response(status_code=204)

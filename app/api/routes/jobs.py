@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request, Response
+from sse_starlette.sse import EventSourceResponse
+
+from app.api.deps import AfterQuery, LimitQuery, SessionDep, SettingsDep
+from app.api.responses import errors
+from app.api.schemas import JobCreate, JobEventPublic, JobPublic, Page
+from app.db.session import session_scope
+from app.errors import Unavailable
+from app.services import jobs as service
+from app.services.queue import enqueue_training
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/tuning/jobs", tags=["tuning jobs"])
+EVENT_POLL_S = 0.5
+
+
+@router.post("", status_code=201, response_model=JobPublic, responses=errors(404, 409, 422))
+def create_job(
+    body: JobCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobPublic:
+    """Queue a tuning job; a repeated Idempotency-Key returns the job the first request made."""
+    request = service.JobRequest(
+        task=body.task,
+        training_dataset=body.training_dataset,
+        validation_dataset=body.validation_dataset,
+        base_model=body.base_model,
+        num_virtual_tokens=body.num_virtual_tokens,
+        template=body.template,
+        init=body.init.model_dump(exclude_none=True) if body.init else None,
+        hyperparameters=body.hyperparameters.model_dump(exclude_none=True),
+    )
+    job, created = service.create_job(
+        session, request=request, settings=settings, idempotency_key=idempotency_key
+    )
+    session.commit()
+    if not created:
+        response.status_code = 200
+    if job.status == "queued":
+        # After the commit, so the worker always finds the row; a second delivery is harmless.
+        try:
+            enqueue_training(settings, job.id)
+        except Exception as error:
+            log.error("could not enqueue job %s: %s", job.id, error)
+            raise Unavailable(
+                f"Job {job.id} is saved but the broker is unreachable; retry the request with "
+                "the same Idempotency-Key.",
+                code="broker_unavailable",
+                headers={"Retry-After": "5"},
+            ) from None
+    return JobPublic.of(job)
+
+
+@router.get("", response_model=Page[JobPublic], responses=errors(422))
+def list_jobs(session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None) -> Page[JobPublic]:
+    """List tuning jobs, newest first."""
+    rows, has_more = service.list_jobs(session, limit=limit, after=after)
+    return Page[JobPublic](data=[JobPublic.of(r) for r in rows], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=errors(404))
+def get_job(job_id: int, session: SessionDep) -> JobPublic:
+    """Get a job's status, progress, metrics and result."""
+    return JobPublic.of(service.get_job(session, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409))
+def cancel_job(job_id: int, session: SessionDep) -> JobPublic:
+    """Cancel a queued job (it never starts) or a running one (it stops at the next step, writing nothing)."""
+    job = service.cancel_job(session, job_id=job_id)
+    session.commit()
+    return JobPublic.of(job)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=list[JobEventPublic],
+    responses={
+        **errors(404),
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "JSON list, or a live stream with Accept: text/event-stream.",
+        },
+    },
+)
+def job_events(
+    job_id: int, request: Request, session: SessionDep, settings: SettingsDep, after: AfterQuery = None
+):
+    """The job's events; with `Accept: text/event-stream`, a live stream that ends when the job does."""
+    events = service.list_events(session, job_id=job_id, after=after)
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        return [_event(e) for e in events]
+    return EventSourceResponse(_stream(settings.registry_url, job_id, after, request))
+
+
+def _event(row) -> JobEventPublic:
+    return JobEventPublic(
+        id=row.id, type=row.type, message=row.message, data=row.data, created_at=row.created_at
+    )
+
+
+async def _stream(db_url: str, job_id: int, after: int | None, request: Request):
+    last = after
+    while True:
+        events, status = await asyncio.to_thread(_poll, db_url, job_id, last)
+        for event in events:
+            last = event.id
+            yield {
+                "id": str(event.id),
+                "event": event.type,
+                "data": json.dumps(event.model_dump(mode="json")),
+            }
+        if status in service.TERMINAL and not events:
+            yield {"event": "end", "data": json.dumps({"status": status})}
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(EVENT_POLL_S)
+
+
+def _poll(db_url: str, job_id: int, after: int | None) -> tuple[list[JobEventPublic], str]:
+    with session_scope(db_url) as session:
+        events = [_event(e) for e in service.list_events(session, job_id=job_id, after=after)]
+        return events, service.get_job(session, job_id=job_id).status

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import AfterQuery, LimitQuery, SessionDep
+from app.api.responses import errors
+from app.api.schemas import Page, TaskPublic, VersionPublic
+from app.services import prompts as service
+
+router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"])
+
+
+@router.get("", response_model=Page[TaskPublic], responses=errors(422))
+def list_tasks(session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None) -> Page[TaskPublic]:
+    """List tasks with their versions, newest task first."""
+    rows, has_more = service.list_tasks(session, limit=limit, after=after)
+    return Page[TaskPublic](data=[TaskPublic.of(r) for r in rows], has_more=has_more)
+
+
+@router.get("/{task}", response_model=TaskPublic, responses=errors(404))
+def get_task(task: str, session: SessionDep) -> TaskPublic:
+    """Get a task and all its versions."""
+    return TaskPublic.of(service.get_task(session, name=task))
+
+
+@router.get("/{task}/versions/{version}", response_model=VersionPublic, responses=errors(404))
+def get_version(task: str, version: int, session: SessionDep) -> VersionPublic:
+    """Get one immutable prompt version: template, labels, metrics, source job, checksum."""
+    return VersionPublic.of(service.get_version(session, name=task, version=version), task)
+
+
+@router.delete("/{task}/versions/{version}", status_code=204, responses=errors(404))
+def delete_version(task: str, version: int, session: SessionDep) -> Response:
+    """Delete a version; its number is never reused."""
+    service.delete_version(session, name=task, version=version)
+    session.commit()
+    return Response(status_code=204)

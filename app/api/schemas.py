@@ -1,0 +1,330 @@
+"""Request and response bodies. Response models are built from the ORM rows in one place each."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.db.models import Dataset, PromptVersion, Task, TuningJob
+from app.ml.text import DEFAULT_TEMPLATE
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["dataset_invalid"])
+    message: str = Field(examples=["Line 3: invalid JSON (Expecting ',' delimiter: column 18)."])
+    param: str | None = Field(default=None, examples=["label"])
+    line: int | None = Field(default=None, examples=[3])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    has_more: bool
+
+
+# -- datasets ---------------------------------------------------------------------------------------------
+
+
+class DatasetPublic(BaseModel):
+    id: int
+    name: str
+    filename: str
+    format: Literal["jsonl", "csv"]
+    kind: Literal["classification", "generation"]
+    num_examples: int
+    labels: list[str] | None
+    stats: dict[str, Any]
+    sha256: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Dataset) -> DatasetPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            filename=row.filename,
+            format=row.format,
+            kind=row.kind,
+            num_examples=row.num_examples,
+            labels=row.labels,
+            stats=row.stats,
+            sha256=row.sha256,
+            created_at=row.created_at,
+        )
+
+
+# -- tuning jobs ------------------------------------------------------------------------------------------
+
+
+class InitSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["labels", "text", "vocab", "random"]
+    text: str | None = Field(default=None, max_length=10_000)
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0, le=1000)
+    batch_size: int | None = Field(default=None, ge=1, le=256)
+    learning_rate: float | None = Field(default=None, gt=0, le=10)
+    weight_decay: float | None = Field(default=None, ge=0, le=1)
+    warmup_steps: int | None = Field(default=None, ge=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    eval_every: int | None = Field(default=None, ge=0)
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "sst2",
+                    "training_dataset": 1,
+                    "template": "Review: {input}\nSentiment:",
+                    "hyperparameters": {"steps": 60, "batch_size": 8},
+                }
+            ]
+        },
+    )
+
+    task: str = Field(
+        description="Name of the prompt this job trains: [a-z0-9][a-z0-9_-]{0,63}.",
+        min_length=1,
+        max_length=64,
+    )
+    training_dataset: int = Field(description="Id of an uploaded dataset.")
+    validation_dataset: int | None = Field(
+        default=None, description="Id of a dataset to evaluate on; default: a held-out slice of training."
+    )
+    base_model: str | None = Field(
+        default=None, description="A registered backbone; default: the service's default backbone."
+    )
+    num_virtual_tokens: int = Field(default=20, ge=1, description="Length of the soft prompt.")
+    template: str = Field(
+        default=DEFAULT_TEMPLATE,
+        max_length=10_000,
+        description="Text around each input, with {input} once; stored with the prompt "
+        "and applied at inference.",
+    )
+    init: InitSpec | None = Field(
+        default=None, description="Default: 'labels' for classification datasets, 'vocab' otherwise."
+    )
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int
+    eta_seconds: float | None
+
+
+class JobMetrics(BaseModel):
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+
+class JobResult(BaseModel):
+    task: str
+    version: int
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    id: int
+    task: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    training_dataset: int | None
+    validation_dataset: int | None
+    base_model: str
+    num_virtual_tokens: int
+    template: str
+    init: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    progress: Progress
+    metrics: JobMetrics
+    result: JobResult | None
+    error: JobError | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: TuningJob) -> JobPublic:
+        return cls(
+            id=row.id,
+            task=row.task,
+            status=row.status,
+            training_dataset=row.training_dataset_id,
+            validation_dataset=row.validation_dataset_id,
+            base_model=row.base_model,
+            num_virtual_tokens=row.num_virtual_tokens,
+            template=row.template,
+            init=row.init,
+            hyperparameters=row.hyperparameters,
+            progress=Progress(
+                **{
+                    "step": 0,
+                    "total_steps": row.hyperparameters.get("steps", 0),
+                    "eta_seconds": None,
+                    **row.progress,
+                }
+            ),
+            metrics=JobMetrics(**row.metrics),
+            result=JobResult(task=row.task, version=row.result_version) if row.result_version else None,
+            error=JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None,
+            attempts=row.attempts,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class JobEventPublic(BaseModel):
+    id: int
+    type: str
+    message: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+# -- prompts ----------------------------------------------------------------------------------------------
+
+
+class VersionPublic(BaseModel):
+    task: str
+    version: int
+    base_model: str
+    num_virtual_tokens: int
+    embedding_dim: int
+    template: str
+    labels: list[str] | None
+    kind: str
+    sha256: str
+    source_job: int | None
+    source_dataset: int | None
+    metrics: dict[str, Any]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: PromptVersion, task: str) -> VersionPublic:
+        return cls(
+            task=task,
+            version=row.version,
+            base_model=row.base_model,
+            num_virtual_tokens=row.num_virtual_tokens,
+            embedding_dim=row.embedding_dim,
+            template=row.template,
+            labels=row.labels,
+            kind=row.kind,
+            sha256=row.sha256,
+            source_job=row.source_job_id,
+            source_dataset=row.source_dataset_id,
+            metrics=row.metrics,
+            created_at=row.created_at,
+        )
+
+
+class TaskPublic(BaseModel):
+    name: str
+    latest_version: int | None
+    versions: list[VersionPublic]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Task) -> TaskPublic:
+        versions = [VersionPublic.of(v, row.name) for v in row.versions]
+        return cls(
+            name=row.name,
+            latest_version=versions[-1].version if versions else None,
+            versions=versions,
+            created_at=row.created_at,
+        )
+
+
+# -- inference --------------------------------------------------------------------------------------------
+
+TASK_DESCRIPTION = "'name' (newest version), 'name@3' (pinned), or null for the bare backbone."
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"task": "sst2", "input": "a gorgeous, witty, seductive movie.", "max_new_tokens": 8}
+            ]
+        },
+    )
+
+    task: str | None = Field(default=None, description=TASK_DESCRIPTION)
+    input: str | list[str] = Field(description="One input or a list, run as one batch.")
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0, le=5, description="0 is greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: list[str] | None = Field(default=None, max_length=8)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    stream: bool = False
+
+
+class GenerationOut(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length"]
+    tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    task: str | None
+    version: int | None
+    outputs: list[GenerationOut]
+    usage: Usage
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"task": "sst2", "input": ["a gorgeous, witty, seductive movie.", "dull and lifeless"]}
+            ]
+        },
+    )
+
+    task: str | None = Field(default=None, description=TASK_DESCRIPTION)
+    input: str | list[str]
+    labels: list[str] | None = Field(
+        default=None, max_length=100, description="Candidates; default: the prompt's label set."
+    )
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    scores: dict[str, float]
+
+
+class ClassifyResponse(BaseModel):
+    task: str | None
+    version: int | None
+    results: list[ClassifyResult]
+    usage: Usage

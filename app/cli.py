@@ -1,0 +1,104 @@
+"""The `softprompt` command: `up` (the embedded default), `api`, `worker`, `db upgrade`."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from app.config import get_settings
+
+cli = typer.Typer(help="softprompt: prompt tuning as a service.", no_args_is_help=True)
+db_cli = typer.Typer(help="Registry database.", no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+
+HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
+PortOption = Annotated[int, typer.Option(help="Port to listen on.")]
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@db_cli.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply the registry's migrations."""
+    from app.db.migrate import upgrade
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.registry_url, revision)
+    typer.echo(f"registry at {revision}: {_redacted(settings.registry_url)}")
+
+
+@cli.command()
+def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+    """Run the HTTP API (loads the backbone once at start-up)."""
+    import uvicorn
+
+    _logging()
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+def _worker_argv() -> list[str]:
+    settings = get_settings()
+    # Solo pool: one job at a time in this process, the backbone loaded once. Scale with more processes.
+    return [
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        "--loglevel=INFO",
+        "-Q",
+        settings.queue_name,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+@cli.command()
+def worker() -> None:
+    """Run a training worker (Celery); it loads the backbone once and trains one job at a time."""
+    from workers.celery_app import celery
+
+    _logging()
+    celery.worker_main(_worker_argv())
+
+
+@cli.command()
+def up(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+    """The embedded default: migrate, then run the API and one worker on this machine."""
+    from app.ml.backbone import materialize_backbone
+
+    _logging()
+    settings = get_settings()
+    db_upgrade()
+    name = settings.default_backbone
+    typer.echo(f"preparing backbone {name} (the first run converts it once; later runs load it at once)")
+    materialize_backbone(name, settings.backbones[name], settings.backbone_cache_dir)
+    worker_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+    try:
+        api(host=host, port=port)
+    finally:
+        worker_process.terminate()
+        try:
+            worker_process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker_process.kill()
+
+
+def _redacted(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

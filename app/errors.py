@@ -1,0 +1,73 @@
+"""Domain failures. Each has a stable ``code``; the HTTP status lives here too so the one mapping in
+``app.api.errors`` stays a lookup, and the worker can record the same code on a failed job."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        line: int | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.line = line
+        self.headers = headers or {}
+        if code:
+            self.code = code
+
+
+class InvalidRequest(DomainError):
+    status = 422
+    code = "invalid_request"
+
+
+class DatasetInvalid(DomainError):
+    status = 422
+    code = "dataset_invalid"
+
+
+class PayloadTooLarge(DomainError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(DomainError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotFound(DomainError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    status = 409
+    code = "conflict"
+
+
+class Overloaded(DomainError):
+    status = 429
+    code = "overloaded"
+
+
+class Unavailable(DomainError):
+    status = 503
+    code = "unavailable"
+
+
+class PromptCorrupt(DomainError):
+    """A stored prompt version cannot be used (wrong shape, NaN, checksum mismatch)."""
+
+    status = 422
+    code = "prompt_corrupt"

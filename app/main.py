@@ -1,0 +1,48 @@
+"""create_app(): the HTTP front end. The backbone is loaded once, in the lifespan, never at import."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.errors import install_error_handlers
+from app.api.routes import datasets, health, inference, jobs, prompts
+from app.config import Settings, get_settings
+from app.ml.backbone import Backbone, load_backbone, materialize_backbone
+from app.services.serving import Serving
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Prompt tuning as a service: upload a labeled dataset, train a soft prompt for a named task
+on a frozen backbone, then generate or classify with any task from one loaded model.
+
+1. `POST /v1/datasets` with a `.jsonl` or `.csv` file.
+2. `POST /v1/tuning/jobs` naming the task and the dataset; follow `GET /v1/tuning/jobs/{id}`.
+3. `POST /v1/classify` or `POST /v1/generate` with `task`.
+"""
+
+
+def _load_default_backbone(settings: Settings) -> Backbone:
+    name = settings.default_backbone
+    path = materialize_backbone(name, settings.backbones[name], settings.backbone_cache_dir)
+    return load_backbone(name, path, device=settings.device)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        backbone = _load_default_backbone(settings) if settings.load_engine else None
+        app.state.serving = Serving(settings, backbone)
+        log.info("softprompt API ready (backbone: %s)", backbone.name if backbone else "not loaded")
+        yield
+
+    app = FastAPI(title="softprompt", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    for module in (datasets, jobs, prompts, inference, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,84 @@
+"""Soft prompts as plain tensors: how they start, and how they travel (safetensors bytes, never pickle)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from app.errors import InvalidRequest, PromptCorrupt
+from app.ml.backbone import Backbone
+from app.ml.batching import encode
+from app.ml.text import continuation
+
+PROMPT_KEY = "prompt_embeddings"
+STRATEGIES = ("text", "labels", "vocab", "random")
+# Lester et al. initialise from the 5,000 most frequent tokens; BPE vocabularies are built merge by merge,
+# so low ids are a cheap stand-in for frequency.
+FREQUENT_VOCAB = 5000
+
+
+def init_prompt(
+    backbone: Backbone,
+    *,
+    num_virtual_tokens: int,
+    strategy: str,
+    text: str | None = None,
+    labels: list[str] | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """A fresh prompt, [num_virtual_tokens, d] float32 on CPU."""
+    k = num_virtual_tokens
+    if k < 1:
+        raise InvalidRequest("num_virtual_tokens must be at least 1", param="num_virtual_tokens")
+    table = backbone.model.get_input_embeddings().weight.detach()  # [V, d]
+    generator = torch.Generator().manual_seed(seed)
+    if strategy == "text":
+        if not text or not text.strip():
+            raise InvalidRequest("the text strategy needs a non-empty init text", param="init")
+        ids = _cycle(encode(backbone, text), k)
+    elif strategy == "labels":
+        # Labels are scored as they follow an input (" positive"), so start from those tokens.
+        ids = [i for label in labels or [] if label for i in encode(backbone, continuation(".", label))]
+        if not ids:
+            raise InvalidRequest("the labels strategy needs a dataset with labels", param="init")
+        ids = _cycle(ids, k)
+    elif strategy == "vocab":
+        high = min(FREQUENT_VOCAB, table.shape[0])
+        ids = torch.randint(0, high, (k,), generator=generator).tolist()
+    elif strategy == "random":
+        std = table.float().std().item()
+        return torch.randn(k, table.shape[1], generator=generator) * std  # [k, d]
+    else:
+        raise InvalidRequest(
+            f"unknown init strategy {strategy!r}; one of {', '.join(STRATEGIES)}", param="init"
+        )
+    return table[torch.tensor(ids, device=table.device)].float().cpu().clone()  # [k, d]
+
+
+def _cycle(ids: list[int], k: int) -> list[int]:
+    return (ids * math.ceil(k / len(ids)))[:k]
+
+
+def prompt_to_bytes(prompt: torch.Tensor) -> bytes:
+    return st_save({PROMPT_KEY: prompt.detach().to("cpu", torch.float32).contiguous()})
+
+
+def prompt_from_bytes(data: bytes, *, embedding_dim: int) -> torch.Tensor:
+    """The [k, d] float32 prompt stored in ``data``; PromptCorrupt unless it is exactly that and finite."""
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types and OSError on garbage
+        raise PromptCorrupt(f"prompt bytes are not a readable safetensors file: {exc}") from exc
+    if set(tensors) != {PROMPT_KEY}:
+        raise PromptCorrupt(f"prompt file must hold exactly {PROMPT_KEY!r}, found {sorted(tensors)}")
+    prompt = tensors[PROMPT_KEY]
+    if prompt.dtype != torch.float32:
+        raise PromptCorrupt(f"prompt must be float32, found {prompt.dtype}")
+    if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] != embedding_dim:
+        raise PromptCorrupt(f"prompt shape {tuple(prompt.shape)} is not [k >= 1, {embedding_dim}]")
+    if not torch.isfinite(prompt).all():
+        raise PromptCorrupt("prompt contains NaN or infinite values")
+    return prompt

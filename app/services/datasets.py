@@ -1,0 +1,77 @@
+"""Datasets: validated at upload, stored whole in the registry (the worker reads them from there)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.models import Dataset, TuningJob
+from app.errors import Conflict, NotFound
+from app.services.dataset_parsing import ParsedDataset, dataset_stats, parse_dataset
+from app.services.pagination import paginate
+
+ACTIVE_JOB_STATUSES = ("queued", "running")
+
+
+def create_dataset(
+    session: Session,
+    *,
+    data: bytes,
+    filename: str,
+    name: str | None,
+    min_examples: int,
+    max_examples: int,
+    count_tokens: Callable[[str], int] | None,
+) -> Dataset:
+    parsed = parse_dataset(data, filename=filename, min_examples=min_examples, max_examples=max_examples)
+    dataset = Dataset(
+        name=name or filename,
+        filename=filename,
+        format=parsed.format,
+        kind=parsed.kind,
+        num_examples=len(parsed.records),
+        labels=parsed.labels,
+        stats=dataset_stats(parsed, count_tokens),
+        sha256=parsed.sha256,
+        records=_encode_records(parsed),
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def get_dataset(session: Session, *, dataset_id: int, param: str | None = None) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"No dataset with id {dataset_id}.", param=param)
+    return dataset
+
+
+def list_datasets(session: Session, *, limit: int, after: int | None) -> tuple[list[Dataset], bool]:
+    return paginate(session, select(Dataset), id_column=Dataset.id, limit=limit, after=after)
+
+
+def delete_dataset(session: Session, *, dataset_id: int) -> None:
+    dataset = get_dataset(session, dataset_id=dataset_id)
+    users = (TuningJob.training_dataset_id == dataset_id) | (TuningJob.validation_dataset_id == dataset_id)
+    active = session.scalars(
+        select(TuningJob.id).where(users, TuningJob.status.in_(ACTIVE_JOB_STATUSES)).limit(1)
+    ).first()
+    if active is not None:
+        raise Conflict(
+            f"Dataset {dataset_id} is used by job {active}, which is still queued or running.",
+            code="dataset_in_use",
+        )
+    session.delete(dataset)
+
+
+def load_records(session: Session, *, dataset_id: int) -> list[tuple[str, str]]:
+    dataset = get_dataset(session, dataset_id=dataset_id)
+    return [tuple(json.loads(line)) for line in dataset.records.decode().split("\n")]
+
+
+def _encode_records(parsed: ParsedDataset) -> bytes:
+    return "\n".join(json.dumps(list(pair), ensure_ascii=False) for pair in parsed.records).encode()

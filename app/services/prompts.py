@@ -1,0 +1,104 @@
+"""The prompt registry: tasks and their immutable, numbered versions."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, undefer
+
+from app.db.models import PromptVersion, Task, TuningJob
+from app.errors import InvalidRequest, NotFound
+from app.services.pagination import paginate
+
+# "sentiment" (newest version) or "sentiment@3" (pinned).
+TASK_REF = re.compile(r"(?P<task>[a-z0-9][a-z0-9_-]{0,63})(?:@(?P<version>[1-9][0-9]{0,8}))?")
+
+
+def parse_task_ref(ref: str) -> tuple[str, int | None]:
+    match = TASK_REF.fullmatch(ref)
+    if match is None:
+        raise InvalidRequest(
+            f"task {ref!r} is not a task name or name@version (for example 'sentiment' or 'sentiment@3').",
+            param="task",
+        )
+    version = match["version"]
+    return match["task"], int(version) if version else None
+
+
+def publish_version(
+    session: Session,
+    *,
+    job: TuningJob,
+    vectors: bytes,
+    embedding_dim: int,
+    kind: str,
+    labels: list[str] | None,
+    metrics: dict[str, Any],
+) -> PromptVersion:
+    """Adds the job's version. The caller commits it together with the job's success, and the unique key
+    on source_job_id makes a second write for the same job fail instead of adding a duplicate."""
+    task = session.scalars(select(Task).where(Task.name == job.task).with_for_update()).first()
+    if task is None:
+        task = Task(name=job.task, last_version=0)
+        session.add(task)
+        session.flush()
+    task.last_version += 1
+    version = PromptVersion(
+        task_id=task.id,
+        version=task.last_version,
+        base_model=job.base_model,
+        num_virtual_tokens=job.num_virtual_tokens,
+        embedding_dim=embedding_dim,
+        template=job.template,
+        labels=labels,
+        kind=kind,
+        vectors=vectors,
+        sha256=hashlib.sha256(vectors).hexdigest(),
+        source_job_id=job.id,
+        source_dataset_id=job.training_dataset_id,
+        metrics=metrics,
+    )
+    session.add(version)
+    session.flush()
+    return version
+
+
+def list_tasks(session: Session, *, limit: int, after: int | None) -> tuple[list[Task], bool]:
+    return paginate(session, select(Task), id_column=Task.id, limit=limit, after=after)
+
+
+def get_task(session: Session, *, name: str) -> Task:
+    task = session.scalars(select(Task).where(Task.name == name)).first()
+    if task is None:
+        raise NotFound(f"No task named {name!r}.", param="task")
+    return task
+
+
+def get_version(
+    session: Session, *, name: str, version: int | None, with_vectors: bool = False
+) -> PromptVersion:
+    """The pinned version, or the newest one when ``version`` is None."""
+    query = select(PromptVersion).join(Task).where(Task.name == name)
+    if with_vectors:
+        query = query.options(undefer(PromptVersion.vectors))
+    if version is None:
+        found = session.scalars(query.order_by(PromptVersion.version.desc()).limit(1)).first()
+    else:
+        found = session.scalars(query.where(PromptVersion.version == version)).first()
+    if found is None:
+        get_task(session, name=name)
+        which = "any version" if version is None else f"version {version}"
+        raise NotFound(f"Task {name!r} has no {which}.", param="task")
+    return found
+
+
+def resolve(session: Session, *, ref: str, with_vectors: bool = True) -> PromptVersion:
+    name, version = parse_task_ref(ref)
+    return get_version(session, name=name, version=version, with_vectors=with_vectors)
+
+
+def delete_version(session: Session, *, name: str, version: int) -> None:
+    session.delete(get_version(session, name=name, version=version))

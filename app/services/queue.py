@@ -1,0 +1,44 @@
+"""Enqueueing by task name: the API never imports the worker package, it only names the Celery task."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.config import Settings
+
+TRAIN_TASK = "softprompt.train_prompt"
+
+
+def celery_config(settings: Settings) -> dict:
+    """Broker settings shared by the API (which only sends) and the worker (which also consumes)."""
+    transport_options: dict = {}
+    if settings.broker_key_prefix:
+        transport_options["global_keyprefix"] = settings.broker_key_prefix
+    if settings.celery_broker_url.startswith("redis"):
+        # Longer than any job: otherwise Redis hands a long job to a second worker while the first still runs.
+        transport_options["visibility_timeout"] = 24 * 3600
+    return {
+        "broker_url": settings.celery_broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": settings.queue_name,
+        "task_ignore_result": True,
+        "result_backend": None,
+    }
+
+
+_clients: dict[tuple[str, str, str], Celery] = {}
+
+
+def _client(settings: Settings) -> Celery:
+    key = (settings.celery_broker_url, settings.broker_key_prefix, settings.queue_name)
+    if key not in _clients:
+        client = Celery("softprompt-api")
+        client.conf.update(celery_config(settings))
+        _clients[key] = client
+    return _clients[key]
+
+
+def enqueue_training(settings: Settings, job_id: int) -> None:
+    """Call only after the job's row is committed, so the worker always finds it."""
+    _client(settings).send_task(TRAIN_TASK, args=[job_id], queue=settings.queue_name)

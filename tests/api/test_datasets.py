@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+
+SENTIMENT = [("a wonderful, moving film", "positive"), ("dull and far too long", "negative")] * 10
+
+
+def jsonl(records) -> bytes:
+    return "\n".join(json.dumps(r) for r in records).encode()
+
+
+def upload(client, content: bytes, filename: str = "train.jsonl", **form):
+    return client.post("/v1/datasets", files={"file": (filename, content)}, data=form)
+
+
+def sentiment_file() -> bytes:
+    return jsonl({"text": t, "label": label} for t, label in SENTIMENT)
+
+
+def test_upload_returns_the_described_dataset(client):
+    response = upload(client, sentiment_file(), name="reviews")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["name"] == "reviews"
+    assert body["format"] == "jsonl" and body["kind"] == "classification"
+    assert body["num_examples"] == 20
+    assert body["labels"] == ["negative", "positive"]
+    assert body["stats"]["label_counts"] == {"negative": 10, "positive": 10}
+    assert body["stats"]["input_tokens"]["max"] > 0  # counted with the default backbone's tokenizer
+    assert client.get(f"/v1/datasets/{body['id']}").json() == body
+
+
+def test_csv_generation_dataset(client):
+    content = b"input,output\r\nTranslate: cat,chat\r\nTranslate: dog,chien\r\n"
+    body = upload(client, content, filename="pairs.csv").json()
+    assert body["format"] == "csv" and body["kind"] == "generation" and body["labels"] is None
+
+
+def test_bad_file_names_line_and_stores_nothing(client):
+    content = b'{"text": "fine", "label": "positive"}\n{"text": "broken", "label": \n'
+    response = upload(client, content)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json" and error["line"] == 2
+    assert client.get("/v1/datasets").json() == {"data": [], "has_more": False}
+
+
+def test_missing_file_part_and_wrong_format(client):
+    response = client.post("/v1/datasets", data={"name": "x"})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "file"
+    response = upload(client, b"a,b\n", filename="data.xlsx")
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_format"
+
+
+def test_upload_over_the_size_limit_is_413(client, settings):
+    settings.max_upload_bytes = 100
+    response = upload(client, sentiment_file())
+    assert response.status_code == 413
+    assert "100 bytes" in response.json()["error"]["message"]
+
+
+def test_list_is_paginated_newest_first(client):
+    ids = [upload(client, sentiment_file(), name=f"d{i}").json()["id"] for i in range(3)]
+    first = client.get("/v1/datasets", params={"limit": 2}).json()
+    assert [d["id"] for d in first["data"]] == ids[::-1][:2] and first["has_more"] is True
+    second = client.get("/v1/datasets", params={"limit": 2, "after": first["data"][-1]["id"]}).json()
+    assert [d["id"] for d in second["data"]] == [ids[0]] and second["has_more"] is False
+
+
+def test_delete_and_unknown_ids(client):
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 204
+    response = client.get(f"/v1/datasets/{dataset_id}")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 404
+
+
+def test_delete_refused_while_a_job_uses_it(client):
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    job = client.post("/v1/tuning/jobs", json={"task": "s", "training_dataset": dataset_id}).json()
+    response = client.delete(f"/v1/datasets/{dataset_id}")
+    assert response.status_code == 409 and str(job["id"]) in response.json()["error"]["message"]
+    client.post(f"/v1/tuning/jobs/{job['id']}/cancel")
+    assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 204

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from tests.api.test_datasets import sentiment_file, upload
+
+
+def create(client, headers=None, **body):
+    return client.post("/v1/tuning/jobs", json=body, headers=headers or {})
+
+
+def test_job_gets_defaults_and_is_queued(client):
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    response = create(client, task="sst2", training_dataset=dataset_id, template="Review: {input}\nSentiment:")
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["base_model"] == "tiny"
+    assert job["init"] == {"strategy": "labels"}
+    assert job["hyperparameters"]["steps"] == 100 and job["hyperparameters"]["learning_rate"] == 0.03
+    assert job["progress"] == {"step": 0, "total_steps": 100, "eta_seconds": None}
+    assert job["result"] is None and job["error"] is None
+    assert client.get(f"/v1/tuning/jobs/{job['id']}").json()["id"] == job["id"]
+    events = client.get(f"/v1/tuning/jobs/{job['id']}/events").json()
+    assert [e["data"].get("status") for e in events] == ["queued"]
+
+
+def test_epochs_become_steps(client):
+    dataset_id = upload(client, sentiment_file()).json()["id"]  # 20 examples, a 2-example hold-out
+    job = create(client, task="t", training_dataset=dataset_id,
+                 hyperparameters={"epochs": 2, "batch_size": 4}).json()
+    assert job["hyperparameters"]["steps"] == 9  # ceil(2 * 18 / 4)
+
+
+def test_invalid_jobs_name_the_field(client):
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    cases = [
+        ({"task": "Bad Name", "training_dataset": dataset_id}, 422, "task"),
+        ({"task": "t", "training_dataset": 999}, 404, "training_dataset"),
+        ({"task": "t", "training_dataset": dataset_id, "template": "no placeholder"}, 422, "template"),
+        ({"task": "t", "training_dataset": dataset_id, "base_model": "gpt-9"}, 422, "base_model"),
+        ({"task": "t", "training_dataset": dataset_id, "num_virtual_tokens": 0}, 422, "num_virtual_tokens"),
+        ({"task": "t", "training_dataset": dataset_id, "hyperparameters": {"steps": 10**9}}, 422,
+         "hyperparameters.steps"),
+        ({"task": "t", "training_dataset": dataset_id, "hyperparameters": {"lr": 1}}, 422, "hyperparameters.lr"),
+        ({"task": "t", "training_dataset": dataset_id, "init": {"strategy": "text"}}, 422, "init.text"),
+    ]
+    for body, status, param in cases:
+        response = create(client, **body)
+        assert response.status_code == status, (body, response.text)
+        assert response.json()["error"]["param"] == param, (body, response.json())
+    assert client.get("/v1/tuning/jobs").json()["data"] == []
+
+
+def test_idempotency_key(client):
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    key = {"Idempotency-Key": "abc-123"}
+    first = create(client, headers=key, task="t", training_dataset=dataset_id)
+    assert first.status_code == 201
+    for _ in range(4):
+        again = create(client, headers=key, task="t", training_dataset=dataset_id)
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    other = create(client, headers=key, task="other", training_dataset=dataset_id)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert len(client.get("/v1/tuning/jobs").json()["data"]) == 1
+
+
+def test_cancel_queued_then_finished(client):
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    job_id = create(client, task="t", training_dataset=dataset_id).json()["id"]
+    cancelled = client.post(f"/v1/tuning/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    again = client.post(f"/v1/tuning/jobs/{job_id}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
+    assert client.post("/v1/tuning/jobs/999/cancel").status_code == 404
+
+
+def test_events_stream_as_sse_until_the_job_ends(client):
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    job_id = create(client, task="t", training_dataset=dataset_id).json()["id"]
+    client.post(f"/v1/tuning/jobs/{job_id}/cancel")
+    with client.stream("GET", f"/v1/tuning/jobs/{job_id}/events",
+                       headers={"Accept": "text/event-stream"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = "".join(response.iter_text())
+    assert "event: status" in body and "event: end" in body and '"cancelled"' in body

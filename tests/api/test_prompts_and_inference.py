@@ -1,0 +1,137 @@
+"""Registry and inference routes. The job is trained by calling the worker's service function in this
+process; the real worker process is exercised in tests/integration."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import update
+
+from app.db.models import PromptVersion
+from app.db.session import session_scope
+from app.ml import inference
+from app.ml.soft_prompt import prompt_from_bytes
+from app.services.training import run_job
+from tests.api.test_datasets import sentiment_file, upload
+
+TEMPLATE = "Review: {input}\nSentiment:"
+
+
+@pytest.fixture
+def trained(client, settings, tiny_backbone):
+    """A task 'sst2' with one version trained for a few steps."""
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    job = client.post("/v1/tuning/jobs", json={
+        "task": "sst2", "training_dataset": dataset_id, "template": TEMPLATE, "num_virtual_tokens": 4,
+        "hyperparameters": {"steps": 3, "batch_size": 4}}).json()
+    assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
+    return job
+
+
+def test_finished_job_reports_its_version(client, trained):
+    job = client.get(f"/v1/tuning/jobs/{trained['id']}").json()
+    assert job["status"] == "succeeded" and job["result"] == {"task": "sst2", "version": 1}
+    assert job["progress"]["step"] == 3 and job["metrics"]["train_loss"] is not None
+    kinds = [e["type"] for e in client.get(f"/v1/tuning/jobs/{trained['id']}/events").json()]
+    assert kinds[0] == "status" and "progress" in kinds and kinds[-1] == "status"
+
+
+def test_a_second_delivery_writes_nothing(client, settings, trained, tiny_backbone):
+    assert run_job(db_url=settings.registry_url, job_id=trained["id"], backbone=tiny_backbone) == "skipped"
+    assert [v["version"] for v in client.get("/v1/prompts/sst2").json()["versions"]] == [1]
+
+
+def test_registry_describes_the_version(client, trained):
+    version = client.get("/v1/prompts/sst2/versions/1").json()
+    assert version["template"] == TEMPLATE and version["labels"] == ["negative", "positive"]
+    assert version["num_virtual_tokens"] == 4 and version["base_model"] == "tiny"
+    assert version["source_job"] == trained["id"] and len(version["sha256"]) == 64
+    assert client.get("/v1/prompts").json()["data"][0]["latest_version"] == 1
+    assert client.get("/v1/prompts/sst2/versions/2").status_code == 404
+    assert client.get("/v1/prompts/nope").status_code == 404
+
+
+def _stored_prompt(settings):
+    with session_scope(settings.registry_url) as session:
+        row = session.query(PromptVersion).one()
+        return prompt_from_bytes(row.vectors, embedding_dim=row.embedding_dim)
+
+
+def test_classify_matches_the_model_with_the_stored_prompt(client, settings, trained, tiny_backbone):
+    inputs = ["a wonderful, moving film", "dull and far too long", "ok"]
+    response = client.post("/v1/classify", json={"task": "sst2", "input": inputs})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["task"] == "sst2" and body["version"] == 1
+    expected = inference.classify(tiny_backbone, prompts=[_stored_prompt(settings)] * 3,
+                                  texts=[TEMPLATE.replace("{input}", t) for t in inputs],
+                                  labels=["negative", "positive"])
+    for result, scores in zip(body["results"], expected, strict=True):
+        assert result["scores"] == pytest.approx(scores, abs=1e-5)
+        assert result["label"] == max(scores, key=scores.get)
+    pinned = client.post("/v1/classify", json={"task": "sst2@1", "input": inputs[0]}).json()
+    assert pinned["results"][0]["scores"] == pytest.approx(body["results"][0]["scores"], abs=1e-5)
+
+
+def test_generate_matches_the_no_cache_reference(client, settings, trained, tiny_backbone):
+    response = client.post("/v1/generate", json={"task": "sst2", "input": ["great film", "bad"],
+                                                 "max_new_tokens": 6})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["version"] == 1 and len(body["outputs"]) == 2
+    prompt = _stored_prompt(settings)
+    for text, output in zip(["great film", "bad"], body["outputs"], strict=True):
+        tokens = inference.generate_reference(tiny_backbone, prompt=prompt, text=TEMPLATE.replace("{input}", text),
+                                              max_new_tokens=6)
+        eos = tiny_backbone.eos_token_id
+        expected = tokens[: tokens.index(eos)] if eos in tokens else tokens
+        assert output["text"] == tiny_backbone.tokenizer.decode(expected)
+        assert output["tokens"] == len(expected) + (1 if eos in tokens else 0) or output["tokens"] == len(expected)
+    assert body["usage"]["completion_tokens"] == sum(o["tokens"] for o in body["outputs"])
+    assert body["usage"]["prompt_tokens"] > 0
+
+
+def test_bare_backbone_and_streaming(client):
+    body = client.post("/v1/generate", json={"task": None, "input": "hello", "max_new_tokens": 3}).json()
+    assert body["task"] is None and body["version"] is None and len(body["outputs"]) == 1
+    with client.stream("POST", "/v1/generate",
+                       json={"input": "hello", "max_new_tokens": 3, "stream": True}) as response:
+        text = "".join(response.iter_text())
+    assert "event: output" in text and "event: done" in text
+
+
+def test_inference_limits_and_unknown_tasks(client, trained):
+    cases = [
+        ({"task": "missing", "input": "x"}, 404, "task"),
+        ({"task": "sst2@7", "input": "x"}, 404, "task"),
+        ({"task": "Not A Task", "input": "x"}, 422, "task"),
+        ({"task": "sst2", "input": "x", "max_new_tokens": 65}, 422, "max_new_tokens"),
+        ({"task": "sst2", "input": "word " * 400}, 422, "input"),
+        ({"task": "sst2", "input": []}, 422, "input"),
+    ]
+    for body, status, param in cases:
+        response = client.post("/v1/generate", json=body)
+        assert response.status_code == status, (body, response.text)
+        assert response.json()["error"]["param"] == param
+    too_long = client.post("/v1/generate", json={"task": "sst2", "input": "word " * 400}).json()["error"]
+    assert "256" in too_long["message"]  # names the limit
+    response = client.post("/v1/classify", json={"task": None, "input": "x"})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "labels"
+
+
+def test_corrupt_version_fails_only_its_own_requests(client, settings, trained):
+    with session_scope(settings.registry_url) as session:
+        session.execute(update(PromptVersion).values(vectors=b"garbage"))
+    response = client.post("/v1/classify", json={"task": "sst2", "input": "x"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "prompt_corrupt"
+    ok = client.post("/v1/classify", json={"task": None, "input": "x", "labels": ["a", "b"]})
+    assert ok.status_code == 200
+
+
+def test_delete_version_keeps_numbers_unique(client, settings, trained, tiny_backbone):
+    assert client.delete("/v1/prompts/sst2/versions/1").status_code == 204
+    assert client.post("/v1/classify", json={"task": "sst2", "input": "x"}).status_code == 404
+    dataset_id = trained["training_dataset"]
+    job = client.post("/v1/tuning/jobs", json={"task": "sst2", "training_dataset": dataset_id,
+                                                "hyperparameters": {"steps": 1}}).json()
+    run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone)
+    assert client.get("/v1/prompts/sst2").json()["latest_version"] == 2

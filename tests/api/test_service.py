@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"backbone": True, "database": True}
+
+
+def test_not_ready_when_the_database_is_unreachable(settings):
+    settings.database_url = "postgresql://nobody@127.0.0.1:1/none"
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["database"] is False
+        response = client.get("/v1/datasets")
+        assert response.status_code == 503 and response.json()["error"]["code"] == "database_unavailable"
+
+
+def test_errors_have_one_shape(client):
+    for response in (client.get("/v1/nothing"), client.post("/v1/generate", content=b"{not json"),
+                     client.get("/v1/datasets", params={"limit": 0})):
+        error = response.json()["error"]
+        assert response.status_code in (404, 422) and error["code"] and error["message"]
+
+
+def test_every_route_is_documented(client):
+    schema = client.get("/openapi.json").json()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert operation.get("summary") and operation.get("description"), (method, path)
+            if path.startswith("/v1/"):
+                assert any(code.startswith("4") for code in operation["responses"]), (method, path)
+    for name in ("JobCreate", "GenerateRequest", "ClassifyRequest"):
+        assert schema["components"]["schemas"][name].get("examples"), name
+    assert client.get("/docs").status_code == 200

@@ -1,0 +1,86 @@
+"""Real processes: the `softprompt` command started as a user would, with a tiny backbone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.stacks import Stack
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_env(data_dir: Path, backbone_dir: Path, stack: Stack | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTPROMPT_")}
+    env.update({
+        "SOFTPROMPT_DATA_DIR": str(data_dir),
+        "SOFTPROMPT_BACKBONES": f'{{"tiny": "{backbone_dir}"}}',
+        "SOFTPROMPT_DEFAULT_BACKBONE": "tiny",
+        "SOFTPROMPT_DEVICE": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        **(stack.env() if stack else {}),
+        **extra,
+    })
+    return env
+
+
+@contextmanager
+def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, cwd=REPO, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield process
+        finally:
+            stop(process)
+
+
+def stop(process: subprocess.Popen, timeout: float = 30) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def wait_ready(base_url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> httpx.Client:
+    deadline = time.monotonic() + timeout
+    client = httpx.Client(base_url=base_url, timeout=60)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"service exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if client.get("/readyz").status_code == 200:
+                return client
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"service not ready after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def wait_for_job(client: httpx.Client, job_id: int, statuses: tuple[str, ...], timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/tuning/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")

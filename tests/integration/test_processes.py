@@ -1,0 +1,73 @@
+"""The whole path through real processes: upload -> Celery worker -> registry -> inference.
+
+Embedded default: `softprompt up` alone (SQLite registry, Celery over SQLite). Production shape:
+`softprompt db upgrade`, then `softprompt api` and `softprompt worker` as separate processes on the
+PostgreSQL and Redis servers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+
+import pytest
+
+from tests.api.test_datasets import sentiment_file
+from tests.integration.conftest import REPO, free_port, running, service_env, wait_for_job, wait_ready
+from tests.stacks import server_stack
+
+pytestmark = pytest.mark.worker
+
+
+@pytest.fixture(params=["embedded", pytest.param("servers", marks=[pytest.mark.postgres, pytest.mark.redis])])
+def service(request, tmp_path, tiny_backbone_dir):
+    port = free_port()
+    with ExitStack() as stack:
+        if request.param == "embedded":
+            env = service_env(tmp_path / "data", tiny_backbone_dir, None)
+            log = tmp_path / "up.log"
+            process = stack.enter_context(running(["up", "--port", str(port)], env, log))
+        else:
+            servers = stack.enter_context(server_stack())
+            env = service_env(tmp_path / "data", tiny_backbone_dir, servers)
+            subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=REPO, check=True)
+            log = tmp_path / "api.log"
+            process = stack.enter_context(running(["api", "--port", str(port)], env, log))
+            stack.enter_context(running(["worker"], env, tmp_path / "worker.log"))
+        client = wait_ready(f"http://127.0.0.1:{port}", process, log)
+        stack.callback(client.close)
+        yield client
+
+
+def test_upload_tune_and_serve(service):
+    dataset = service.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
+    job = service.post("/v1/tuning/jobs", json={
+        "task": "reviews", "training_dataset": dataset["id"], "template": "Review: {input}\nSentiment:",
+        "num_virtual_tokens": 4, "hyperparameters": {"steps": 20, "batch_size": 4}}).json()
+    done = wait_for_job(service, job["id"], ("succeeded", "failed", "cancelled"))
+    assert done["status"] == "succeeded", done
+    assert done["result"] == {"task": "reviews", "version": 1} and done["attempts"] == 1
+    assert done["progress"]["step"] == 20
+    assert 0 <= done["metrics"]["val_accuracy"] <= 1  # on the 2 held-out examples
+    events = service.get(f"/v1/tuning/jobs/{job['id']}/events").json()
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert statuses == ["queued", "running", "succeeded"]
+    assert any(e["type"] == "progress" and e["data"]["total_steps"] == 20 for e in events)
+
+    result = service.post("/v1/classify", json={"task": "reviews", "input": ["a wonderful, moving film"]})
+    assert result.status_code == 200 and result.json()["version"] == 1
+    assert set(result.json()["results"][0]["scores"]) == {"negative", "positive"}
+
+
+def test_cancel_a_running_job(service):
+    dataset = service.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
+    job = service.post("/v1/tuning/jobs", json={"task": "long", "training_dataset": dataset["id"],
+                                                "hyperparameters": {"steps": 100000}}).json()
+    wait_for_job(service, job["id"], ("running",))
+    asked = time.monotonic()
+    assert service.post(f"/v1/tuning/jobs/{job['id']}/cancel").status_code == 200
+    done = wait_for_job(service, job["id"], ("cancelled", "succeeded", "failed"), timeout=30)
+    assert done["status"] == "cancelled" and done["result"] is None
+    assert time.monotonic() - asked < 10
+    assert service.get("/v1/prompts/long").status_code == 404

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from app.errors import InvalidRequest
+from app.ml.batching import context_ids, target_ids
+from app.ml.inference import classify, generate, generate_reference, label_log_likelihoods
+
+WORDS = [
+    "the",
+    "film",
+    "is",
+    "a",
+    "great",
+    "dull",
+    "story",
+    "cast",
+    "moving",
+    "boring",
+    "fun",
+    "bad",
+    "good",
+    "plot",
+]
+LABELS = ["positive", "negative", "not sure"]
+
+
+def _prompt(k: int, seed: int, d: int = 64) -> torch.Tensor:
+    return torch.randn(k, d, generator=torch.Generator().manual_seed(seed)) * 0.2
+
+
+def _rows(n: int) -> tuple[list[torch.Tensor | None], list[str]]:
+    """n rows with different prompt lengths (every fifth bare) and inputs of different lengths."""
+    prompts = [None if i % 5 == 2 else _prompt(3 + i, seed=i) for i in range(n)]
+    texts = [" ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(1 + (i * 7) % 19)) for i in range(n)]
+    return prompts, texts
+
+
+def test_batched_greedy_equals_single_rows_and_uncached_reference(tiny_backbone):
+    prompts, texts = _rows(16)
+    batched = generate(tiny_backbone, prompts=prompts, texts=texts, max_new_tokens=12)
+    for prompt, text, got in zip(prompts, texts, batched, strict=True):
+        alone = generate(tiny_backbone, prompts=[prompt], texts=[text], max_new_tokens=12)[0]
+        reference = generate_reference(tiny_backbone, prompt=prompt, text=text, max_new_tokens=12)
+        assert got.token_ids == alone.token_ids == reference
+        assert got.text == alone.text
+        assert got.tokens == len(reference)
+        assert got.prompt_tokens == len(context_ids(tiny_backbone, text))
+
+
+def test_a_prompt_changes_the_output(tiny_backbone):
+    bare, prompted = generate(
+        tiny_backbone, prompts=[None, _prompt(10, 1)], texts=["the film is"] * 2, max_new_tokens=8
+    )
+    assert bare.token_ids != prompted.token_ids
+
+
+def test_length_finish(tiny_backbone):
+    out = generate(tiny_backbone, prompts=[None], texts=["the film"], max_new_tokens=5)[0]
+    assert (out.finish_reason, out.tokens, len(out.token_ids)) == ("length", 5, 5)
+
+
+def test_stop_string_truncates_text_before_it(tiny_backbone):
+    full = generate(tiny_backbone, prompts=[None], texts=["the plot"], max_new_tokens=10)[0]
+    stop = full.text[3:5]
+    assert stop.strip(), "the fixture model should produce visible text"
+    out = generate(tiny_backbone, prompts=[None], texts=["the plot"], max_new_tokens=10, stop=[stop])[0]
+    assert out.finish_reason == "stop"
+    assert stop not in out.text
+    assert full.text.startswith(out.text)
+    assert out.tokens <= full.tokens
+
+
+def test_eos_ends_a_row_and_is_not_in_the_text(tiny_backbone):
+    """The random model rarely emits its real end token, so declare its third greedy token the end."""
+    free = generate_reference(tiny_backbone, prompt=None, text="the film is", max_new_tokens=6)
+    tokenizer = copy.deepcopy(tiny_backbone.tokenizer)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(free[2])
+    backbone = dataclasses.replace(tiny_backbone, tokenizer=tokenizer)
+    expected = free[: free.index(free[2])]
+    out = generate(backbone, prompts=[None, _prompt(4, 0)], texts=["the film is", "fun"], max_new_tokens=6)
+    assert (
+        out[0].token_ids
+        == expected
+        == generate_reference(backbone, prompt=None, text="the film is", max_new_tokens=6)
+    )
+    assert (out[0].finish_reason, out[0].tokens) == ("stop", len(expected))
+    assert out[0].text == tokenizer.decode(expected)
+
+
+def test_sampling_is_seeded(tiny_backbone):
+    prompts, texts = _rows(4)
+    kwargs = dict(prompts=prompts, texts=texts, max_new_tokens=8, temperature=1.0, top_p=0.9)
+    first = generate(tiny_backbone, seed=7, **kwargs)
+    again = generate(tiny_backbone, seed=7, **kwargs)
+    other = generate(tiny_backbone, seed=8, **kwargs)
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert [g.token_ids for g in first] != [g.token_ids for g in other]
+
+
+def test_degenerate_requests(tiny_backbone):
+    assert generate(tiny_backbone, prompts=[], texts=[], max_new_tokens=4) == []
+    out = generate(tiny_backbone, prompts=[None], texts=["the film"], max_new_tokens=0)
+    assert [(g.text, g.finish_reason, g.tokens) for g in out] == [("", "length", 0)]
+    with pytest.raises(InvalidRequest):
+        classify(tiny_backbone, prompts=[None], texts=["the film"], labels=[])
+
+
+def test_too_long_input_is_refused(tiny_backbone):
+    with pytest.raises(InvalidRequest):
+        generate(tiny_backbone, prompts=[None], texts=["fun " * 600], max_new_tokens=4)
+
+
+def test_classify_probabilities_sum_to_one_and_ignore_the_other_rows(tiny_backbone):
+    prompts, texts = _rows(6)
+    together = classify(tiny_backbone, prompts=prompts, texts=texts, labels=LABELS)
+    for prompt, text, scores in zip(prompts, texts, together, strict=True):
+        assert set(scores) == set(LABELS)
+        assert math.isclose(sum(scores.values()), 1.0, rel_tol=1e-5)
+        alone = classify(tiny_backbone, prompts=[prompt], texts=[text], labels=LABELS)[0]
+        for label in LABELS:
+            assert scores[label] == pytest.approx(alone[label], abs=1e-5)
+
+
+def test_label_log_likelihood_equals_a_direct_unpadded_computation(tiny_backbone):
+    backbone = tiny_backbone
+    prompts, texts = _rows(4)
+    scores = label_log_likelihoods(backbone, prompts=prompts, texts=texts, labels=LABELS)  # [4, 3]
+    embed = backbone.model.get_input_embeddings()
+    for r, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        context = context_ids(backbone, text)
+        for c, label in enumerate(LABELS):
+            label_ids = target_ids(backbone, text, label, with_eos=False)
+            ids = torch.tensor(context + label_ids)
+            rows = embed(ids) if prompt is None else torch.cat([prompt, embed(ids)])
+            with torch.no_grad():
+                logits = backbone.model(inputs_embeds=rows[None]).logits[0].log_softmax(-1)  # [n, V]
+            offset = len(rows) - len(label_ids) - 1
+            direct = sum(logits[offset + j, t].item() for j, t in enumerate(label_ids))
+            assert scores[r, c].item() == pytest.approx(direct, abs=1e-4)

@@ -1,0 +1,37 @@
+"""Thin Celery tasks: they carry a job id and hand it to the training service."""
+
+from __future__ import annotations
+
+from celery import signals
+
+from app.config import get_settings
+from app.db.models import TuningJob
+from app.db.session import session_scope
+from app.services.queue import TRAIN_TASK
+from app.services.training import run_job
+from workers.backbones import get_backbone
+from workers.celery_app import celery
+
+
+@signals.worker_process_init.connect
+def _load_default_backbone_in_child(**_: object) -> None:
+    # Prefork pool: load after the fork (CUDA does not survive one), before the first job arrives.
+    get_backbone(get_settings().default_backbone)
+
+
+@signals.worker_ready.connect
+def _load_default_backbone_solo(sender=None, **_: object) -> None:
+    # Solo and thread pools run jobs in this process, which never sees worker_process_init.
+    if sender is not None and "prefork" not in type(sender.pool).__module__:
+        get_backbone(get_settings().default_backbone)
+
+
+@celery.task(name=TRAIN_TASK)
+def train_prompt(job_id: int) -> str:
+    settings = get_settings()
+    with session_scope(settings.registry_url) as session:
+        job = session.get(TuningJob, job_id)
+        base_model = job.base_model if job else None
+    if base_model is None:
+        return "missing"
+    return run_job(db_url=settings.registry_url, job_id=job_id, backbone=get_backbone(base_model))
