@@ -14,3 +14,21 @@ def tiny_backbone_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_backbone_dir) -> Backbone:
     return load_backbone("tiny", tiny_backbone_dir, device="cpu")
+
+
+STACK_IDS = ("embedded", "postgres+redis")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per stack, so a CI log shows the suite really ran against PostgreSQL and Redis."""
+    for stack in STACK_IDS:
+
+        def count(outcome: str, stack: str = stack) -> int:
+            return sum(
+                1 for r in terminalreporter.stats.get(outcome, []) if f"[{stack}" in getattr(r, "nodeid", "")
+            )
+
+        failed = count("failed") + count("error")
+        terminalreporter.write_line(
+            f"stack {stack}: {count('passed')} tests passed, {failed} failed, {count('skipped')} skipped"
+        )

@@ -14,7 +14,9 @@ from pathlib import Path
 import psycopg
 import redis
 
-POSTGRES_ADMIN_URL = os.environ.get("SOFTPROMPT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SOFTPROMPT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 REDIS_URL = os.environ.get("SOFTPROMPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -38,9 +40,13 @@ class Stack:
 @contextmanager
 def embedded_stack(data_dir: Path) -> Iterator[Stack]:
     """The embedded default: SQLite registry and Celery's SQLAlchemy transport on SQLite."""
-    yield Stack(name="embedded", database_url=f"sqlite:///{data_dir / 'softprompt.sqlite'}",
-                broker_url=f"sqla+sqlite:///{data_dir / 'broker.sqlite'}", queue_name="softprompt",
-                broker_key_prefix="")
+    yield Stack(
+        name="embedded",
+        database_url=f"sqlite:///{data_dir / 'softprompt.sqlite'}",
+        broker_url=f"sqla+sqlite:///{data_dir / 'broker.sqlite'}",
+        queue_name="softprompt",
+        broker_key_prefix="",
+    )
 
 
 @contextmanager
@@ -69,7 +75,9 @@ def redis_namespace() -> Iterator[tuple[str, str, str]]:
         yield REDIS_URL, f"softprompt-test-{tag}", prefix
     finally:
         client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{prefix}*")) + list(client.scan_iter(match=f"*softprompt-test-{tag}*"))
+        keys = list(client.scan_iter(match=f"{prefix}*")) + list(
+            client.scan_iter(match=f"*softprompt-test-{tag}*")
+        )
         if keys:
             client.delete(*keys)
         client.close()
@@ -79,11 +87,16 @@ def redis_namespace() -> Iterator[tuple[str, str, str]]:
 def server_stack() -> Iterator[Stack]:
     """PostgreSQL registry and Redis broker, as in production."""
     with postgres_database() as database_url, redis_namespace() as (broker_url, queue, prefix):
-        yield Stack(name="postgres+redis", database_url=database_url, broker_url=broker_url, queue_name=queue,
-                    broker_key_prefix=prefix)
+        yield Stack(
+            name="postgres+redis",
+            database_url=database_url,
+            broker_url=broker_url,
+            queue_name=queue,
+            broker_key_prefix=prefix,
+        )
 
 
 @contextmanager
 def make_stack(kind: str, data_dir: Path) -> Iterator[Stack]:
-    with (embedded_stack(data_dir) if kind == "embedded" else server_stack()) as stack:
+    with embedded_stack(data_dir) if kind == "embedded" else server_stack() as stack:
         yield stack

@@ -9,7 +9,9 @@ def create(client, headers=None, **body):
 
 def test_job_gets_defaults_and_is_queued(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
-    response = create(client, task="sst2", training_dataset=dataset_id, template="Review: {input}\nSentiment:")
+    response = create(
+        client, task="sst2", training_dataset=dataset_id, template="Review: {input}\nSentiment:"
+    )
     assert response.status_code == 201, response.text
     job = response.json()
     assert job["status"] == "queued" and job["base_model"] == "tiny"
@@ -24,8 +26,9 @@ def test_job_gets_defaults_and_is_queued(client):
 
 def test_epochs_become_steps(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]  # 20 examples, a 2-example hold-out
-    job = create(client, task="t", training_dataset=dataset_id,
-                 hyperparameters={"epochs": 2, "batch_size": 4}).json()
+    job = create(
+        client, task="t", training_dataset=dataset_id, hyperparameters={"epochs": 2, "batch_size": 4}
+    ).json()
     assert job["hyperparameters"]["steps"] == 9  # ceil(2 * 18 / 4)
 
 
@@ -37,9 +40,16 @@ def test_invalid_jobs_name_the_field(client):
         ({"task": "t", "training_dataset": dataset_id, "template": "no placeholder"}, 422, "template"),
         ({"task": "t", "training_dataset": dataset_id, "base_model": "gpt-9"}, 422, "base_model"),
         ({"task": "t", "training_dataset": dataset_id, "num_virtual_tokens": 0}, 422, "num_virtual_tokens"),
-        ({"task": "t", "training_dataset": dataset_id, "hyperparameters": {"steps": 10**9}}, 422,
-         "hyperparameters.steps"),
-        ({"task": "t", "training_dataset": dataset_id, "hyperparameters": {"lr": 1}}, 422, "hyperparameters.lr"),
+        (
+            {"task": "t", "training_dataset": dataset_id, "hyperparameters": {"steps": 10**9}},
+            422,
+            "hyperparameters.steps",
+        ),
+        (
+            {"task": "t", "training_dataset": dataset_id, "hyperparameters": {"lr": 1}},
+            422,
+            "hyperparameters.lr",
+        ),
         ({"task": "t", "training_dataset": dataset_id, "init": {"strategy": "text"}}, 422, "init.text"),
     ]
     for body, status, param in cases:
@@ -76,8 +86,9 @@ def test_events_stream_as_sse_until_the_job_ends(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
     job_id = create(client, task="t", training_dataset=dataset_id).json()["id"]
     client.post(f"/v1/tuning/jobs/{job_id}/cancel")
-    with client.stream("GET", f"/v1/tuning/jobs/{job_id}/events",
-                       headers={"Accept": "text/event-stream"}) as response:
+    with client.stream(
+        "GET", f"/v1/tuning/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         body = "".join(response.iter_text())
     assert "event: status" in body and "event: end" in body and '"cancelled"' in body

@@ -20,9 +20,16 @@ TEMPLATE = "Review: {input}\nSentiment:"
 def trained(client, settings, tiny_backbone):
     """A task 'sst2' with one version trained for a few steps."""
     dataset_id = upload(client, sentiment_file()).json()["id"]
-    job = client.post("/v1/tuning/jobs", json={
-        "task": "sst2", "training_dataset": dataset_id, "template": TEMPLATE, "num_virtual_tokens": 4,
-        "hyperparameters": {"steps": 3, "batch_size": 4}}).json()
+    job = client.post(
+        "/v1/tuning/jobs",
+        json={
+            "task": "sst2",
+            "training_dataset": dataset_id,
+            "template": TEMPLATE,
+            "num_virtual_tokens": 4,
+            "hyperparameters": {"steps": 3, "batch_size": 4},
+        },
+    ).json()
     assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
     return job
 
@@ -62,9 +69,12 @@ def test_classify_matches_the_model_with_the_stored_prompt(client, settings, tra
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["task"] == "sst2" and body["version"] == 1
-    expected = inference.classify(tiny_backbone, prompts=[_stored_prompt(settings)] * 3,
-                                  texts=[TEMPLATE.replace("{input}", t) for t in inputs],
-                                  labels=["negative", "positive"])
+    expected = inference.classify(
+        tiny_backbone,
+        prompts=[_stored_prompt(settings)] * 3,
+        texts=[TEMPLATE.replace("{input}", t) for t in inputs],
+        labels=["negative", "positive"],
+    )
     for result, scores in zip(body["results"], expected, strict=True):
         assert result["scores"] == pytest.approx(scores, abs=1e-5)
         assert result["label"] == max(scores, key=scores.get)
@@ -73,19 +83,22 @@ def test_classify_matches_the_model_with_the_stored_prompt(client, settings, tra
 
 
 def test_generate_matches_the_no_cache_reference(client, settings, trained, tiny_backbone):
-    response = client.post("/v1/generate", json={"task": "sst2", "input": ["great film", "bad"],
-                                                 "max_new_tokens": 6})
+    response = client.post(
+        "/v1/generate", json={"task": "sst2", "input": ["great film", "bad"], "max_new_tokens": 6}
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["version"] == 1 and len(body["outputs"]) == 2
     prompt = _stored_prompt(settings)
     for text, output in zip(["great film", "bad"], body["outputs"], strict=True):
-        tokens = inference.generate_reference(tiny_backbone, prompt=prompt, text=TEMPLATE.replace("{input}", text),
-                                              max_new_tokens=6)
+        tokens = inference.generate_reference(
+            tiny_backbone, prompt=prompt, text=TEMPLATE.replace("{input}", text), max_new_tokens=6
+        )
         eos = tiny_backbone.eos_token_id
         expected = tokens[: tokens.index(eos)] if eos in tokens else tokens
         assert output["text"] == tiny_backbone.tokenizer.decode(expected)
-        assert output["tokens"] == len(expected) + (1 if eos in tokens else 0) or output["tokens"] == len(expected)
+        assert output["tokens"] == len(expected)  # the end-of-sequence token is not counted
+        assert output["finish_reason"] == ("stop" if eos in tokens else "length")
     assert body["usage"]["completion_tokens"] == sum(o["tokens"] for o in body["outputs"])
     assert body["usage"]["prompt_tokens"] > 0
 
@@ -93,8 +106,9 @@ def test_generate_matches_the_no_cache_reference(client, settings, trained, tiny
 def test_bare_backbone_and_streaming(client):
     body = client.post("/v1/generate", json={"task": None, "input": "hello", "max_new_tokens": 3}).json()
     assert body["task"] is None and body["version"] is None and len(body["outputs"]) == 1
-    with client.stream("POST", "/v1/generate",
-                       json={"input": "hello", "max_new_tokens": 3, "stream": True}) as response:
+    with client.stream(
+        "POST", "/v1/generate", json={"input": "hello", "max_new_tokens": 3, "stream": True}
+    ) as response:
         text = "".join(response.iter_text())
     assert "event: output" in text and "event: done" in text
 
@@ -131,7 +145,9 @@ def test_delete_version_keeps_numbers_unique(client, settings, trained, tiny_bac
     assert client.delete("/v1/prompts/sst2/versions/1").status_code == 204
     assert client.post("/v1/classify", json={"task": "sst2", "input": "x"}).status_code == 404
     dataset_id = trained["training_dataset"]
-    job = client.post("/v1/tuning/jobs", json={"task": "sst2", "training_dataset": dataset_id,
-                                                "hyperparameters": {"steps": 1}}).json()
+    job = client.post(
+        "/v1/tuning/jobs",
+        json={"task": "sst2", "training_dataset": dataset_id, "hyperparameters": {"steps": 1}},
+    ).json()
     run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone)
     assert client.get("/v1/prompts/sst2").json()["latest_version"] == 2

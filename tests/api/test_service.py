@@ -21,8 +21,11 @@ def test_not_ready_when_the_database_is_unreachable(settings):
 
 
 def test_errors_have_one_shape(client):
-    for response in (client.get("/v1/nothing"), client.post("/v1/generate", content=b"{not json"),
-                     client.get("/v1/datasets", params={"limit": 0})):
+    for response in (
+        client.get("/v1/nothing"),
+        client.post("/v1/generate", content=b"{not json"),
+        client.get("/v1/datasets", params={"limit": 0}),
+    ):
         error = response.json()["error"]
         assert response.status_code in (404, 422) and error["code"] and error["message"]
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.paths import REPO
 from tests.stacks import Stack
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -27,23 +26,31 @@ def free_port() -> int:
 
 def service_env(data_dir: Path, backbone_dir: Path, stack: Stack | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTPROMPT_")}
-    env.update({
-        "SOFTPROMPT_DATA_DIR": str(data_dir),
-        "SOFTPROMPT_BACKBONES": f'{{"tiny": "{backbone_dir}"}}',
-        "SOFTPROMPT_DEFAULT_BACKBONE": "tiny",
-        "SOFTPROMPT_DEVICE": "cpu",
-        "PYTHONUNBUFFERED": "1",
-        **(stack.env() if stack else {}),
-        **extra,
-    })
+    env.update(
+        {
+            "SOFTPROMPT_DATA_DIR": str(data_dir),
+            "SOFTPROMPT_BACKBONES": f'{{"tiny": "{backbone_dir}"}}',
+            "SOFTPROMPT_DEFAULT_BACKBONE": "tiny",
+            "SOFTPROMPT_DEVICE": "cpu",
+            "PYTHONUNBUFFERED": "1",
+            **(stack.env() if stack else {}),
+            **extra,
+        }
+    )
     return env
 
 
 @contextmanager
 def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, cwd=REPO, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", *args],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield process
         finally:

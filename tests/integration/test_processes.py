@@ -14,13 +14,19 @@ from contextlib import ExitStack
 import pytest
 
 from tests.api.test_datasets import sentiment_file
-from tests.integration.conftest import REPO, free_port, running, service_env, wait_for_job, wait_ready
+from tests.integration.conftest import free_port, running, service_env, wait_for_job, wait_ready
+from tests.paths import REPO
 from tests.stacks import server_stack
 
 pytestmark = pytest.mark.worker
 
 
-@pytest.fixture(params=["embedded", pytest.param("servers", marks=[pytest.mark.postgres, pytest.mark.redis])])
+@pytest.fixture(
+    params=[
+        pytest.param("embedded", id="embedded"),
+        pytest.param("servers", id="postgres+redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
+    ]
+)
 def service(request, tmp_path, tiny_backbone_dir):
     port = free_port()
     with ExitStack() as stack:
@@ -42,9 +48,16 @@ def service(request, tmp_path, tiny_backbone_dir):
 
 def test_upload_tune_and_serve(service):
     dataset = service.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
-    job = service.post("/v1/tuning/jobs", json={
-        "task": "reviews", "training_dataset": dataset["id"], "template": "Review: {input}\nSentiment:",
-        "num_virtual_tokens": 4, "hyperparameters": {"steps": 20, "batch_size": 4}}).json()
+    job = service.post(
+        "/v1/tuning/jobs",
+        json={
+            "task": "reviews",
+            "training_dataset": dataset["id"],
+            "template": "Review: {input}\nSentiment:",
+            "num_virtual_tokens": 4,
+            "hyperparameters": {"steps": 20, "batch_size": 4},
+        },
+    ).json()
     done = wait_for_job(service, job["id"], ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done
     assert done["result"] == {"task": "reviews", "version": 1} and done["attempts"] == 1
@@ -62,8 +75,10 @@ def test_upload_tune_and_serve(service):
 
 def test_cancel_a_running_job(service):
     dataset = service.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
-    job = service.post("/v1/tuning/jobs", json={"task": "long", "training_dataset": dataset["id"],
-                                                "hyperparameters": {"steps": 100000}}).json()
+    job = service.post(
+        "/v1/tuning/jobs",
+        json={"task": "long", "training_dataset": dataset["id"], "hyperparameters": {"steps": 100000}},
+    ).json()
     wait_for_job(service, job["id"], ("running",))
     asked = time.monotonic()
     assert service.post(f"/v1/tuning/jobs/{job['id']}/cancel").status_code == 200

@@ -9,14 +9,12 @@ import io
 import json
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from app.errors import DatasetInvalid, DomainError, PayloadTooLarge, UnsupportedMediaType
 from app.services.dataset_parsing import ParsedDataset, dataset_stats, parse_dataset
-
-SST2_TRAIN = Path(__file__).resolve().parents[3] / "shared/data/sst2/train.jsonl"
+from tests.paths import SST2_TRAIN
 
 
 def jsonl(*records: object) -> bytes:
@@ -32,19 +30,25 @@ def fails(data: bytes, filename: str = "d.jsonl", **limits: int) -> DomainError:
     return info.value
 
 
-def assert_fault(err: DomainError, code: str, *, line: int | None = None, param: str | None = None,
-                 status: int = 422) -> None:
+def assert_fault(
+    err: DomainError, code: str, *, line: int | None = None, param: str | None = None, status: int = 422
+) -> None:
     assert (err.code, err.line, err.param, err.status) == (code, line, param, status), err.message
     assert err.message
 
 
 # --- accepted shapes ----------------------------------------------------------------------------------------
 
+
 def test_jsonl_classification() -> None:
     parsed = parse_dataset(CLASSIFICATION, filename="train.jsonl")
-    assert parsed == ParsedDataset(format="jsonl", kind="classification",
-                                   records=[("good film", "pos"), ("bad film", "neg")], labels=["neg", "pos"],
-                                   sha256=hashlib.sha256(CLASSIFICATION).hexdigest())
+    assert parsed == ParsedDataset(
+        format="jsonl",
+        kind="classification",
+        records=[("good film", "pos"), ("bad film", "neg")],
+        labels=["neg", "pos"],
+        sha256=hashlib.sha256(CLASSIFICATION).hexdigest(),
+    )
 
 
 @pytest.mark.parametrize("fields", [("input", "output"), ("prompt", "completion")])
@@ -55,8 +59,10 @@ def test_jsonl_generation_shapes(fields: tuple[str, str]) -> None:
     assert parsed.records == [("2+2", "4"), ("3+3", " 6\n")]  # generation text is kept verbatim
 
 
-@pytest.mark.parametrize(("header", "kind"), [
-    ("text,label", "classification"), ("input,output", "generation"), ("prompt,completion", "generation")])
+@pytest.mark.parametrize(
+    ("header", "kind"),
+    [("text,label", "classification"), ("input,output", "generation"), ("prompt,completion", "generation")],
+)
 def test_csv_shapes(header: str, kind: str) -> None:
     parsed = parse_dataset(f"{header}\nhello,a\nworld,b\n".encode(), filename="d.Csv")
     assert (parsed.format, parsed.kind) == ("csv", kind)
@@ -71,8 +77,10 @@ def test_csv_header_case_and_column_order_and_extra_columns() -> None:
 
 def test_csv_quoted_cells_with_commas_quotes_and_newlines() -> None:
     data = b'text,label\n"hello, world",pos\n"two\nlines ""quoted""",neg\n'
-    assert parse_dataset(data, filename="d.csv").records == [("hello, world", "pos"),
-                                                              ('two\nlines "quoted"', "neg")]
+    assert parse_dataset(data, filename="d.csv").records == [
+        ("hello, world", "pos"),
+        ('two\nlines "quoted"', "neg"),
+    ]
 
 
 def test_bom_and_crlf_accepted_in_jsonl() -> None:
@@ -88,15 +96,22 @@ def test_bom_and_crlf_accepted_in_csv_including_inside_quoted_cells() -> None:
 
 
 def test_int_labels_become_strings_and_labels_are_stripped() -> None:
-    parsed = parse_dataset(jsonl({"text": "a", "label": 1}, {"text": "b", "label": 0},
-                                 {"text": "c", "label": " 1 "}), filename="d.jsonl")
+    parsed = parse_dataset(
+        jsonl({"text": "a", "label": 1}, {"text": "b", "label": 0}, {"text": "c", "label": " 1 "}),
+        filename="d.jsonl",
+    )
     assert parsed.records == [("a", "1"), ("b", "0"), ("c", "1")]
     assert parsed.labels == ["0", "1"]
 
 
 def test_extra_keys_are_ignored() -> None:
-    parsed = parse_dataset(jsonl({"id": 7, "text": "a", "label": "x", "meta": {"k": None}},
-                                 {"text": "b", "label": "y", "score": 0.5}), filename="d.jsonl")
+    parsed = parse_dataset(
+        jsonl(
+            {"id": 7, "text": "a", "label": "x", "meta": {"k": None}},
+            {"text": "b", "label": "y", "score": 0.5},
+        ),
+        filename="d.jsonl",
+    )
     assert parsed.records == [("a", "x"), ("b", "y")]
 
 
@@ -113,6 +128,7 @@ def test_unicode_line_separator_inside_a_json_string_is_not_a_line_break() -> No
 
 
 # --- file-level faults ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("filename", ["data.json", "data.txt", "data", "../../etc/passwd", "a.jsonl.gz"])
 def test_unsupported_format(filename: str) -> None:
@@ -157,8 +173,10 @@ def zipped(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize(("blob", "kind"), [(gz(CLASSIFICATION), "gzip"), (zipped(CLASSIFICATION), "zip"),
-                                            (b"\x89PNG\r\n\x1a\n\x00\x00", "PNG")])
+@pytest.mark.parametrize(
+    ("blob", "kind"),
+    [(gz(CLASSIFICATION), "gzip"), (zipped(CLASSIFICATION), "zip"), (b"\x89PNG\r\n\x1a\n\x00\x00", "PNG")],
+)
 def test_compressed_or_binary_blob(blob: bytes, kind: str) -> None:
     err = fails(blob, "train.jsonl")
     assert_fault(err, "binary_file")
@@ -170,6 +188,7 @@ def test_nul_byte_is_binary_with_its_line() -> None:
 
 
 # --- JSONL record faults ----------------------------------------------------------------------------------
+
 
 def test_invalid_json_names_the_line_and_the_error() -> None:
     err = fails(CLASSIFICATION + b'{"text": "a", "label": }\n')
@@ -201,15 +220,18 @@ def test_first_record_with_no_known_fields() -> None:
     assert_fault(fails(jsonl({"question": "q", "answer": "a"})), "missing_field", line=1)
 
 
-@pytest.mark.parametrize(("record", "param"), [
-    ({"text": 5, "label": "x"}, "text"),
-    ({"text": "a", "label": None}, "label"),
-    ({"text": "a", "label": 1.5}, "label"),
-    ({"text": "a", "label": True}, "label"),
-    ({"text": "a", "label": ["x"]}, "label"),
-    ({"text": "a", "label": {"x": 1}}, "label"),
-    ({"text": ["a"], "label": "x"}, "text"),
-])
+@pytest.mark.parametrize(
+    ("record", "param"),
+    [
+        ({"text": 5, "label": "x"}, "text"),
+        ({"text": "a", "label": None}, "label"),
+        ({"text": "a", "label": 1.5}, "label"),
+        ({"text": "a", "label": True}, "label"),
+        ({"text": "a", "label": ["x"]}, "label"),
+        ({"text": "a", "label": {"x": 1}}, "label"),
+        ({"text": ["a"], "label": "x"}, "text"),
+    ],
+)
 def test_wrong_type(record: dict[str, object], param: str) -> None:
     assert_fault(fails(CLASSIFICATION + jsonl(record)), "wrong_type", line=3, param=param)
 
@@ -219,11 +241,14 @@ def test_wrong_type_in_generation_output_refuses_numbers() -> None:
     assert_fault(err, "wrong_type", line=2, param="output")
 
 
-@pytest.mark.parametrize(("record", "param"), [
-    ({"text": "", "label": "x"}, "text"),
-    ({"text": "a", "label": "  "}, "label"),
-    ({"text": " \n\t", "label": "x"}, "text"),
-])
+@pytest.mark.parametrize(
+    ("record", "param"),
+    [
+        ({"text": "", "label": "x"}, "text"),
+        ({"text": "a", "label": "  "}, "label"),
+        ({"text": " \n\t", "label": "x"}, "text"),
+    ],
+)
 def test_empty_field(record: dict[str, object], param: str) -> None:
     assert_fault(fails(CLASSIFICATION + jsonl(record)), "empty_field", line=3, param=param)
 
@@ -260,6 +285,7 @@ def test_example_too_long() -> None:
 
 # --- CSV faults -------------------------------------------------------------------------------------------
 
+
 def test_csv_no_header() -> None:
     assert_fault(fails(b"great movie,pos\nawful,neg\n", "d.csv"), "csv_no_header", line=1)
 
@@ -289,8 +315,12 @@ def test_csv_malformed_quoting() -> None:
 def test_csv_record_faults_use_physical_lines() -> None:
     data = b'text,label\n"a\nb",pos\n"",neg\n'
     assert_fault(fails(data, "d.csv"), "empty_field", line=4, param="text")
-    assert_fault(fails(b"text,label\na,pos\nb,neg\nc,pos\n", "d.csv", max_examples=2), "too_many_examples",
-                 line=4, status=413)
+    assert_fault(
+        fails(b"text,label\na,pos\nb,neg\nc,pos\n", "d.csv", max_examples=2),
+        "too_many_examples",
+        line=4,
+        status=413,
+    )
     assert_fault(fails(b"text,label\na,pos\nb,pos\n", "d.csv"), "single_label", param="label")
 
 
@@ -305,9 +335,16 @@ def test_errors_are_dataset_invalid() -> None:
 
 # --- statistics -------------------------------------------------------------------------------------------
 
+
 def test_stats_on_a_small_known_file() -> None:
-    parsed = parse_dataset(jsonl({"text": "ab", "label": "pos"}, {"text": "abcd", "label": "neg"},
-                                 {"text": "abcdef", "label": "pos"}), filename="d.jsonl")
+    parsed = parse_dataset(
+        jsonl(
+            {"text": "ab", "label": "pos"},
+            {"text": "abcd", "label": "neg"},
+            {"text": "abcdef", "label": "pos"},
+        ),
+        filename="d.jsonl",
+    )
     stats = dataset_stats(parsed, lambda s: len(s.split()) + len(s))
     assert stats == {
         "num_examples": 3,
@@ -321,8 +358,9 @@ def test_stats_on_a_small_known_file() -> None:
 
 
 def test_stats_without_a_tokenizer_and_for_generation() -> None:
-    parsed = parse_dataset(jsonl({"input": "a", "output": "bb"}, {"input": "ccc", "output": "d"}),
-                           filename="d.jsonl")
+    parsed = parse_dataset(
+        jsonl({"input": "a", "output": "bb"}, {"input": "ccc", "output": "d"}), filename="d.jsonl"
+    )
     stats = dataset_stats(parsed, None)
     assert stats["label_counts"] is None
     assert stats["input_tokens"] is None and stats["output_tokens"] is None
@@ -345,6 +383,7 @@ def test_token_stats_are_sampled_on_large_datasets() -> None:
 
 
 # --- real data and speed ----------------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not SST2_TRAIN.exists(), reason=f"{SST2_TRAIN} not present")
 def test_first_400_lines_of_sst2_train() -> None:
