@@ -10,7 +10,10 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.api.test_datasets import sentiment_file
@@ -19,6 +22,12 @@ from tests.paths import REPO
 from tests.stacks import server_stack
 
 pytestmark = pytest.mark.worker
+
+
+@dataclass
+class Service:
+    api: httpx.Client
+    worker_log: Path
 
 
 @pytest.fixture(
@@ -32,7 +41,7 @@ def service(request, tmp_path, tiny_backbone_dir):
     with ExitStack() as stack:
         if request.param == "embedded":
             env = service_env(tmp_path / "data", tiny_backbone_dir, None)
-            log = tmp_path / "up.log"
+            log = worker_log = tmp_path / "up.log"  # `up` runs its worker as a child with the same output
             process = stack.enter_context(running(["up", "--port", str(port)], env, log))
         else:
             servers = stack.enter_context(server_stack())
@@ -40,15 +49,16 @@ def service(request, tmp_path, tiny_backbone_dir):
             subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=REPO, check=True)
             log = tmp_path / "api.log"
             process = stack.enter_context(running(["api", "--port", str(port)], env, log))
-            stack.enter_context(running(["worker"], env, tmp_path / "worker.log"))
+            worker_log = tmp_path / "worker.log"
+            stack.enter_context(running(["worker"], env, worker_log))
         client = wait_ready(f"http://127.0.0.1:{port}", process, log)
         stack.callback(client.close)
-        yield client
+        yield Service(client, worker_log)
 
 
 def test_upload_tune_and_serve(service):
-    dataset = service.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
-    job = service.post(
+    dataset = service.api.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
+    job = service.api.post(
         "/v1/tuning/jobs",
         json={
             "task": "reviews",
@@ -58,31 +68,39 @@ def test_upload_tune_and_serve(service):
             "hyperparameters": {"steps": 20, "batch_size": 4},
         },
     ).json()
-    done = wait_for_job(service, job["id"], ("succeeded", "failed", "cancelled"))
+    done = wait_for_job(service.api, job["id"], ("succeeded", "failed", "cancelled"))
     assert done["status"] == "succeeded", done
     assert done["result"] == {"task": "reviews", "version": 1} and done["attempts"] == 1
     assert done["progress"]["step"] == 20
     assert 0 <= done["metrics"]["val_accuracy"] <= 1  # on the 2 held-out examples
-    events = service.get(f"/v1/tuning/jobs/{job['id']}/events").json()
+    events = service.api.get(f"/v1/tuning/jobs/{job['id']}/events").json()
     statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
     assert statuses == ["queued", "running", "succeeded"]
     assert any(e["type"] == "progress" and e["data"]["total_steps"] == 20 for e in events)
 
-    result = service.post("/v1/classify", json={"task": "reviews", "input": ["a wonderful, moving film"]})
+    result = service.api.post("/v1/classify", json={"task": "reviews", "input": ["a wonderful, moving film"]})
     assert result.status_code == 200 and result.json()["version"] == 1
     assert set(result.json()["results"][0]["scores"]) == {"negative", "positive"}
 
+    second = service.api.post(
+        "/v1/tuning/jobs",
+        json={"task": "reviews", "training_dataset": dataset["id"], "hyperparameters": {"steps": 2}},
+    ).json()
+    assert wait_for_job(service.api, second["id"], ("succeeded", "failed"))["result"]["version"] == 2
+    # The worker loaded its backbone once, not once per job.
+    assert service.worker_log.read_text().count("loaded backbone tiny") == 1
+
 
 def test_cancel_a_running_job(service):
-    dataset = service.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
-    job = service.post(
+    dataset = service.api.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
+    job = service.api.post(
         "/v1/tuning/jobs",
         json={"task": "long", "training_dataset": dataset["id"], "hyperparameters": {"steps": 100000}},
     ).json()
-    wait_for_job(service, job["id"], ("running",))
+    wait_for_job(service.api, job["id"], ("running",))
     asked = time.monotonic()
-    assert service.post(f"/v1/tuning/jobs/{job['id']}/cancel").status_code == 200
-    done = wait_for_job(service, job["id"], ("cancelled", "succeeded", "failed"), timeout=30)
+    assert service.api.post(f"/v1/tuning/jobs/{job['id']}/cancel").status_code == 200
+    done = wait_for_job(service.api, job["id"], ("cancelled", "succeeded", "failed"), timeout=30)
     assert done["status"] == "cancelled" and done["result"] is None
     assert time.monotonic() - asked < 10
-    assert service.get("/v1/prompts/long").status_code == 404
+    assert service.api.get("/v1/prompts/long").status_code == 404
