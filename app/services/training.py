@@ -6,6 +6,7 @@ leaves the job's last reported state behind."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import time
@@ -32,7 +33,6 @@ CANCEL_POLL_INTERVAL_S = 1.0
 
 @dataclass
 class JobInputs:
-    job_id: int
     kind: str
     labels: list[str] | None
     train: list[Example]
@@ -41,7 +41,7 @@ class JobInputs:
 
 def run_job(*, db_url: str, job_id: int, backbone: Backbone) -> str:
     """Runs the job if this call wins the claim. Returns the job's status afterwards."""
-    worker = f"{socket.gethostname()}:{id(backbone)}"
+    worker = f"{socket.gethostname()}:{os.getpid()}"
     if not _claim(db_url=db_url, job_id=job_id, worker=worker):
         log.info("job %s not claimed: it is not queued (duplicate delivery or cancelled)", job_id)
         return "skipped"
@@ -90,7 +90,6 @@ def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
             train_records, validation_records = _split(train_records, seed=job.hyperparameters["seed"])
         session.expunge(job)
     inputs = JobInputs(
-        job_id=job_id,
         kind=kind,
         labels=labels,
         train=[Example(input=i, output=o) for i, o in train_records],

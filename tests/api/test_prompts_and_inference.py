@@ -3,6 +3,8 @@ process; the real worker process is exercised in tests/integration."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy import update
 
@@ -151,3 +153,24 @@ def test_delete_version_keeps_numbers_unique(client, settings, trained, tiny_bac
     ).json()
     run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone)
     assert client.get("/v1/prompts/sst2").json()["latest_version"] == 2
+
+
+def test_generation_task_round_trip(client, settings, tiny_backbone):
+    records = [{"input": f"count {i}", "output": f"{i} {i + 1}"} for i in range(12)]
+    content = "\n".join(json.dumps(r) for r in records).encode()
+    dataset = upload(client, content, filename="gen.jsonl").json()
+    assert dataset["kind"] == "generation"
+    job = client.post(
+        "/v1/tuning/jobs",
+        json={"task": "counter", "training_dataset": dataset["id"], "hyperparameters": {"steps": 2}},
+    ).json()
+    assert job["init"] == {"strategy": "vocab"}
+    assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
+    version = client.get("/v1/prompts/counter/versions/1").json()
+    assert version["kind"] == "generation" and version["labels"] is None
+    body = client.post(
+        "/v1/generate", json={"task": "counter", "input": "count 3", "max_new_tokens": 4}
+    ).json()
+    assert body["version"] == 1 and body["outputs"][0]["finish_reason"] in ("stop", "length")
+    response = client.post("/v1/classify", json={"task": "counter", "input": "count 3"})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "labels"

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -40,3 +43,20 @@ def test_every_route_is_documented(client):
     for name in ("JobCreate", "GenerateRequest", "ClassifyRequest"):
         assert schema["components"]["schemas"][name].get("examples"), name
     assert client.get("/docs").status_code == 200
+
+
+def test_a_full_inference_queue_answers_429_at_once(client, settings):
+    settings.max_concurrent_inference = 1
+    serving = client.app.state.serving
+    body = {"task": None, "input": "hello", "max_new_tokens": 2}
+    with ThreadPoolExecutor(1) as pool:
+        with serving._model_lock:  # the model is busy: the first request is admitted and waits
+            first = pool.submit(client.post, "/v1/generate", json=body)
+            deadline = time.monotonic() + 10
+            while serving._admitted < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused = client.post("/v1/generate", json=body)
+            assert refused.status_code == 429
+            assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["code"] == "overloaded"
+            assert client.get("/readyz").status_code == 200
+        assert first.result(timeout=30).status_code == 200
