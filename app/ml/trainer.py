@@ -35,6 +35,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     eval_every: int = 0  # 0 = only at the end
+    # Generation targets end with EOS so a task learns where to stop. Classification is scored by the
+    # label tokens alone, and an EOS target there spends a short run on learning to stop instead of
+    # telling labels apart (SST-2 measurements in docs/benchmarks.md).
+    append_eos: bool = True
 
 
 @dataclass
@@ -59,11 +63,13 @@ class _Encoded:
     target: list[int]  # continuation + eos: the only tokens the loss sees
 
 
-def _encode(backbone: Backbone, examples: list[Example], template: str, k: int) -> list[_Encoded]:
+def _encode(
+    backbone: Backbone, examples: list[Example], template: str, k: int, *, append_eos: bool
+) -> list[_Encoded]:
     encoded = []
     for ex in examples:
         rendered = render(template, ex.input)
-        target = target_ids(backbone, rendered, ex.output, with_eos=True)
+        target = target_ids(backbone, rendered, ex.output, with_eos=append_eos)
         context = fit_context(backbone, context_ids(backbone, rendered), k + len(target), truncate=True)
         encoded.append(_Encoded(context, target))
     return encoded
@@ -103,11 +109,12 @@ def evaluate(
     template: str,
     labels: list[str] | None,
     batch_size: int = 8,
+    append_eos: bool = True,
 ) -> dict:
     """val_loss (per target token) and, with labels, rank-classification accuracy."""
     if not validation:
         return {"val_loss": None, "val_accuracy": None}
-    encoded = _encode(backbone, validation, template, len(prompt))
+    encoded = _encode(backbone, validation, template, len(prompt), append_eos=append_eos)
     total, count, correct = 0.0, 0, 0
     with torch.inference_mode():
         for start in range(0, len(validation), batch_size):
@@ -142,7 +149,7 @@ def train_prompt(
     should_stop: Callable[[], bool],
 ) -> TrainResult:
     """Tune ``prompt`` ([k, d]) on ``train``; the same seed and data give the same prompt."""
-    encoded = _encode(backbone, train, template, len(prompt))
+    encoded = _encode(backbone, train, template, len(prompt), append_eos=config.append_eos)
     # The master copy stays float32 even on a bfloat16 backbone: the updates are small.
     param = torch.nn.Parameter(prompt.detach().to(backbone.device, torch.float32).clone())  # [k, d]
     optimizer = torch.optim.AdamW([param], lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -174,12 +181,19 @@ def train_prompt(
                 template=template,
                 labels=labels,
                 batch_size=config.batch_size,
+                append_eos=config.append_eos,
             )
             log.info("step %d/%d: %s", done, config.steps, metrics)
     final = param.detach().float().cpu().clone()  # [k, d]
     if not stopped:
         metrics = evaluate(
-            backbone, final, validation, template=template, labels=labels, batch_size=config.batch_size
+            backbone,
+            final,
+            validation,
+            template=template,
+            labels=labels,
+            batch_size=config.batch_size,
+            append_eos=config.append_eos,
         )
     window = losses[-LOSS_WINDOW:]
     metrics = {

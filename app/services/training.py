@@ -128,6 +128,7 @@ def _train_and_publish(*, db_url: str, job: TuningJob, inputs: JobInputs, backbo
         max_grad_norm=hp["max_grad_norm"],
         seed=hp["seed"],
         eval_every=hp["eval_every"],
+        append_eos=inputs.kind != "classification",
     )
     reporter = _Reporter(db_url=db_url, job_id=job.id)
     result = train_prompt(

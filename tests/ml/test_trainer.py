@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
+from app.ml.batching import context_ids, target_ids, target_log_probs
 from app.ml.soft_prompt import init_prompt
-from app.ml.trainer import Example, TrainConfig, train_prompt
+from app.ml.text import render
+from app.ml.trainer import Example, TrainConfig, evaluate, train_prompt
 
 TEMPLATE = "Review: {input}\nSentiment:"
 LABELS = ["positive", "negative"]
@@ -61,3 +64,18 @@ def test_should_stop_ends_training_early(tiny_backbone):
     result = _train(tiny_backbone, steps=50, should_stop=lambda: len(seen) >= 3, progress=seen.append)
     assert result.stopped
     assert result.steps_done == 3 == len(seen)
+
+
+def test_without_eos_the_loss_covers_the_label_tokens_only(tiny_backbone):
+    prompt = init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=1)
+    data = _examples()
+    with_eos = evaluate(tiny_backbone, prompt, data, template=TEMPLATE, labels=None, append_eos=True)
+    without = evaluate(tiny_backbone, prompt, data, template=TEMPLATE, labels=None, append_eos=False)
+    contexts = [context_ids(tiny_backbone, render(TEMPLATE, ex.input)) for ex in data]
+    targets = [
+        target_ids(tiny_backbone, render(TEMPLATE, ex.input), ex.output, with_eos=False) for ex in data
+    ]
+    with torch.inference_mode():
+        log_probs, _ = target_log_probs(tiny_backbone, [prompt] * len(data), contexts, targets)
+    assert without["val_loss"] == pytest.approx(-log_probs.mean().item(), rel=1e-5)
+    assert with_eos["val_loss"] != pytest.approx(without["val_loss"], rel=1e-3)
