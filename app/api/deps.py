@@ -8,21 +8,14 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
-from app.config import Settings, get_settings
-from app.db.session import get_sessionmaker
+from app.config import Settings
+from app.db.session import session_scope
 from app.services.serving import Serving
 
 
 def _session(request: Request) -> Iterator[Session]:
-    session = get_sessionmaker(request.app.state.settings.registry_url)()
-    try:
+    with session_scope(request.app.state.settings.registry_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def _settings(request: Request) -> Settings:
@@ -39,4 +32,4 @@ ServingDep = Annotated[Serving, Depends(_serving)]
 LimitQuery = Annotated[int, Query(ge=1, le=100, description="Page size.")]
 AfterQuery = Annotated[int | None, Query(description="Id of the last item of the previous page.")]
 
-__all__ = ["SessionDep", "SettingsDep", "ServingDep", "LimitQuery", "AfterQuery", "get_settings"]
+__all__ = ["SessionDep", "SettingsDep", "ServingDep", "LimitQuery", "AfterQuery"]
