@@ -99,8 +99,9 @@ class Serving:
                 f"Prompt version {ref!r} is unusable: {error.message}", param="task"
             ) from None
 
-    def render_inputs(self, resolved: ResolvedPrompt, inputs: list[str]) -> list[str]:
-        """Templated inputs, refused before any model work when too many or too long."""
+    def render_inputs(self, resolved: ResolvedPrompt, inputs: list[str]) -> tuple[list[str], list[int]]:
+        """Templated inputs and their token counts, refused before any model work when too many or too
+        long."""
         backbone = self._require_backbone()
         limit = self.settings.max_batch_inputs
         if not inputs:
@@ -109,8 +110,8 @@ class Serving:
             raise InvalidRequest(f"At most {limit} inputs per request; got {len(inputs)}.", param="input")
         texts = [render(resolved.template, text) for text in inputs]
         virtual = 0 if resolved.prompt is None else resolved.prompt.shape[0]
-        for index, text in enumerate(texts):
-            length = len(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+        lengths = [len(ids) for ids in backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for index, length in enumerate(lengths):
             if length + virtual > self.settings.max_input_tokens:
                 raise InvalidRequest(
                     f"input[{index}] is {length} tokens after the template (+{virtual} virtual tokens); the "
@@ -118,7 +119,7 @@ class Serving:
                     param="input",
                     code="input_too_long",
                 )
-        return texts
+        return texts, lengths
 
     async def run(self, work: Callable[[Backbone], object]) -> object:
         """Runs ``work`` on the model in a thread, or refuses at once when the queue is full."""

@@ -80,6 +80,10 @@ def test_classify_matches_the_model_with_the_stored_prompt(client, settings, tra
     for result, scores in zip(body["results"], expected, strict=True):
         assert result["scores"] == pytest.approx(scores, abs=1e-5)
         assert result["label"] == max(scores, key=scores.get)
+    rendered = [TEMPLATE.replace("{input}", t) for t in inputs]
+    assert body["usage"]["prompt_tokens"] == sum(
+        len(tiny_backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in rendered
+    )
     pinned = client.post("/v1/classify", json={"task": "sst2@1", "input": inputs[0]}).json()
     assert pinned["results"][0]["scores"] == pytest.approx(body["results"][0]["scores"], abs=1e-5)
 

@@ -38,7 +38,7 @@ async def generate(body: GenerateRequest, session: SessionDep, settings: Setting
     if body.stop and any(not s for s in body.stop):
         raise InvalidRequest("stop strings must not be empty.", param="stop")
     resolved = serving.resolve(session, body.task)
-    texts = serving.render_inputs(resolved, _as_list(body.input))
+    texts, _ = serving.render_inputs(resolved, _as_list(body.input))
     session.close()  # nothing more to read; don't hold a connection while the model runs
     work = partial(
         service.generate,
@@ -84,15 +84,12 @@ async def classify(body: ClassifyRequest, session: SessionDep, serving: ServingD
         raise InvalidRequest("This task has no label set; pass labels.", param="labels")
     if len(set(labels)) != len(labels) or any(not label.strip() for label in labels):
         raise InvalidRequest("labels must be distinct, non-empty strings.", param="labels")
-    texts = serving.render_inputs(resolved, _as_list(body.input))
+    texts, token_counts = serving.render_inputs(resolved, _as_list(body.input))
     session.close()
     scores = await serving.run(partial(service.classify, prompt=resolved.prompt, texts=texts, labels=labels))
-    prompt_tokens = sum(
-        len(serving.backbone.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts
-    )
     return ClassifyResponse(
         task=resolved.task,
         version=resolved.version,
         results=[ClassifyResult(label=max(s, key=s.get), scores=s) for s in scores],
-        usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=0),
+        usage=Usage(prompt_tokens=sum(token_counts), completion_tokens=0),
     )
