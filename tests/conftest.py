@@ -4,6 +4,7 @@ import pytest
 
 from app.ml.backbone import Backbone, load_backbone
 from tests.fixtures.tiny_backbone import write_tiny_backbone
+from tests.stacks import STACK_IDS
 
 
 @pytest.fixture(scope="session")
@@ -14,9 +15,6 @@ def tiny_backbone_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_backbone_dir) -> Backbone:
     return load_backbone("tiny", tiny_backbone_dir, device="cpu")
-
-
-STACK_IDS = ("embedded", "postgres+redis")
 
 
 def pytest_terminal_summary(terminalreporter):

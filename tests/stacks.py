@@ -12,12 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import pytest
 import redis
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "SOFTPROMPT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("SOFTPROMPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# The two deployments every stack-aware test runs on; the ids appear in test names and in the summary.
+STACK_PARAMS = [
+    pytest.param("embedded", id="embedded"),
+    pytest.param("servers", id="postgres+redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
+]
+STACK_IDS = tuple(param.id for param in STACK_PARAMS)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ class TrainResult:
 @dataclass
 class _Encoded:
     context: list[int]  # rendered input, cut from the left to fit
-    target: list[int]  # continuation + eos: the only tokens the loss sees
+    target: list[int]  # the continuation (+ eos for generation): the only tokens the loss sees
 
 
 def _encode(
@@ -155,6 +155,18 @@ def train_prompt(
     optimizer = torch.optim.AdamW([param], lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     batches = _batches(len(encoded), config.batch_size, torch.Generator().manual_seed(config.seed))
+
+    def run_eval(current: torch.Tensor) -> dict:
+        return evaluate(
+            backbone,
+            current,
+            validation,
+            template=template,
+            labels=labels,
+            batch_size=config.batch_size,
+            append_eos=config.append_eos,
+        )
+
     losses: list[float] = []
     metrics: dict = {}
     stopped = False
@@ -174,27 +186,11 @@ def train_prompt(
         elapsed = time.monotonic() - started
         on_progress(Progress(done, config.steps, losses[-1], elapsed / done * (config.steps - done)))
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            metrics = evaluate(
-                backbone,
-                param.detach(),
-                validation,
-                template=template,
-                labels=labels,
-                batch_size=config.batch_size,
-                append_eos=config.append_eos,
-            )
+            metrics = run_eval(param.detach())
             log.info("step %d/%d: %s", done, config.steps, metrics)
     final = param.detach().float().cpu().clone()  # [k, d]
     if not stopped:
-        metrics = evaluate(
-            backbone,
-            final,
-            validation,
-            template=template,
-            labels=labels,
-            batch_size=config.batch_size,
-            append_eos=config.append_eos,
-        )
+        metrics = run_eval(final)
     window = losses[-LOSS_WINDOW:]
     metrics = {
         "train_loss": sum(window) / len(window) if window else None,

@@ -6,15 +6,10 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.db.migrate import upgrade
 from app.main import create_app
-from tests.stacks import make_stack
-
-STACKS = [
-    pytest.param("embedded", id="embedded"),
-    pytest.param("servers", id="postgres+redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
-]
+from tests.stacks import STACK_PARAMS, make_stack
 
 
-@pytest.fixture(params=STACKS)
+@pytest.fixture(params=STACK_PARAMS)
 def stack(request, tmp_path):
     with make_stack(request.param, tmp_path) as stack:
         upgrade(stack.database_url)

@@ -19,7 +19,7 @@ import pytest
 from tests.api.test_datasets import sentiment_file
 from tests.integration.conftest import free_port, running, service_env, wait_for_job, wait_ready
 from tests.paths import REPO
-from tests.stacks import server_stack
+from tests.stacks import STACK_PARAMS, server_stack
 
 pytestmark = pytest.mark.worker
 
@@ -30,12 +30,7 @@ class Service:
     worker_log: Path
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("embedded", id="embedded"),
-        pytest.param("servers", id="postgres+redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
-    ]
-)
+@pytest.fixture(params=STACK_PARAMS)
 def service(request, tmp_path, tiny_backbone_dir):
     port = free_port()
     with ExitStack() as stack:
