@@ -43,7 +43,13 @@ class Settings(BaseSettings):
     max_batch_inputs: int = 64
     max_steps: int = 100_000
     max_virtual_tokens: int = 200
-    max_concurrent_inference: int = 4
+
+    # The inference engine. Rows are single inputs; a request with a list of inputs takes several.
+    engine_max_batch_rows: int = 32  # rows decoded together in one step
+    engine_max_queued_rows: int = 256  # rows waiting for a place in the batch; past it, 429 at once
+    prompt_cache_bytes: int = 256 * 1024 * 1024  # decoded prompt tensors (20 x 576 floats: 46 KB each)
+    prompt_kv_cache_bytes: int = 128 * 1024 * 1024  # prompts' per-layer keys and values (0.9 MB each)
+    task_resolve_ttl_s: float = 2.0  # how long "task" (no @version) may keep naming a superseded version
 
     @field_validator("data_dir", "backbone_dir")
     @classmethod

@@ -71,3 +71,10 @@ class PromptCorrupt(DomainError):
 
     status = 422
     code = "prompt_corrupt"
+
+
+class InferenceFailed(DomainError):
+    """The engine could not compute a request's rows (a fault on the server, not in the request)."""
+
+    status = 500
+    code = "inference_failed"

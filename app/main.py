@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.serving = Serving(settings, backbone)
         log.info("softprompt API ready (backbone: %s)", backbone.name if backbone else "not loaded")
         yield
+        app.state.serving.close()  # finish the rows already accepted, then stop the engine thread
 
     app = FastAPI(title="softprompt", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings

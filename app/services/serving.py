@@ -1,13 +1,14 @@
-"""Inference for the API process: resolves a task to a prompt version, keeps decoded prompts in memory,
-admits a bounded number of requests and runs each request's inputs as one batch on the loaded backbone."""
+"""Inference for the API process: resolve a task to a prompt version, keep decoded prompts in memory, and
+hand requests to the engine that owns the model."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
@@ -15,75 +16,133 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import PromptVersion
-from app.errors import InvalidRequest, Overloaded, PromptCorrupt, Unavailable
+from app.errors import DomainError, InferenceFailed, InvalidRequest, PromptCorrupt, Unavailable
 from app.ml import inference
 from app.ml.backbone import Backbone
+from app.ml.engine import Engine
+from app.ml.sequence import Generation, GenerationRequest, Sequence
 from app.ml.soft_prompt import prompt_from_bytes
 from app.ml.text import render
 from app.services import prompts as prompts_service
 
-PROMPT_CACHE_ENTRIES = 4096
-
 
 @dataclass(frozen=True)
 class ResolvedPrompt:
+    """Everything a request needs from a version, taken together: a reader never mixes two versions."""
+
     task: str | None
     version: int | None
     template: str
     labels: list[str] | None
     prompt: torch.Tensor | None  # [k, d] float32
+    key: tuple[int, str] | None  # (version row id, checksum): names the immutable content
+
+
+RESOLVED_REFS = 4096
+BARE = ResolvedPrompt(task=None, version=None, template="{input}", labels=None, prompt=None, key=None)
+
+
+class PromptTensors:
+    """Decoded prompt tensors by (version id, checksum), least recently used first out, bounded by bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: tuple[int, str]) -> torch.Tensor | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[int, str], prompt: torch.Tensor) -> None:
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = prompt
+            self._bytes += prompt.nbytes
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
 
 
 class Serving:
     def __init__(self, settings: Settings, backbone: Backbone | None):
         self.settings = settings
         self.backbone = backbone
-        self._prompts: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
-        self._admitted = 0
-        self._admission = threading.Lock()
-        # One batch at a time on the model: torch already spreads one forward pass over every core.
-        self._model_lock = threading.Lock()
+        self.prompts = PromptTensors(settings.prompt_cache_bytes)
+        # ref -> (resolved, when): a task without a version follows new versions within the TTL.
+        self._refs: OrderedDict[str, tuple[ResolvedPrompt, float]] = OrderedDict()
+        self.engine: Engine | None = None
+        if backbone is not None:
+            self.engine = Engine(
+                backbone,
+                max_batch_rows=settings.engine_max_batch_rows,
+                max_queued_rows=settings.engine_max_queued_rows,
+                prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,
+            ).start()
 
     @property
     def ready(self) -> bool:
-        return self.backbone is not None
+        return self.engine is not None
 
-    def _require_backbone(self) -> Backbone:
-        if self.backbone is None:
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    def _require_engine(self) -> Engine:
+        if self.engine is None:
             raise Unavailable(
                 "The backbone is not loaded in this process; inference is unavailable.",
                 code="engine_not_ready",
                 headers={"Retry-After": "10"},
             )
-        return self.backbone
+        return self.engine
 
     def resolve(self, session: Session, ref: str | None) -> ResolvedPrompt:
-        backbone = self._require_backbone()
+        engine = self._require_engine()
         if ref is None:
-            return ResolvedPrompt(task=None, version=None, template="{input}", labels=None, prompt=None)
+            return BARE
+        cached = self._refs.get(ref)
+        if cached is not None and time.monotonic() - cached[1] < self.settings.task_resolve_ttl_s:
+            return cached[0]
         row = prompts_service.resolve(session, ref=ref, with_vectors=False)
-        if row.base_model != backbone.name:
+        if row.base_model != engine.backbone.name:
             raise InvalidRequest(
-                f"Task {ref!r} was trained on {row.base_model!r}, but this server serves {backbone.name!r}.",
+                f"Task {ref!r} was trained on {row.base_model!r}, but this server serves "
+                f"{engine.backbone.name!r}.",
                 param="task",
                 code="base_model_not_served",
             )
         key = (row.id, row.sha256)
-        prompt = self._prompts.get(key)
+        prompt = self.prompts.get(key)
         if prompt is None:
-            prompt = self._decode(session, row_id=row.id, embedding_dim=backbone.embedding_dim, ref=ref)
-            self._prompts[key] = prompt
-            while len(self._prompts) > PROMPT_CACHE_ENTRIES:
-                self._prompts.popitem(last=False)
-        else:
-            self._prompts.move_to_end(key)
-        return ResolvedPrompt(
+            prompt = self._decode(
+                session, row_id=row.id, embedding_dim=engine.backbone.embedding_dim, ref=ref
+            )
+            self.prompts.put(key, prompt)
+        resolved = ResolvedPrompt(
             task=prompts_service.parse_task_ref(ref)[0],
             version=row.version,
             template=row.template,
             labels=row.labels,
             prompt=prompt,
+            key=key,
         )
+        self._refs[ref] = (resolved, time.monotonic())
+        while len(self._refs) > RESOLVED_REFS:
+            self._refs.popitem(last=False)  # the oldest resolution; it costs one query to redo
+        return resolved
 
     @staticmethod
     def _decode(session: Session, *, row_id: int, embedding_dim: int, ref: str) -> torch.Tensor:
@@ -102,7 +161,7 @@ class Serving:
     def render_inputs(self, resolved: ResolvedPrompt, inputs: list[str]) -> tuple[list[str], list[int]]:
         """Templated inputs and their token counts, refused before any model work when too many or too
         long."""
-        backbone = self._require_backbone()
+        engine = self._require_engine()
         limit = self.settings.max_batch_inputs
         if not inputs:
             raise InvalidRequest("input must not be empty.", param="input")
@@ -110,7 +169,9 @@ class Serving:
             raise InvalidRequest(f"At most {limit} inputs per request; got {len(inputs)}.", param="input")
         texts = [render(resolved.template, text) for text in inputs]
         virtual = 0 if resolved.prompt is None else resolved.prompt.shape[0]
-        lengths = [len(ids) for ids in backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        lengths = [
+            len(ids) for ids in engine.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ]
         for index, length in enumerate(lengths):
             if length + virtual > self.settings.max_input_tokens:
                 raise InvalidRequest(
@@ -121,35 +182,77 @@ class Serving:
                 )
         return texts, lengths
 
-    async def run(self, work: Callable[[Backbone], object]) -> object:
-        """Runs ``work`` on the model in a thread, or refuses at once when the queue is full."""
-        backbone = self._require_backbone()
-        with self._admission:
-            if self._admitted >= self.settings.max_concurrent_inference:
-                raise Overloaded(
-                    f"The inference queue is full ({self.settings.max_concurrent_inference} "
-                    "requests); retry shortly.",
-                    headers={"Retry-After": "1"},
-                )
-            self._admitted += 1
+    def generation_requests(
+        self, resolved: ResolvedPrompt, texts: list[str], **options
+    ) -> list[GenerationRequest]:
+        """Tokenised and checked against the window here, in the request's thread, before anything queues."""
+        engine = self._require_engine()
+        return inference.generation_requests(
+            engine.backbone,
+            prompts=[resolved.prompt] * len(texts),
+            prompt_keys=[resolved.key] * len(texts),
+            texts=texts,
+            **options,
+        )
+
+    def start_generation(self, requests: list[GenerationRequest]) -> GenerationHandle:
+        """Queue the rows now (Overloaded at once when full); read them from the handle."""
+        return GenerationHandle(self._require_engine(), requests)
+
+    async def classify(self, resolved: ResolvedPrompt, texts: list[str], labels: list[str]) -> list[dict]:
+        engine = self._require_engine()
+        prompts = [resolved.prompt] * len(texts)
+        future = engine.call(
+            lambda backbone: inference.classify(backbone, prompts=prompts, texts=texts, labels=labels),
+            rows=len(texts),
+        )
+        return await asyncio.wrap_future(future)
+
+
+@dataclass
+class RowUpdate:
+    index: int  # which input of the request
+    text: str  # text that became final since the last update of this row
+    finished: Generation | None  # set on the row's last update
+
+
+class GenerationHandle:
+    """The caller's end of a request's rows: updates arrive from the engine thread into this event loop.
+    Leaving early (a client that went away) cancels the rows still running."""
+
+    def __init__(self, engine: Engine, requests: list[GenerationRequest]):
+        self._loop = asyncio.get_running_loop()
+        self._updates: asyncio.Queue[tuple[Sequence, str, bool]] = asyncio.Queue()
+        self._sequences = engine.submit(requests, self._on_update)
+        self._index = {id(s): i for i, s in enumerate(self._sequences)}
+        self._open = len(self._sequences)
+
+    def _on_update(self, sequence: Sequence, delta: str, over: bool) -> None:
+        self._loop.call_soon_threadsafe(self._updates.put_nowait, (sequence, delta, over))
+
+    def cancel(self) -> None:
+        for sequence in self._sequences:
+            sequence.cancelled = True
+
+    async def updates(self) -> AsyncIterator[RowUpdate]:
         try:
-            return await asyncio.to_thread(self._locked, work, backbone)
+            while self._open:
+                sequence, delta, over = await self._updates.get()
+                if isinstance(sequence.error, DomainError):
+                    raise sequence.error
+                if sequence.error is not None:
+                    raise InferenceFailed(
+                        f"Inference failed: {type(sequence.error).__name__}."
+                    ) from sequence.error
+                self._open -= over
+                yield RowUpdate(self._index[id(sequence)], delta, sequence.result() if over else None)
         finally:
-            with self._admission:
-                self._admitted -= 1
+            if self._open:
+                self.cancel()
 
-    def _locked(self, work: Callable[[Backbone], object], backbone: Backbone) -> object:
-        with self._model_lock:
-            return work(backbone)
-
-
-def generate(
-    backbone: Backbone, *, prompt: torch.Tensor | None, texts: list[str], **options
-) -> list[inference.Generation]:
-    return inference.generate(backbone, prompts=[prompt] * len(texts), texts=texts, **options)
-
-
-def classify(
-    backbone: Backbone, *, prompt: torch.Tensor | None, texts: list[str], labels: list[str]
-) -> list[dict[str, float]]:
-    return inference.classify(backbone, prompts=[prompt] * len(texts), texts=texts, labels=labels)
+    async def results(self) -> list[Generation]:
+        results: list[Generation | None] = [None] * len(self._sequences)
+        async for update in self.updates():
+            if update.finished is not None:
+                results[update.index] = update.finished
+        return results

@@ -112,11 +112,28 @@ def test_generate_matches_the_no_cache_reference(client, settings, trained, tiny
 def test_bare_backbone_and_streaming(client):
     body = client.post("/v1/generate", json={"task": None, "input": "hello", "max_new_tokens": 3}).json()
     assert body["task"] is None and body["version"] is None and len(body["outputs"]) == 1
-    with client.stream(
-        "POST", "/v1/generate", json={"input": "hello", "max_new_tokens": 3, "stream": True}
-    ) as response:
-        text = "".join(response.iter_text())
-    assert "event: output" in text and "event: done" in text
+    request = {"input": ["hello", "the film is"], "max_new_tokens": 6}
+    whole = client.post("/v1/generate", json=request).json()
+    with client.stream("POST", "/v1/generate", json={**request, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = _sse_events("".join(response.iter_text()))
+    tokens = [data for name, data in events if name == "token"]
+    assert len(tokens) > 2, "text arrives piece by piece, not once at the end"
+    for index, output in enumerate(whole["outputs"]):
+        assert "".join(t["text"] for t in tokens if t["index"] == index) == output["text"]
+    assert sorted((d["index"], d["text"]) for name, d in events if name == "output") == [
+        (i, o["text"]) for i, o in enumerate(whole["outputs"])
+    ]
+    assert events[-1] == ("done", whole)
+
+
+def _sse_events(raw: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in raw.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in fields:
+            events.append((fields["event"], json.loads(fields["data"])))
+    return events
 
 
 def test_inference_limits_and_unknown_tasks(client, trained):

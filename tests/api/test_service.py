@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,18 +46,25 @@ def test_every_route_is_documented(client):
     assert client.get("/docs").status_code == 200
 
 
-def test_a_full_inference_queue_answers_429_at_once(client, settings):
-    settings.max_concurrent_inference = 1
-    serving = client.app.state.serving
+def test_a_full_inference_queue_answers_429_at_once(client):
+    engine = client.app.state.serving.engine
+    engine.max_batch_rows, engine.max_queued_rows = 1, 0  # room for one row in all
     body = {"task": None, "input": "hello", "max_new_tokens": 2}
-    with ThreadPoolExecutor(1) as pool:
-        with serving._model_lock:  # the model is busy: the first request is admitted and waits
+    gate = threading.Event()
+    busy = engine.call(lambda _: gate.wait(30), rows=0)  # the model is busy until the gate opens
+    try:
+        with ThreadPoolExecutor(1) as pool:
             first = pool.submit(client.post, "/v1/generate", json=body)
             deadline = time.monotonic() + 10
-            while serving._admitted < 1 and time.monotonic() < deadline:
+            while engine.outstanding_rows < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
             refused = client.post("/v1/generate", json=body)
             assert refused.status_code == 429
             assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["code"] == "overloaded"
+            assert "queue is full" in refused.json()["error"]["message"]
             assert client.get("/readyz").status_code == 200
-        assert first.result(timeout=30).status_code == 200
+            gate.set()
+            assert first.result(timeout=30).status_code == 200
+    finally:
+        gate.set()
+        busy.result(timeout=30)

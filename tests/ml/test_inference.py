@@ -10,34 +10,15 @@ import torch
 from app.errors import InvalidRequest
 from app.ml.batching import context_ids, target_ids
 from app.ml.inference import classify, generate, generate_reference, label_log_likelihoods
+from tests.ml.rows import input_text, random_prompt
 
-WORDS = [
-    "the",
-    "film",
-    "is",
-    "a",
-    "great",
-    "dull",
-    "story",
-    "cast",
-    "moving",
-    "boring",
-    "fun",
-    "bad",
-    "good",
-    "plot",
-]
 LABELS = ["positive", "negative", "not sure"]
-
-
-def _prompt(k: int, seed: int, d: int = 64) -> torch.Tensor:
-    return torch.randn(k, d, generator=torch.Generator().manual_seed(seed)) * 0.2
 
 
 def _rows(n: int) -> tuple[list[torch.Tensor | None], list[str]]:
     """n rows with different prompt lengths (every fifth bare) and inputs of different lengths."""
-    prompts = [None if i % 5 == 2 else _prompt(3 + i, seed=i) for i in range(n)]
-    texts = [" ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(1 + (i * 7) % 19)) for i in range(n)]
+    prompts = [None if i % 5 == 2 else random_prompt(3 + i, seed=i) for i in range(n)]
+    texts = [input_text(i) for i in range(n)]
     return prompts, texts
 
 
@@ -55,7 +36,7 @@ def test_batched_greedy_equals_single_rows_and_uncached_reference(tiny_backbone)
 
 def test_a_prompt_changes_the_output(tiny_backbone):
     bare, prompted = generate(
-        tiny_backbone, prompts=[None, _prompt(10, 1)], texts=["the film is"] * 2, max_new_tokens=8
+        tiny_backbone, prompts=[None, random_prompt(10, 1)], texts=["the film is"] * 2, max_new_tokens=8
     )
     assert bare.token_ids != prompted.token_ids
 
@@ -83,7 +64,9 @@ def test_eos_ends_a_row_and_is_not_in_the_text(tiny_backbone):
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(free[2])
     backbone = dataclasses.replace(tiny_backbone, tokenizer=tokenizer)
     expected = free[: free.index(free[2])]
-    out = generate(backbone, prompts=[None, _prompt(4, 0)], texts=["the film is", "fun"], max_new_tokens=6)
+    out = generate(
+        backbone, prompts=[None, random_prompt(4, 0)], texts=["the film is", "fun"], max_new_tokens=6
+    )
     assert (
         out[0].token_ids
         == expected

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 
 from fastapi import APIRouter
 from sse_starlette.sse import EventSourceResponse
 
 from app.api.deps import ServingDep, SessionDep, SettingsDep
+from app.api.errors import error_body
 from app.api.responses import errors
 from app.api.schemas import (
     ClassifyRequest,
@@ -17,8 +17,9 @@ from app.api.schemas import (
     GenerationOut,
     Usage,
 )
-from app.errors import InvalidRequest
-from app.services import serving as service
+from app.errors import DomainError, InvalidRequest
+from app.ml.sequence import Generation
+from app.services.serving import GenerationHandle, ResolvedPrompt
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -29,7 +30,7 @@ def _as_list(value: str | list[str]) -> list[str]:
 
 @router.post("/generate", response_model=GenerateResponse, responses=errors(404, 422, 429))
 async def generate(body: GenerateRequest, session: SessionDep, settings: SettingsDep, serving: ServingDep):
-    """Generate text with a task's prompt (or the bare backbone); a list of inputs runs as one batch."""
+    """Generate text with a task's prompt (or the bare backbone); `stream: true` sends tokens as they come."""
     if body.max_new_tokens > settings.max_new_tokens:
         raise InvalidRequest(
             f"max_new_tokens is {body.max_new_tokens}; the limit is {settings.max_new_tokens}.",
@@ -40,18 +41,23 @@ async def generate(body: GenerateRequest, session: SessionDep, settings: Setting
     resolved = serving.resolve(session, body.task)
     texts, _ = serving.render_inputs(resolved, _as_list(body.input))
     session.close()  # nothing more to read; don't hold a connection while the model runs
-    work = partial(
-        service.generate,
-        prompt=resolved.prompt,
-        texts=texts,
+    requests = serving.generation_requests(
+        resolved,
+        texts,
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         stop=body.stop,
         seed=body.seed,
     )
-    generations = await serving.run(work)
-    response = GenerateResponse(
+    handle = serving.start_generation(requests)  # a full queue answers 429 here, before any byte is sent
+    if body.stream:
+        return EventSourceResponse(_stream(handle, resolved))
+    return _response(resolved, await handle.results())
+
+
+def _response(resolved: ResolvedPrompt, generations: list[Generation]) -> GenerateResponse:
+    return GenerateResponse(
         task=resolved.task,
         version=resolved.version,
         outputs=[
@@ -62,16 +68,28 @@ async def generate(body: GenerateRequest, session: SessionDep, settings: Setting
             completion_tokens=sum(g.tokens for g in generations),
         ),
     )
-    if not body.stream:
-        return response
-    return EventSourceResponse(_stream_outputs(response))
 
 
-async def _stream_outputs(response: GenerateResponse):
-    # Each output is sent as one event once the batch is done; token-by-token streaming needs the
-    # iteration-level scheduler and arrives with it.
-    for index, output in enumerate(response.outputs):
-        yield {"event": "output", "data": json.dumps({"index": index, **output.model_dump()})}
+async def _stream(handle: GenerationHandle, resolved: ResolvedPrompt):
+    """`token` events as text becomes final, `output` when an input is done, `done` with the whole
+    response last; a failure ends the stream with an `error` event carrying the usual error body."""
+    results: dict[int, Generation] = {}
+    try:
+        async for update in handle.updates():
+            if update.text:
+                yield {"event": "token", "data": json.dumps({"index": update.index, "text": update.text})}
+            if update.finished is not None:
+                results[update.index] = update.finished
+                output = GenerationOut(
+                    text=update.finished.text,
+                    finish_reason=update.finished.finish_reason,
+                    tokens=update.finished.tokens,
+                )
+                yield {"event": "output", "data": json.dumps({"index": update.index, **output.model_dump()})}
+    except DomainError as error:
+        yield {"event": "error", "data": json.dumps(error_body(error))}
+        return
+    response = _response(resolved, [results[i] for i in sorted(results)])
     yield {"event": "done", "data": response.model_dump_json()}
 
 
@@ -86,7 +104,7 @@ async def classify(body: ClassifyRequest, session: SessionDep, serving: ServingD
         raise InvalidRequest("labels must be distinct, non-empty strings.", param="labels")
     texts, token_counts = serving.render_inputs(resolved, _as_list(body.input))
     session.close()
-    scores = await serving.run(partial(service.classify, prompt=resolved.prompt, texts=texts, labels=labels))
+    scores = await serving.classify(resolved, texts, labels)
     return ClassifyResponse(
         task=resolved.task,
         version=resolved.version,

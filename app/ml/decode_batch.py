@@ -1,0 +1,152 @@
+"""The engine's running batch: rows of different tasks, each with its own soft prompt, advanced together one
+token per decoder call.
+
+Layout of row i in the cache, left-padded so every row's newest entry is the last column:
+
+    [padding][prompt i's k_i entries][padding][input i's n_i tokens][generated tokens]
+
+Padding may sit in the middle: the attention mask hides it, and positions count only real entries (the
+prompt at 0..k_i-1, the input from k_i on), so a row computes exactly what it would alone and unpadded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from app.ml.backbone import Backbone
+from app.ml.prompt_kv import PromptKV
+from app.ml.sequence import GenerationRequest, Sequence
+
+
+@dataclass
+class DecodeBatch:
+    sequences: list[Sequence]
+    cache: DynamicCache  # per layer: keys and values [B, H_kv, T, Dh]
+    attention_mask: torch.Tensor  # [B, T] long: 1 for prompt, input and generated entries, 0 for padding
+    next_positions: torch.Tensor  # [B] long: position id of the token each row feeds next
+    next_tokens: torch.Tensor  # [B] long: that token (the row's latest choice)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def filter(self, keep: list[int]) -> DecodeBatch | None:
+        """The batch with only rows ``keep``, and the leading columns that became all padding dropped."""
+        if not keep:
+            return None
+        index = torch.tensor(keep, device=self.attention_mask.device)
+        mask = self.attention_mask[index]  # [B', T]
+        first = int(mask.any(0).to(torch.int8).argmax())  # first column some remaining row uses
+        keys = [layer.keys[index, :, first:] for layer in self.cache.layers]
+        values = [layer.values[index, :, first:] for layer in self.cache.layers]
+        return DecodeBatch(
+            sequences=[self.sequences[i] for i in keep],
+            cache=_cache_from(keys, values),
+            attention_mask=mask[:, first:],
+            next_positions=self.next_positions[index],
+            next_tokens=self.next_tokens[index],
+        )
+
+    @staticmethod
+    def concatenate(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
+        """One batch holding the rows of both; the shorter one is left-padded to the other's width."""
+        width = max(a.attention_mask.shape[1], b.attention_mask.shape[1])
+
+        def widen(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            pad = width - t.shape[-dim_from_end]
+            return torch.nn.functional.pad(t, (0, 0) * (dim_from_end - 1) + (pad, 0)) if pad else t
+
+        keys = [
+            torch.cat([widen(la.keys, 2), widen(lb.keys, 2)])
+            for la, lb in zip(a.cache.layers, b.cache.layers, strict=True)
+        ]
+        values = [
+            torch.cat([widen(la.values, 2), widen(lb.values, 2)])
+            for la, lb in zip(a.cache.layers, b.cache.layers, strict=True)
+        ]
+        return DecodeBatch(
+            sequences=a.sequences + b.sequences,
+            cache=_cache_from(keys, values),
+            attention_mask=torch.cat([widen(a.attention_mask, 1), widen(b.attention_mask, 1)]),
+            next_positions=torch.cat([a.next_positions, b.next_positions]),
+            next_tokens=torch.cat([a.next_tokens, b.next_tokens]),
+        )
+
+
+def _cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True)))
+
+
+def prefill(
+    backbone: Backbone,
+    sequences: list[Sequence],
+    prompt_kv: Callable[[GenerationRequest], PromptKV | None],
+) -> tuple[DecodeBatch, torch.Tensor]:
+    """Run the new rows' inputs on top of their prompts' shared keys and values.
+
+    Returns the batch, ready to decode, and the logits for each row's first new token ([B, V] float32).
+    """
+    device, dtype, model = backbone.device, backbone.dtype, backbone.model
+    kvs = [prompt_kv(seq.request) for seq in sequences]
+    contexts = [seq.request.context for seq in sequences]
+    batch_size = len(sequences)
+    k_max = max((kv.length for kv in kvs if kv is not None), default=0)
+    n_max = max(len(c) for c in contexts)
+
+    mask = torch.zeros(batch_size, k_max + n_max, dtype=torch.long, device=device)  # [B, K + N]
+    positions = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)  # [B, N]
+    ids = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)  # [B, N]
+    cache = DynamicCache(config=model.config)
+    if k_max:
+        layers, heads, _, head_dim = next(kv.keys.shape for kv in kvs if kv is not None)
+        prefix_keys = torch.zeros(layers, batch_size, heads, k_max, head_dim, dtype=dtype, device=device)
+        prefix_values = torch.zeros_like(prefix_keys)  # [L, B, H_kv, K, Dh]
+    for row, (kv, context) in enumerate(zip(kvs, contexts, strict=True)):
+        k, n = (0 if kv is None else kv.length), len(context)
+        if k:
+            prefix_keys[:, row, :, k_max - k :] = kv.keys
+            prefix_values[:, row, :, k_max - k :] = kv.values
+            mask[row, k_max - k : k_max] = 1
+        mask[row, k_max + n_max - n :] = 1
+        positions[row, n_max - n :] = torch.arange(k, k + n, device=device)
+        ids[row, n_max - n :] = torch.tensor(context, dtype=torch.long, device=device)
+    if k_max:
+        cache = _cache_from(list(prefix_keys.unbind(0)), list(prefix_values.unbind(0)))
+
+    hidden = model.get_decoder()(
+        inputs_embeds=model.get_input_embeddings()(ids),  # [B, N, d]; padding rows are masked out
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+    ).last_hidden_state  # [B, N, d]
+    logits = model.get_output_embeddings()(hidden[:, -1]).float()  # [B, V]
+    batch = DecodeBatch(
+        sequences=list(sequences),
+        cache=cache,
+        attention_mask=mask,
+        next_positions=positions[:, -1] + 1,
+        next_tokens=torch.zeros(batch_size, dtype=torch.long, device=device),
+    )
+    return batch, logits
+
+
+def decode_step(backbone: Backbone, batch: DecodeBatch) -> torch.Tensor:
+    """Feed every row its next token; the batch's cache, mask and positions advance in place.
+    Returns the logits for the token after it ([B, V] float32)."""
+    model = backbone.model
+    batch.attention_mask = torch.cat(
+        [batch.attention_mask, batch.attention_mask.new_ones(len(batch), 1)], dim=1
+    )  # [B, T + 1]
+    hidden = model.get_decoder()(
+        inputs_embeds=model.get_input_embeddings()(batch.next_tokens[:, None]),  # [B, 1, d]
+        attention_mask=batch.attention_mask,
+        position_ids=batch.next_positions[:, None],
+        cache=batch.cache,
+        use_cache=True,
+    ).last_hidden_state  # [B, 1, d]
+    batch.next_positions = batch.next_positions + 1
+    return model.get_output_embeddings()(hidden[:, -1]).float()  # [B, V]

@@ -1,0 +1,238 @@
+"""The generation engine: one thread owns the model and serves every request, a decoder step at a time.
+
+Batching is iteration-level: a row that finishes leaves the batch at once and a waiting row joins at the
+next step, so a long request never holds short ones back and the batch stays full under load. Rows of any
+task share a step, each with its own prompt; a prompt's keys and values are computed once per version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import torch
+
+from app.errors import Overloaded, Unavailable
+from app.ml.backbone import Backbone
+from app.ml.decode_batch import DecodeBatch, decode_step, prefill
+from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
+from app.ml.sequence import GenerationRequest, Sequence, choose_tokens
+
+log = logging.getLogger(__name__)
+
+# Called on the engine thread when a row has news: (row, text that became final, whether the row is over:
+# finished, cancelled or failed). The last call for a row is the only one with True.
+Listener = Callable[[Sequence, str, bool], None]
+
+
+class Scheduler:
+    """Forms batches across requests; no threads, so tests and offline callers can step it by hand."""
+
+    def __init__(self, backbone: Backbone, *, max_batch_rows: int, prompt_kv_cache: PromptKVCache | None):
+        self.backbone = backbone
+        self.max_batch_rows = max_batch_rows
+        self.prompt_kv_cache = prompt_kv_cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: DecodeBatch | None = None
+        self._listeners: dict[int, Listener] = {}
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.running is None
+
+    def add(self, sequence: Sequence, listener: Listener) -> None:
+        self._listeners[id(sequence)] = listener
+        self.waiting.append(sequence)
+
+    def step(self) -> None:
+        """Admit waiting rows (one prefill) if there is room, else advance the running rows by a token."""
+        room = self.max_batch_rows - (len(self.running) if self.running else 0)
+        joining: list[Sequence] = []
+        while self.waiting and len(joining) < room:
+            sequence = self.waiting.popleft()
+            if not (sequence.cancelled and self._notify(sequence)):
+                joining.append(sequence)
+        if joining:
+            self._guarded(joining, lambda: self._admit(joining))
+        elif self.running is not None:
+            running = self.running
+            self._guarded(running.sequences, lambda: self._advance(running))
+
+    def _admit(self, joining: list[Sequence]) -> None:
+        batch, logits = prefill(self.backbone, joining, self._prompt_kv)
+        batch = self._take_tokens(batch, logits)
+        if batch is not None:
+            self.running = batch if self.running is None else DecodeBatch.concatenate(self.running, batch)
+
+    def _advance(self, running: DecodeBatch) -> None:
+        self.running = self._take_tokens(running, decode_step(self.backbone, running))
+
+    def _take_tokens(self, batch: DecodeBatch, logits: torch.Tensor) -> DecodeBatch | None:
+        chosen = choose_tokens(logits, batch.sequences)
+        tokenizer, eos = self.backbone.tokenizer, self.backbone.eos_token_id
+        keep = []
+        for row, (sequence, token) in enumerate(zip(batch.sequences, chosen, strict=True)):
+            if not sequence.cancelled:
+                sequence.advance(tokenizer, token, eos)
+            if not self._notify(sequence):
+                keep.append(row)
+        batch.next_tokens = torch.tensor(chosen, dtype=torch.long, device=batch.next_tokens.device)
+        return batch if len(keep) == len(batch) else batch.filter(keep)
+
+    def _notify(self, sequence: Sequence) -> bool:
+        """Tell the row's listener what changed; True when that was the row's last word."""
+        over = sequence.done or sequence.error is not None  # read once: cancel may land from any thread
+        delta = sequence.stream_delta()
+        listener = self._listeners.pop(id(sequence), None) if over else self._listeners.get(id(sequence))
+        if listener is None:  # already told it was over (a step failed after its last token)
+            return True
+        if delta or over:
+            listener(sequence, delta, over)
+        return over
+
+    def _guarded(self, sequences: list[Sequence], work: Callable[[], None]) -> None:
+        """A failing step fails the rows it touched, not the engine: the others keep being served."""
+        try:
+            with torch.inference_mode():
+                work()
+        except Exception as error:
+            log.exception("engine step failed for %d rows", len(sequences))
+            failed = {id(s) for s in sequences}
+            for sequence in sequences:
+                sequence.error = error
+                self._notify(sequence)
+            if self.running is not None:
+                keep = [i for i, s in enumerate(self.running.sequences) if id(s) not in failed]
+                self.running = self.running.filter(keep)
+
+    def _prompt_kv(self, request: GenerationRequest) -> PromptKV | None:
+        if request.prompt is None:
+            return None
+        if request.prompt_key is None or self.prompt_kv_cache is None:
+            return compute_prompt_kv(self.backbone, request.prompt)
+        return self.prompt_kv_cache.get(request.prompt_key, request.prompt)
+
+
+def generate_all(
+    backbone: Backbone, requests: list[GenerationRequest], *, max_batch_rows: int = 64
+) -> list[Sequence]:
+    """Run ``requests`` to completion in this thread, through the same scheduler the engine uses."""
+    scheduler = Scheduler(backbone, max_batch_rows=max_batch_rows, prompt_kv_cache=None)
+    sequences = [Sequence(request=r) for r in requests]
+    for sequence in sequences:
+        scheduler.add(sequence, lambda *_: None)
+    while not scheduler.idle:
+        scheduler.step()
+    for sequence in sequences:
+        if sequence.error is not None:
+            raise sequence.error
+    return sequences
+
+
+class Engine:
+    """The scheduler on its own thread, with a bounded queue in front and classification calls between
+    steps, so nothing else ever touches the model concurrently."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        max_batch_rows: int,
+        max_queued_rows: int,
+        prompt_kv_cache_bytes: int,
+    ):
+        self.backbone = backbone
+        self.max_batch_rows = max_batch_rows
+        self.max_queued_rows = max_queued_rows
+        self.prompt_kv_cache = PromptKVCache(backbone, prompt_kv_cache_bytes)
+        self.scheduler = Scheduler(
+            backbone, max_batch_rows=max_batch_rows, prompt_kv_cache=self.prompt_kv_cache
+        )
+        self._cv = threading.Condition()
+        self._incoming: deque[tuple[Sequence, Listener]] = deque()
+        self._calls: deque[tuple[Callable[[Backbone], object], Future]] = deque()
+        self._outstanding = 0  # rows accepted and not finished, calls counted by their rows
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="softprompt-engine", daemon=True)
+
+    @property
+    def outstanding_rows(self) -> int:
+        return self._outstanding
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, finish what was accepted (up to ``timeout``), then end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def submit(self, requests: list[GenerationRequest], listener: Listener) -> list[Sequence]:
+        """Queue the requests as rows; Overloaded at once when the queue has no room for all of them."""
+        sequences = [Sequence(request=r) for r in requests]
+
+        def releasing(sequence: Sequence, delta: str, over: bool) -> None:
+            if over:
+                self._release(1)
+            listener(sequence, delta, over)
+
+        with self._cv:
+            self._admit(len(sequences))
+            self._incoming.extend((s, releasing) for s in sequences)
+            self._cv.notify()
+        return sequences
+
+    def call(self, work: Callable[[Backbone], object], *, rows: int) -> Future:
+        """Run ``work(backbone)`` on the engine thread between two steps (classification does)."""
+        future: Future = Future()
+        with self._cv:
+            self._admit(rows)
+            self._calls.append((work, future))
+            self._cv.notify()
+        future.add_done_callback(lambda _: self._release(rows))
+        return future
+
+    def _admit(self, rows: int) -> None:
+        if self._stopping:
+            raise Unavailable(
+                "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"}
+            )
+        capacity = self.max_batch_rows + self.max_queued_rows
+        if self._outstanding + rows > capacity:
+            raise Overloaded(
+                f"The inference queue is full ({self._outstanding} of {capacity} rows taken, {rows} asked); "
+                "retry shortly.",
+                headers={"Retry-After": "1"},
+            )
+        self._outstanding += rows
+
+    def _release(self, rows: int) -> None:
+        with self._cv:
+            self._outstanding -= rows
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._incoming or self._calls or self._stopping) and self.scheduler.idle:
+                    self._cv.wait()
+                while self._incoming:
+                    self.scheduler.add(*self._incoming.popleft())
+                calls = list(self._calls)
+                self._calls.clear()
+                if self._stopping and not calls and self.scheduler.idle:
+                    return
+            for work, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        with torch.inference_mode():
+                            future.set_result(work(self.backbone))
+                    except BaseException as error:  # handed to the caller, who maps it to a response
+                        future.set_exception(error)
+            if not self.scheduler.idle:
+                self.scheduler.step()

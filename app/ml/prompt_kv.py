@@ -1,0 +1,79 @@
+"""A soft prompt's keys and values, computed once and shared by every request of its task.
+
+The prompt sits at positions 0..k-1 of every row that uses it and, attention being causal, its entries see
+only each other: their keys and values in every layer are the same whatever input follows. Running those k
+positions once per prompt version, instead of once per request, is the work prompt tuning lets a server
+share."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from app.ml.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class PromptKV:
+    keys: torch.Tensor  # [L, H_kv, k, Dh] backbone dtype, rotary embedding already applied
+    values: torch.Tensor  # [L, H_kv, k, Dh]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+def compute_prompt_kv(backbone: Backbone, prompt: torch.Tensor) -> PromptKV:
+    """Run the k prompt vectors ([k, d]) alone through the decoder at positions 0..k-1."""
+    embeds = prompt.to(backbone.device, backbone.dtype)[None]  # [1, k, d]
+    positions = torch.arange(len(prompt), device=backbone.device)[None]  # [1, k]
+    cache = DynamicCache(config=backbone.model.config)
+    with torch.inference_mode():
+        backbone.model.get_decoder()(
+            inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True
+        )
+    keys = torch.stack([layer.keys[0] for layer in cache.layers])  # [L, H_kv, k, Dh]
+    values = torch.stack([layer.values[0] for layer in cache.layers])
+    return PromptKV(keys, values)
+
+
+class PromptKVCache:
+    """LRU of PromptKV bounded by bytes. Keys must name immutable content (a version's id and checksum),
+    so an entry never goes stale; a new version is a new key."""
+
+    def __init__(self, backbone: Backbone, max_bytes: int):
+        self.backbone = backbone
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, PromptKV] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: Hashable, prompt: torch.Tensor) -> PromptKV:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        kv = compute_prompt_kv(self.backbone, prompt)
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = kv
+                self._bytes += kv.nbytes
+            # The entry just used stays even when it alone is over the bound: the batch needs it now.
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+        return kv

@@ -1,0 +1,123 @@
+"""One generation request and the row it becomes: how its next token is chosen, when it stops, and which
+part of its text is safe to stream."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    context: list[int]  # the rendered input's token ids, already fitted to the window
+    prompt: torch.Tensor | None  # [k, d] float32, or None for the bare backbone
+    # Names the prompt's immutable content (a version's id and checksum) so its keys and values are
+    # computed once for all requests; None computes them for this request alone.
+    prompt_key: Hashable | None
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # sampling seed of this row alone, so batching never changes its text
+    input_tokens: int = 0  # what usage reports: the caller's tokens (an empty input is fed as one EOS)
+
+    @property
+    def virtual_tokens(self) -> int:
+        return 0 if self.prompt is None else int(self.prompt.shape[0])
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    tokens: int  # completion tokens, the end-of-sequence token not counted
+    prompt_tokens: int  # input tokens, virtual tokens not counted
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Sequence:
+    """A request's row while it is generating."""
+
+    request: GenerationRequest
+    produced: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    streamed: int = 0  # characters of ``text`` already handed out by stream_delta
+    cancelled: bool = False  # set by the caller's thread (client gone); the engine drops the row
+    error: Exception | None = None  # why the engine gave up on the row
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.request.temperature > 0:
+            self.generator = torch.Generator()
+            if self.request.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.request.seed)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def result(self) -> Generation:
+        return Generation(
+            self.text,
+            self.finish_reason or "length",
+            len(self.produced),
+            self.request.input_tokens,
+            list(self.produced),
+        )
+
+    def advance(self, tokenizer, token: int, eos: int) -> None:
+        """Take ``token`` as this row's next token and decide whether the row is finished."""
+        if token == eos:
+            self.finish_reason = "stop"
+            return
+        self.produced.append(token)
+        # Decoding the whole completion each time keeps multi-token characters and merges right.
+        self.text = tokenizer.decode(self.produced, skip_special_tokens=True)
+        hits = [self.text.find(s) for s in self.request.stop if s in self.text]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish_reason = "stop"
+        elif len(self.produced) >= self.request.max_new_tokens:
+            self.finish_reason = "length"
+
+    def stream_delta(self) -> str:
+        """The text not yet streamed that can no longer change: a finished row gives all of it; a running
+        row holds back a trailing half character and any tail that could still grow into a stop string."""
+        end = len(self.text)
+        if not self.done:
+            if self.text.endswith("\ufffd"):
+                end -= 1
+            head = self.text[:end]
+            end -= max(
+                (n for stop in self.request.stop for n in range(1, len(stop)) if head.endswith(stop[:n])),
+                default=0,
+            )
+        end = max(end, self.streamed)
+        delta = self.text[self.streamed : end]
+        self.streamed = end
+        return delta
+
+
+def choose_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+    """[B, V] float32 logits -> each row's next token under its own sampling parameters."""
+    chosen = logits.argmax(-1).tolist()
+    for row, seq in enumerate(sequences):
+        if seq.request.temperature > 0:
+            chosen[row] = _sample(logits[row], seq.request.temperature, seq.request.top_p, seq.generator)
+    return chosen
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    probs = (logits.float().cpu() / temperature).softmax(-1)  # [V]; on CPU so a seed means the same anywhere
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest head whose mass reaches top_p; the top token always survives.
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))

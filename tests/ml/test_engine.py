@@ -1,0 +1,178 @@
+"""The engine: rows of many tasks joining and leaving one batch must compute exactly what each would alone."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from app.errors import Overloaded
+from app.ml.engine import Engine, Scheduler
+from app.ml.inference import generate_reference, generation_requests
+from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv
+from app.ml.sequence import Generation, Sequence
+from tests.ml.rows import input_text, random_prompt
+
+
+class _Collector:
+    """A listener that records every update of every row, and signals when all rows are over."""
+
+    def __init__(self, rows: int):
+        self.deltas: dict[int, list[str]] = {}
+        self.finished: dict[int, Generation] = {}
+        self.errors: dict[int, Exception] = {}
+        self.rows = rows
+        self.all_over = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, sequence: Sequence, delta: str, over: bool) -> None:
+        with self._lock:
+            self.deltas.setdefault(id(sequence), []).append(delta)
+            if over:
+                if sequence.error is not None:
+                    self.errors[id(sequence)] = sequence.error
+                else:
+                    self.finished[id(sequence)] = sequence.result()
+                if len(self.finished) + len(self.errors) == self.rows:
+                    self.all_over.set()
+
+
+@pytest.fixture
+def engine(tiny_backbone):
+    engine = Engine(
+        tiny_backbone, max_batch_rows=5, max_queued_rows=64, prompt_kv_cache_bytes=1 << 20
+    ).start()
+    yield engine
+    engine.stop()
+
+
+def test_sixteen_tasks_joining_a_running_batch_match_the_uncached_reference(tiny_backbone, engine):
+    """16 tasks, 5 rows at a time: rows finish at different steps, and waiting rows take their places."""
+    prompts = [None if i % 7 == 3 else random_prompt(2 + i % 6, seed=i) for i in range(16)]
+    texts = [input_text(i) for i in range(16)]
+    lengths = [3 + (i * 5) % 11 for i in range(16)]  # different lengths, so rows leave one by one
+    requests = [
+        generation_requests(
+            tiny_backbone, prompts=[p], texts=[t], max_new_tokens=n, prompt_keys=[None if p is None else i]
+        )[0]
+        for i, (p, t, n) in enumerate(zip(prompts, texts, lengths, strict=True))
+    ]
+    collector = _Collector(16)
+    sequences = engine.submit(requests[:8], collector)
+    sequences += engine.submit(requests[8:], collector)  # while the first ones are decoding
+    assert collector.all_over.wait(120)
+    for sequence, prompt, text, n in zip(sequences, prompts, texts, lengths, strict=True):
+        expected = generate_reference(tiny_backbone, prompt=prompt, text=text, max_new_tokens=n)
+        assert collector.finished[id(sequence)].token_ids == expected
+    assert engine.outstanding_rows == 0
+
+
+def test_streamed_pieces_add_up_to_the_text_and_never_contain_the_stop_string(tiny_backbone, engine):
+    free = generate_reference(tiny_backbone, prompt=None, text="the plot", max_new_tokens=10)
+    full = tiny_backbone.tokenizer.decode(free)
+    stop = full[4:6]
+    assert stop.strip(), "the fixture model should produce visible text"
+    requests = generation_requests(
+        tiny_backbone,
+        prompts=[None, random_prompt(4, 1)],
+        texts=["the plot", "fun"],
+        max_new_tokens=10,
+        stop=[stop],
+    )
+    collector = _Collector(2)
+    first, second = engine.submit(requests, collector)
+    assert collector.all_over.wait(60)
+    for sequence in (first, second):
+        result = collector.finished[id(sequence)]
+        assert "".join(collector.deltas[id(sequence)]) == result.text
+        assert stop not in result.text
+    assert collector.finished[id(first)].finish_reason == "stop"
+    assert full.startswith(collector.finished[id(first)].text)
+
+
+def test_a_prompt_shared_by_many_rows_has_its_keys_and_values_computed_once(tiny_backbone):
+    prompt = random_prompt(6, 3)
+    cache = PromptKVCache(tiny_backbone, max_bytes=1 << 20)
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=cache)
+    requests = generation_requests(
+        tiny_backbone,
+        prompts=[prompt] * 6,
+        texts=[input_text(i) for i in range(6)],
+        max_new_tokens=4,
+        prompt_keys=["t"] * 6,
+    )
+    for request in requests:
+        scheduler.add(Sequence(request=request), lambda *_: None)
+    while not scheduler.idle:
+        scheduler.step()
+    assert len(cache._entries) == 1
+    kv = cache.get("t", prompt)
+    direct = compute_prompt_kv(tiny_backbone, prompt)
+    assert kv.length == 6
+    assert torch.equal(kv.keys, direct.keys) and torch.equal(kv.values, direct.values)
+
+
+def test_the_prompt_kv_cache_stays_within_its_byte_bound(tiny_backbone):
+    one = compute_prompt_kv(tiny_backbone, random_prompt(8, 0)).nbytes
+    cache = PromptKVCache(tiny_backbone, max_bytes=3 * one)
+    for key in range(10):
+        cache.get(key, random_prompt(8, key))
+    assert cache.nbytes <= 3 * one and list(cache._entries) == [7, 8, 9]
+
+
+def test_a_cancelled_row_stops_and_frees_its_place(tiny_backbone, engine):
+    requests = generation_requests(
+        tiny_backbone, prompts=[None, None], texts=["the film", "fun"], max_new_tokens=400
+    )
+    collector = _Collector(2)
+    gate = threading.Event()
+    busy = engine.call(lambda _: gate.wait(30), rows=0)
+    cancelled, kept = engine.submit(requests, collector)
+    cancelled.cancelled = True  # before it ever ran: it never joins the batch
+    gate.set()
+    busy.result(timeout=30)
+    kept.cancelled = True  # while it runs
+    assert collector.all_over.wait(60)
+    assert len(collector.finished[id(cancelled)].token_ids) == 0
+    assert len(collector.finished[id(kept)].token_ids) < 400
+    assert engine.outstanding_rows == 0
+
+
+def test_a_full_queue_refuses_at_once_and_counts_rows(tiny_backbone):
+    engine = Engine(tiny_backbone, max_batch_rows=2, max_queued_rows=1, prompt_kv_cache_bytes=1 << 20)
+    requests = generation_requests(tiny_backbone, prompts=[None] * 2, texts=["a", "b"], max_new_tokens=2)
+    engine.submit(requests, lambda *_: None)  # not started: nothing drains the queue
+    with pytest.raises(Overloaded) as refused:
+        engine.submit(requests, lambda *_: None)
+    assert refused.value.headers == {"Retry-After": "1"} and "3 rows" in refused.value.message
+
+
+def test_a_failing_step_fails_its_rows_and_the_engine_keeps_serving(tiny_backbone, engine, monkeypatch):
+    bad = generation_requests(tiny_backbone, prompts=[random_prompt(3, 0)], texts=["fun"], max_new_tokens=3)
+    from app.ml import engine as engine_module
+
+    real = engine_module.prefill
+
+    def exploding(backbone, sequences, prompt_kv):
+        if any(s.request is bad[0] for s in sequences):
+            raise RuntimeError("boom")
+        return real(backbone, sequences, prompt_kv)
+
+    monkeypatch.setattr(engine_module, "prefill", exploding)
+    collector = _Collector(1)
+    engine.submit(bad, collector)
+    assert collector.all_over.wait(30)
+    assert isinstance(next(iter(collector.errors.values())), RuntimeError)
+    good = _Collector(1)
+    (row,) = engine.submit(
+        generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=3), good
+    )
+    assert good.all_over.wait(30) and len(good.finished[id(row)].token_ids) == 3
+    assert engine.outstanding_rows == 0
+
+
+def test_classification_calls_run_between_steps_and_return_their_value(engine):
+    future: Future = engine.call(lambda backbone: backbone.name, rows=1)
+    assert future.result(timeout=30) == "tiny" and engine.outstanding_rows == 0
