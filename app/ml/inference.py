@@ -9,8 +9,10 @@ import torch
 from app.errors import InvalidRequest
 from app.ml.backbone import Backbone
 from app.ml.batching import build_batch, context_ids, fit_context, target_ids, target_log_probs
+from app.ml.decode_batch import prefill
 from app.ml.engine import generate_all
-from app.ml.sequence import Generation, GenerationRequest
+from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
+from app.ml.sequence import Generation, GenerationRequest, Sequence
 
 
 def _virtual(prompt: torch.Tensor | None) -> int:
@@ -84,32 +86,74 @@ def generate_reference(
 
 
 def label_log_likelihoods(
-    backbone: Backbone, *, prompts: list[torch.Tensor | None], texts: list[str], labels: list[str]
+    backbone: Backbone,
+    *,
+    prompts: list[torch.Tensor | None],
+    texts: list[str],
+    labels: list[str],
+    prompt_keys: list[Hashable | None] | None = None,
+    kv_cache: PromptKVCache | None = None,
 ) -> torch.Tensor:
     """log P(label tokens | prompt, rendered text), summed over the label's tokens: [rows, labels] float32.
-    Every (row, label) pair is one row of a single padded forward."""
+
+    When every label is one token (the usual case: " positive", " negative") a row's input runs once, on
+    top of its prompt's shared keys and values, and the LM head runs at its last position only. Otherwise
+    every (row, label) pair is one row of a single padded forward."""
     if not labels:
         raise InvalidRequest("classification needs at least one label", param="labels")
-    pair_prompts, contexts, targets = [], [], []
-    for prompt, text in zip(prompts, texts, strict=True):
-        label_ids = [target_ids(backbone, text, label, with_eos=False) for label in labels]
-        longest = max(len(t) for t in label_ids)
-        context = fit_context(
-            backbone, context_ids(backbone, text), _virtual(prompt) + longest, truncate=False
-        )
-        for ids in label_ids:
-            pair_prompts.append(prompt)
-            contexts.append(context)
-            targets.append(ids)
+    label_ids = [[target_ids(backbone, text, label, with_eos=False) for label in labels] for text in texts]
+    longest = max(len(ids) for row in label_ids for ids in row)
+    contexts = [
+        fit_context(backbone, context_ids(backbone, text), _virtual(prompt) + longest, truncate=False)
+        for prompt, text in zip(prompts, texts, strict=True)
+    ]
     with torch.inference_mode():
-        log_probs, row_of = target_log_probs(backbone, pair_prompts, contexts, targets)  # [N], [N]
+        if longest == 1:
+            keys = prompt_keys or [None] * len(texts)
+            return _single_token_scores(backbone, prompts, keys, contexts, label_ids, kv_cache)
+        pair_prompts, pair_contexts, targets = [], [], []
+        for prompt, context, row in zip(prompts, contexts, label_ids, strict=True):
+            for ids in row:
+                pair_prompts.append(prompt)
+                pair_contexts.append(context)
+                targets.append(ids)
+        log_probs, row_of = target_log_probs(backbone, pair_prompts, pair_contexts, targets)  # [N], [N]
         sums = torch.zeros(len(targets), device=log_probs.device).index_add(0, row_of, log_probs)
     return sums.view(len(texts), len(labels)).cpu()
 
 
+def _single_token_scores(
+    backbone: Backbone,
+    prompts: list[torch.Tensor | None],
+    keys: list[Hashable | None],
+    contexts: list[list[int]],
+    label_ids: list[list[list[int]]],
+    kv_cache: PromptKVCache | None,
+) -> torch.Tensor:
+    computed: dict[int, PromptKV] = {}  # without a shared cache, still once per prompt in this call
+
+    def prompt_kv(request: GenerationRequest) -> PromptKV | None:
+        if request.prompt is None:
+            return None
+        if kv_cache is not None and request.prompt_key is not None:
+            return kv_cache.get(request.prompt_key, request.prompt)
+        if id(request.prompt) not in computed:
+            computed[id(request.prompt)] = compute_prompt_kv(backbone, request.prompt)
+        return computed[id(request.prompt)]
+
+    rows = [
+        Sequence(GenerationRequest(context=c, prompt=p, prompt_key=k, max_new_tokens=0))
+        for p, k, c in zip(prompts, keys, contexts, strict=True)
+    ]
+    _, logits = prefill(backbone, rows, prompt_kv)  # [B, V]: the next-token logits after each input
+    wanted = torch.tensor([[ids[0] for ids in row] for row in label_ids], device=logits.device)  # [B, labels]
+    return logits.log_softmax(-1).gather(1, wanted).cpu()
+
+
 def classify(
-    backbone: Backbone, *, prompts: list[torch.Tensor | None], texts: list[str], labels: list[str]
+    backbone: Backbone, *, prompts: list[torch.Tensor | None], texts: list[str], labels: list[str], **shared
 ) -> list[dict[str, float]]:
-    """Rank classification: a softmax over the labels' summed log-likelihoods, one {label: p} per row."""
-    probs = label_log_likelihoods(backbone, prompts=prompts, texts=texts, labels=labels).softmax(-1)
-    return [dict(zip(labels, row, strict=True)) for row in probs.tolist()]
+    """Rank classification: a softmax over the labels' summed log-likelihoods, one {label: p} per row.
+    ``shared``: ``prompt_keys`` and ``kv_cache``, to reuse prompts' keys and values across calls."""
+    scores = label_log_likelihoods(backbone, prompts=prompts, texts=texts, labels=labels, **shared)
+    return [dict(zip(labels, row, strict=True)) for row in scores.softmax(-1).tolist()]

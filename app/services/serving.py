@@ -203,7 +203,14 @@ class Serving:
         engine = self._require_engine()
         prompts = [resolved.prompt] * len(texts)
         future = engine.call(
-            lambda backbone: inference.classify(backbone, prompts=prompts, texts=texts, labels=labels),
+            lambda backbone: inference.classify(
+                backbone,
+                prompts=prompts,
+                texts=texts,
+                labels=labels,
+                prompt_keys=[resolved.key] * len(texts),
+                kv_cache=engine.prompt_kv_cache,
+            ),
             rows=len(texts),
         )
         return await asyncio.wrap_future(future)

@@ -13,6 +13,9 @@ from app.ml.inference import classify, generate, generate_reference, label_log_l
 from tests.ml.rows import input_text, random_prompt
 
 LABELS = ["positive", "negative", "not sure"]
+# Each of these is one token after an input: classification takes its one-forward-per-row path.
+ONE_TOKEN_LABELS = ["positive", "negative"]
+LABEL_SETS = pytest.mark.parametrize("labels", [LABELS, ONE_TOKEN_LABELS], ids=["multi-token", "one-token"])
 
 
 def _rows(n: int) -> tuple[list[torch.Tensor | None], list[str]]:
@@ -99,25 +102,29 @@ def test_too_long_input_is_refused(tiny_backbone):
         generate(tiny_backbone, prompts=[None], texts=["fun " * 600], max_new_tokens=4)
 
 
-def test_classify_probabilities_sum_to_one_and_ignore_the_other_rows(tiny_backbone):
+@LABEL_SETS
+def test_classify_probabilities_sum_to_one_and_ignore_the_other_rows(tiny_backbone, labels):
     prompts, texts = _rows(6)
-    together = classify(tiny_backbone, prompts=prompts, texts=texts, labels=LABELS)
+    together = classify(tiny_backbone, prompts=prompts, texts=texts, labels=labels)
     for prompt, text, scores in zip(prompts, texts, together, strict=True):
-        assert set(scores) == set(LABELS)
+        assert set(scores) == set(labels)
         assert math.isclose(sum(scores.values()), 1.0, rel_tol=1e-5)
-        alone = classify(tiny_backbone, prompts=[prompt], texts=[text], labels=LABELS)[0]
-        for label in LABELS:
+        alone = classify(tiny_backbone, prompts=[prompt], texts=[text], labels=labels)[0]
+        for label in labels:
             assert scores[label] == pytest.approx(alone[label], abs=1e-5)
 
 
-def test_label_log_likelihood_equals_a_direct_unpadded_computation(tiny_backbone):
+@LABEL_SETS
+def test_label_log_likelihood_equals_a_direct_unpadded_computation(tiny_backbone, labels):
     backbone = tiny_backbone
     prompts, texts = _rows(4)
-    scores = label_log_likelihoods(backbone, prompts=prompts, texts=texts, labels=LABELS)  # [4, 3]
+    lengths = {len(target_ids(backbone, t, label, with_eos=False)) for t in texts for label in labels}
+    assert (lengths == {1}) == (labels == ONE_TOKEN_LABELS), "each label set must take its own path"
+    scores = label_log_likelihoods(backbone, prompts=prompts, texts=texts, labels=labels)  # [4, labels]
     embed = backbone.model.get_input_embeddings()
     for r, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
         context = context_ids(backbone, text)
-        for c, label in enumerate(LABELS):
+        for c, label in enumerate(labels):
             label_ids = target_ids(backbone, text, label, with_eos=False)
             ids = torch.tensor(context + label_ids)
             rows = embed(ids) if prompt is None else torch.cat([prompt, embed(ids)])

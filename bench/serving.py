@@ -1,0 +1,358 @@
+"""Serving throughput and latency on the real backbone, against the bare backbone and PEFT, in one run.
+
+    .venv/bin/python bench/serving.py            # (a)-(d), latency and memory; about 10 minutes on 2 cores
+
+(a) the bare backbone, transformers `generate`, batch 16, no prompt: the reference;
+(b) our engine in-process, the same 16 inputs with 16 different prompts;
+(c) PEFT `PeftModel.generate`, one request at a time, one prompt-tuning adapter: the peer;
+(d) HTTP through `softprompt api`: 64 concurrent clients over 16 tasks.
+Then p50/p99 latency through HTTP at concurrency 1, 8 and 32, and the API process's memory growth with
+1,000 prompt versions loaded. Throughput is generated tokens per second (end-of-sequence not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.config import Settings  # noqa: E402
+from app.db.migrate import upgrade  # noqa: E402
+from app.db.models import PromptVersion, Task  # noqa: E402
+from app.db.session import session_scope  # noqa: E402
+from app.ml.backbone import Backbone, load_backbone, materialize_backbone  # noqa: E402
+from app.ml.engine import Engine  # noqa: E402
+from app.ml.inference import generation_requests  # noqa: E402
+from app.ml.soft_prompt import init_prompt, prompt_to_bytes  # noqa: E402
+
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator works to a ten-year-old.",
+    "List some ideas for a weekend trip in the mountains.",
+    "Describe the taste of a ripe mango.",
+    "What are the benefits of learning a second language?",
+    "Write a poem about the sea at night.",
+    "Give advice to someone starting their first job.",
+    "Summarize the plot of a heist movie you would like to see.",
+    "Why do cats like boxes?",
+    "Describe a busy market in the morning.",
+    "Explain what a database index is.",
+    "Write a letter to your future self.",
+    "What makes a good cup of coffee?",
+    "Tell me about the history of bicycles.",
+    "Describe a thunderstorm from the point of view of a tree.",
+    "How do airplanes stay in the air?",
+]
+# In the instruct backbone's chat format, so that every row writes a full answer rather than stopping at once.
+INPUTS = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in QUESTIONS]
+VIRTUAL_TOKENS = 20
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def load(settings: Settings) -> Backbone:
+    name = settings.default_backbone
+    path = materialize_backbone(name, settings.backbones[name], settings.backbone_cache_dir)
+    return load_backbone(name, path, device=settings.device)
+
+
+def task_prompts(backbone: Backbone, count: int) -> list[torch.Tensor]:
+    """Prompts made of real token embeddings (as the `vocab` init), so the text stays ordinary."""
+    return [
+        init_prompt(backbone, num_virtual_tokens=VIRTUAL_TOKENS, strategy="vocab", seed=i)
+        for i in range(count)
+    ]
+
+
+def counted(ids: list[int], eos: int) -> int:
+    return ids.index(eos) if eos in ids else len(ids)
+
+
+def median_time(run, repeats: int) -> tuple[float, int]:
+    """(median seconds, tokens of one run) over ``repeats`` runs after one warm-up."""
+    run()
+    results = [_timed(run) for _ in range(repeats)]
+    return statistics.median(r[0] for r in results), results[-1][1]
+
+
+def _timed(run) -> tuple[float, int]:
+    started = time.perf_counter()
+    tokens = run()
+    return time.perf_counter() - started, tokens
+
+
+def bare_generate(backbone: Backbone, new_tokens: int) -> int:
+    tokenizer, model = backbone.tokenizer, backbone.model
+    tokenizer.padding_side = "left"
+    batch = tokenizer(INPUTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(
+            **batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    new = out[:, batch["input_ids"].shape[1] :].tolist()
+    return sum(counted(row, backbone.eos_token_id) for row in new)
+
+
+def engine_generate(engine: Engine, prompts: list[torch.Tensor], new_tokens: int) -> int:
+    requests = generation_requests(
+        engine.backbone,
+        prompts=prompts,
+        texts=INPUTS,
+        max_new_tokens=new_tokens,
+        prompt_keys=list(range(len(prompts))),
+    )
+    done = threading.Event()
+    results: list = []
+
+    def listener(sequence, _delta, over):
+        if over:
+            results.append(sequence.result())
+            if len(results) == len(requests):
+                done.set()
+
+    engine.submit(requests, listener)
+    done.wait()
+    return sum(g.tokens for g in results)
+
+
+def peft_generate(backbone: Backbone, new_tokens: int, rows: int) -> int:
+    from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=VIRTUAL_TOKENS)
+    model = get_peft_model(backbone.model, config)
+    assert isinstance(model, PeftModel)
+    tokenizer = backbone.tokenizer
+    tokens = 0
+    with torch.inference_mode():
+        for text in INPUTS[:rows]:
+            batch = tokenizer([text], return_tensors="pt", add_special_tokens=False)
+            out = model.generate(
+                **batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            tokens += counted(out[0, batch["input_ids"].shape[1] :].tolist(), backbone.eos_token_id)
+    model.unload() if hasattr(model, "unload") else None
+    return tokens
+
+
+def seed_registry(
+    db_url: str, backbone: Backbone, prompts: list[torch.Tensor], versions_of_task0: int
+) -> None:
+    """16 tasks t0..t15 with one version each, and more versions of t0 for the memory figure."""
+    upgrade(db_url)
+    with session_scope(db_url) as session:
+        for i, prompt in enumerate(prompts):
+            task = Task(name=f"t{i}", last_version=0)
+            session.add(task)
+            session.flush()
+            count = versions_of_task0 if i == 0 else 1
+            for v in range(1, count + 1):
+                vectors = prompt_to_bytes(prompt + 0.001 * v if v > 1 else prompt)
+                session.add(
+                    PromptVersion(
+                        task_id=task.id,
+                        version=v,
+                        base_model=backbone.name,
+                        num_virtual_tokens=VIRTUAL_TOKENS,
+                        embedding_dim=backbone.embedding_dim,
+                        template="{input}",
+                        labels=None,
+                        kind="generation",
+                        vectors=vectors,
+                        sha256=hashlib.sha256(vectors).hexdigest(),
+                        metrics={},
+                    )
+                )
+            task.last_version = count
+
+
+async def http_load(
+    url: str, clients: int, per_client: int, new_tokens: int
+) -> tuple[float, int, list[float]]:
+    """``clients`` concurrent clients, each sending ``per_client`` requests one after another, spread over
+    the 16 tasks. Returns (wall seconds, generated tokens, per-request latencies)."""
+    latencies: list[float] = []
+    tokens = 0
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        for n in range(per_client):
+            row = (index + n * clients) % len(INPUTS)
+            body = {"task": f"t{row % 16}", "input": INPUTS[row], "max_new_tokens": new_tokens}
+            started = time.perf_counter()
+            response = await http.post("/v1/generate", json=body)
+            latencies.append(time.perf_counter() - started)
+            response.raise_for_status()
+            tokens += response.json()["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        return time.perf_counter() - started, tokens, latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def start_api(env: dict, port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [str(ROOT / ".venv/bin/softprompt"), "api", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.kill()
+    raise RuntimeError("the API did not become ready")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peft-rows", type=int, default=16, help="requests PEFT generates one at a time")
+    parser.add_argument(
+        "--versions", type=int, default=1000, help="prompt versions loaded for the memory figure"
+    )
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--skip-http", action="store_true")
+    args = parser.parse_args()
+
+    settings = Settings(backbone_dir=ROOT / ".cache/backbones")
+    backbone = load(settings)
+    prompts = task_prompts(backbone, 16)
+    n = args.new_tokens
+    log(
+        f"backbone {backbone.name} on {backbone.device} ({backbone.dtype}), "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    log(f"16 inputs, {n} new tokens each, greedy; {VIRTUAL_TOKENS} virtual tokens per prompt")
+
+    seconds, tokens = median_time(lambda: bare_generate(backbone, n), args.repeats)
+    bare = tokens / seconds
+    log(
+        f"(a) bare backbone, transformers generate, batch 16: {seconds:.2f} s, {tokens} tokens, "
+        f"{bare:.1f} tok/s"
+    )
+
+    engine = Engine(backbone, max_batch_rows=32, max_queued_rows=256, prompt_kv_cache_bytes=128 << 20).start()
+    cold_started = time.perf_counter()
+    engine_generate(engine, prompts, n)
+    cold = time.perf_counter() - cold_started
+    seconds, tokens = median_time(lambda: engine_generate(engine, prompts, n), args.repeats)
+    ours = tokens / seconds
+    engine.stop()
+    log(
+        f"(b) engine in-process, 16 rows with 16 different prompts: {seconds:.2f} s, {tokens} tokens, "
+        f"{ours:.1f} tok/s (first run, prompts' keys and values not yet cached: {cold:.2f} s)"
+    )
+
+    started = time.perf_counter()
+    tokens = peft_generate(backbone, n, args.peft_rows)
+    seconds = time.perf_counter() - started
+    peft = tokens / seconds
+    log(
+        f"(c) PEFT PeftModel.generate, one request at a time, {args.peft_rows} requests: {seconds:.2f} s, "
+        f"{tokens} tokens, {peft:.1f} tok/s"
+    )
+    log(f"ratio (b)/(a) = {ours / bare:.2f}   (target >= 0.95)")
+    log(f"ratio (b)/(c) = {ours / peft:.1f}   (target >= 5)")
+    if args.skip_http:
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="softprompt-bench-") as data_dir:
+        env = {
+            **os.environ,
+            "SOFTPROMPT_DATA_DIR": data_dir,
+            "SOFTPROMPT_BACKBONE_DIR": str(ROOT / ".cache/backbones"),
+            "SOFTPROMPT_ENGINE_MAX_BATCH_ROWS": "64",
+        }
+        db_url = Settings(data_dir=Path(data_dir)).registry_url
+        seed_registry(db_url, load(settings), prompts, versions_of_task0=args.versions)
+        server = start_api(env, args.port)
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            asyncio.run(http_load(url, 16, 1, n))  # warm-up: every task's prompt resolved once
+            seconds, tokens, _ = asyncio.run(http_load(url, 64, 2, n))
+            http = tokens / seconds
+            log(
+                f"(d) HTTP, 64 concurrent clients over 16 tasks, 128 requests: {seconds:.2f} s, "
+                f"{tokens} tokens, "
+                f"{http:.1f} tok/s"
+            )
+            log(f"ratio (d)/(a) = {http / bare:.2f}   (target >= 0.80)")
+            p50_at_1 = None
+            for concurrency, per_client in ((1, 10), (8, 4), (32, 3)):
+                _, _, latencies = asyncio.run(http_load(url, concurrency, per_client, n))
+                p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+                p50_at_1 = p50_at_1 or p50
+                log(
+                    f"latency at concurrency {concurrency:>2} ({len(latencies)} requests): p50 {p50:.2f} s, "
+                    f"p99 {p99:.2f} s ({p99 / p50_at_1:.1f}x p50 at concurrency 1)"
+                )
+
+            before = rss_bytes(server.pid)
+            asyncio.run(_load_versions(url, args.versions))
+            after = rss_bytes(server.pid)
+            tensor = VIRTUAL_TOKENS * prompts[0].shape[1] * 4
+            per_version = (after - before) / args.versions
+            log(
+                f"memory: {args.versions} versions loaded (one classify request each): "
+                f"RSS +{(after - before) / 2**20:.1f} MiB, "
+                f"{per_version / 1024:.1f} KiB per version against a {tensor / 1024:.1f} KiB tensor "
+                f"({per_version / tensor:.2f}x; target <= 1.5x)"
+            )
+        finally:
+            server.terminate()
+            server.wait(30)
+    return 0
+
+
+async def _load_versions(url: str, versions: int) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        for start in range(1, versions + 1, 8):
+            batch = range(start, min(start + 8, versions + 1))
+            responses = await asyncio.gather(
+                *(
+                    http.post("/v1/classify", json={"task": f"t0@{v}", "input": "x", "labels": ["a", "b"]})
+                    for v in batch
+                )
+            )
+            for response in responses:
+                response.raise_for_status()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
