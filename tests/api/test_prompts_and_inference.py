@@ -4,6 +4,7 @@ process; the real worker process is exercised in tests/integration."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from sqlalchemy import update
@@ -57,6 +58,27 @@ def test_registry_describes_the_version(client, trained):
     assert client.get("/v1/prompts").json()["data"][0]["latest_version"] == 1
     assert client.get("/v1/prompts/sst2/versions/2").status_code == 404
     assert client.get("/v1/prompts/nope").status_code == 404
+
+
+def test_a_new_version_is_served_without_a_restart(client, settings, trained, tiny_backbone):
+    body = {"task": "sst2", "input": "a wonderful, moving film"}
+    assert client.post("/v1/classify", json=body).json()["version"] == 1
+    second = client.post(
+        "/v1/tuning/jobs",
+        json={
+            "task": "sst2",
+            "training_dataset": trained["training_dataset"],
+            "template": TEMPLATE,
+            "num_virtual_tokens": 6,
+            "hyperparameters": {"steps": 2, "batch_size": 4, "seed": 1},
+        },
+    ).json()
+    assert run_job(db_url=settings.registry_url, job_id=second["id"], backbone=tiny_backbone) == "succeeded"
+    time.sleep(settings.task_resolve_ttl_s)  # "sst2" may name version 1 for this long, no longer
+    served = client.post("/v1/generate", json={**body, "max_new_tokens": 2}).json()
+    assert served["version"] == 2
+    assert client.post("/v1/classify", json=body).json()["version"] == 2
+    assert client.post("/v1/classify", json={**body, "task": "sst2@1"}).json()["version"] == 1
 
 
 def _stored_prompt(settings):
