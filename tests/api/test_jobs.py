@@ -17,6 +17,7 @@ def test_job_gets_defaults_and_is_queued(client):
     assert job["status"] == "queued" and job["base_model"] == "tiny"
     assert job["init"] == {"strategy": "labels"}
     assert job["hyperparameters"]["steps"] == 100 and job["hyperparameters"]["learning_rate"] == 0.03
+    assert job["hyperparameters"]["warmup_steps"] == 10  # 10 % of the steps unless given
     assert job["progress"] == {"step": 0, "total_steps": 100, "eta_seconds": None}
     assert job["result"] is None and job["error"] is None
     assert client.get(f"/v1/tuning/jobs/{job['id']}").json()["id"] == job["id"]
@@ -30,6 +31,7 @@ def test_epochs_become_steps(client):
         client, task="t", training_dataset=dataset_id, hyperparameters={"epochs": 2, "batch_size": 4}
     ).json()
     assert job["hyperparameters"]["steps"] == 9  # ceil(2 * 18 / 4)
+    assert job["hyperparameters"]["warmup_steps"] == 1  # round(0.9)
 
 
 def test_invalid_jobs_name_the_field(client):
