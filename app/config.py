@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     max_steps: int = 100_000
     max_virtual_tokens: int = 200
 
+    # A running job saves its full state this often, so a job handed to another worker loses at most
+    # this many steps. Files live in <data_dir>/checkpoints, which every worker must share.
+    checkpoint_every_steps: int = 50
+
     # The inference engine. Rows are single inputs; a request with a list of inputs takes several.
     engine_max_batch_rows: int = 32  # rows decoded together in one step
     engine_max_queued_rows: int = 256  # rows waiting for a place in the batch; past it, 429 at once
@@ -63,6 +67,10 @@ class Settings(BaseSettings):
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
 
     @property
     def backbone_cache_dir(self) -> Path:

@@ -34,4 +34,10 @@ def train_prompt(job_id: int) -> str:
         base_model = job.base_model if job else None
     if base_model is None:
         return "missing"
-    return run_job(db_url=settings.registry_url, job_id=job_id, backbone=get_backbone(base_model))
+    return run_job(
+        db_url=settings.registry_url,
+        job_id=job_id,
+        backbone=get_backbone(base_model),
+        checkpoint_dir=settings.checkpoint_dir,
+        checkpoint_every=settings.checkpoint_every_steps,
+    )

@@ -80,7 +80,11 @@ class Hyperparameters(BaseModel):
     warmup_steps: int | None = Field(default=None, ge=0)
     max_grad_norm: float | None = Field(default=None, gt=0)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    eval_every: int | None = Field(default=None, ge=0)
+    eval_every: int | None = Field(default=None, ge=0, description="Evaluate every N steps (0: at the end).")
+    patience: int | None = Field(
+        default=None, ge=0, description="Stop after this many evaluations without improvement (0: never)."
+    )
+    optimizer: Literal["adamw", "adafactor"] | None = None
 
 
 class JobCreate(BaseModel):
@@ -129,10 +133,26 @@ class Progress(BaseModel):
     eta_seconds: float | None
 
 
+class LabelMetrics(BaseModel):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
 class JobMetrics(BaseModel):
+    """Of the prompt that was kept (the best evaluated one); zero-shot is the bare backbone with the same
+    template on the same validation rows."""
+
     train_loss: float | None = None
     val_loss: float | None = None
     val_accuracy: float | None = None
+    val_macro_f1: float | None = None
+    val_per_label: dict[str, LabelMetrics] | None = None
+    zero_shot_accuracy: float | None = None
+    zero_shot_macro_f1: float | None = None
+    best_step: int | None = None
+    stopped_early: bool | None = None
 
 
 class JobResult(BaseModel):

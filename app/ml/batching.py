@@ -89,6 +89,10 @@ def build_batch(
     return Batch(torch.stack(rows), attention_mask, position_ids, starts, lengths)
 
 
+# Rows are packed end to end into sequences of at most this many entries (a longer row gets one alone).
+PACK_ENTRIES = 1024
+
+
 def target_log_probs(
     backbone: Backbone,
     prompts: list[torch.Tensor | None],
@@ -97,27 +101,56 @@ def target_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log P(each target token | prompt, context, earlier targets) for rows [prompt][context][targets].
 
-    Returns ``(log_probs [N] float32, row_of [N] long)`` over all N target tokens of the batch. The LM head
-    runs only at the N predicting positions: with a 49k vocabulary it would otherwise dominate the cost.
+    Returns ``(log_probs [N] float32, row_of [N] long)`` over all N target tokens of the batch.
+
+    Rows are packed end to end instead of padded: each row's positions restart at 0, and the model then
+    builds a block-diagonal causal mask, so a row attends only to itself. Every entry the decoder runs is
+    real (padded SST-2 batches are about half padding), and the LM head runs only at the N predicting
+    positions: with a 49k vocabulary it would otherwise dominate the cost.
     """
-    batch = build_batch(
-        backbone, prompts, [c + t for c, t in zip(contexts, targets, strict=True)], left_pad=False
-    )
+    device, embed = backbone.device, backbone.model.get_input_embeddings()
+    where = []  # where[i]: (pack, offset of row i's first entry in it)
+    packs: list[list[torch.Tensor]] = [[]]
+    used = 0
+    for prompt, context, target in zip(prompts, contexts, targets, strict=True):
+        tokens = embed(torch.tensor(context + target, dtype=torch.long, device=device))  # [n, d]
+        if prompt is not None:
+            # No detach: when training, the gradient reaches the prompt through this cat.
+            tokens = torch.cat([prompt.to(device, backbone.dtype), tokens])  # [k + n, d]
+        if used and used + len(tokens) > PACK_ENTRIES:
+            packs.append([])
+            used = 0
+        where.append((len(packs) - 1, used))
+        packs[-1].append(tokens)
+        used += len(tokens)
+    width = max(sum(len(t) for t in pack) for pack in packs)
+    rows, positions = [], []
+    for pack in packs:
+        spare = width - sum(len(t) for t in pack)
+        # The spare tail is one more segment of zeros: masked off from the real rows like any other row.
+        rows.append(torch.cat([*pack, pack[0].new_zeros(spare, pack[0].shape[1])]))  # [width, d]
+        positions.append(
+            torch.cat(
+                [torch.arange(len(t), device=device) for t in pack] + [torch.arange(spare, device=device)]
+            )
+        )
     hidden = backbone.model.get_decoder()(
-        inputs_embeds=batch.inputs_embeds,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
+        inputs_embeds=torch.stack(rows),  # [P, width, d]
+        position_ids=torch.stack(positions),  # [P, width]: restarts at 0 at each row
+        attention_mask=None,  # None + restarting positions: the model masks each row off from the others
         use_cache=False,
-    ).last_hidden_state  # [B, T, d]
-    rows, positions, wanted = [], [], []
-    for i, (prompt, context, target) in enumerate(zip(prompts, contexts, targets, strict=True)):
-        first = (0 if prompt is None else len(prompt)) + len(context) - 1  # predicts target[0]
-        rows += [i] * len(target)
-        positions += range(first, first + len(target))
+    ).last_hidden_state  # [P, width, d]
+    rows_of, packs_of, columns, wanted = [], [], [], []
+    for i, ((pack, offset), prompt, context, target) in enumerate(
+        zip(where, prompts, contexts, targets, strict=True)
+    ):
+        first = offset + (0 if prompt is None else len(prompt)) + len(context) - 1  # predicts target[0]
+        rows_of += [i] * len(target)
+        packs_of += [pack] * len(target)
+        columns += range(first, first + len(target))
         wanted += target
-    device = backbone.device
-    row_of = torch.tensor(rows, dtype=torch.long, device=device)
-    picked = hidden[row_of, torch.tensor(positions, dtype=torch.long, device=device)]  # [N, d]
+    row_of = torch.tensor(rows_of, dtype=torch.long, device=device)
+    picked = hidden[torch.tensor(packs_of, device=device), torch.tensor(columns, device=device)]  # [N, d]
     logits = backbone.model.get_output_embeddings()(picked).float()  # [N, V]
     log_probs = logits.log_softmax(-1).gather(
         -1, torch.tensor(wanted, dtype=torch.long, device=device)[:, None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -11,7 +13,9 @@ import torch
 
 from app.ml.backbone import Backbone
 from app.ml.batching import context_ids, fit_context, target_ids, target_log_probs
+from app.ml.checkpoint import Checkpoint
 from app.ml.inference import classify
+from app.ml.metrics import classification_report
 from app.ml.text import render
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     eval_every: int = 0  # 0 = only at the end
+    # With eval_every: stop after this many evaluations without improvement (0 = never stop early). The
+    # prompt returned is the best one evaluated either way.
+    patience: int = 0
+    optimizer: str = "adamw"  # or "adafactor"
+    checkpoint_every: int = 0  # steps between checkpoints handed to on_checkpoint; 0 = none
     # Generation targets end with EOS so a task learns where to stop. Classification is scored by the
     # label tokens alone, and an EOS target there spends a short run on learning to stop instead of
     # telling labels apart (SST-2 measurements in docs/benchmarks.md).
@@ -90,20 +99,26 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
     return max(0.0, (config.steps - step) / max(1, config.steps - config.warmup_steps))
 
 
-def _batches(n: int, size: int, generator: torch.Generator):
-    """Endless shuffled epochs of example indices; a batch may straddle two epochs."""
-    size = min(size, n)
-    pending: list[int] = []
-    while True:
-        while len(pending) < size:
-            pending += torch.randperm(n, generator=generator).tolist()
-        yield pending[:size]
-        pending = pending[size:]
+class BatchOrder:
+    """Endless shuffled epochs of example indices; a batch may straddle two epochs. Its whole state is the
+    generator's and the indices drawn but not used, so a checkpoint can carry it. (Rows are packed, not
+    padded, so grouping batches by length would save nothing; on SST-2 it cost accuracy.)"""
+
+    def __init__(self, size: int, count: int, seed: int):
+        self.size, self.count = min(size, count), count
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[int] = []
+
+    def next(self) -> list[int]:
+        while len(self.pending) < self.size:
+            self.pending += torch.randperm(self.count, generator=self.generator).tolist()
+        batch, self.pending = self.pending[: self.size], self.pending[self.size :]
+        return batch
 
 
 def evaluate(
     backbone: Backbone,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor | None,
     validation: list[Example],
     *,
     template: str,
@@ -111,11 +126,13 @@ def evaluate(
     batch_size: int = 8,
     append_eos: bool = True,
 ) -> dict:
-    """val_loss (per target token) and, with labels, rank-classification accuracy."""
+    """val_loss (per target token) and, with labels, rank classification's val_accuracy, val_macro_f1 and
+    val_per_label (precision, recall, F1, support). ``prompt`` None evaluates the bare backbone."""
     if not validation:
         return {"val_loss": None, "val_accuracy": None}
-    encoded = _encode(backbone, validation, template, len(prompt), append_eos=append_eos)
-    total, count, correct = 0.0, 0, 0
+    k = 0 if prompt is None else len(prompt)
+    encoded = _encode(backbone, validation, template, k, append_eos=append_eos)
+    total, count, predicted = 0.0, 0, []
     with torch.inference_mode():
         for start in range(0, len(validation), batch_size):
             chunk = encoded[start : start + batch_size]
@@ -132,8 +149,16 @@ def evaluate(
                     texts=[render(template, ex.input) for ex in examples],
                     labels=labels,
                 )
-                correct += sum(max(s, key=s.get) == ex.output for s, ex in zip(scores, examples, strict=True))
-    return {"val_loss": total / count, "val_accuracy": correct / len(validation) if labels else None}
+                predicted += [max(s, key=s.get) for s in scores]
+    metrics = {"val_loss": total / count, "val_accuracy": None}
+    if labels:
+        report = classification_report([ex.output for ex in validation], predicted, labels)
+        metrics.update(
+            val_accuracy=report["accuracy"],
+            val_macro_f1=report["macro_f1"],
+            val_per_label=report["per_label"],
+        )
+    return metrics
 
 
 def train_prompt(
@@ -147,16 +172,20 @@ def train_prompt(
     config: TrainConfig,
     on_progress: Callable[[Progress], None],
     should_stop: Callable[[], bool],
+    resume: Checkpoint | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
 ) -> TrainResult:
-    """Tune ``prompt`` ([k, d]) on ``train``; the same seed and data give the same prompt."""
+    """Tune ``prompt`` ([k, d]) on ``train``; the same seed and data give the same prompt, and so does a
+    run resumed from any of its checkpoints (handed to ``on_checkpoint`` every ``checkpoint_every``
+    steps)."""
     encoded = _encode(backbone, train, template, len(prompt), append_eos=config.append_eos)
     # The master copy stays float32 even on a bfloat16 backbone: the updates are small.
-    param = torch.nn.Parameter(prompt.detach().to(backbone.device, torch.float32).clone())  # [k, d]
-    optimizer = torch.optim.AdamW([param], lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-    batches = _batches(len(encoded), config.batch_size, torch.Generator().manual_seed(config.seed))
+    start = prompt if resume is None else resume.prompt
+    param = torch.nn.Parameter(start.detach().to(backbone.device, torch.float32).clone())  # [k, d]
+    optimizer = make_optimizer(param, config)
+    batches = BatchOrder(config.batch_size, len(encoded), config.seed)
 
-    def run_eval(current: torch.Tensor) -> dict:
+    def run_eval(current: torch.Tensor | None) -> dict:
         return evaluate(
             backbone,
             current,
@@ -167,34 +196,141 @@ def train_prompt(
             append_eos=config.append_eos,
         )
 
+    best = _Best(classification=bool(labels))
     losses: list[float] = []
-    metrics: dict = {}
-    stopped = False
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        batches.generator.set_state(resume.batch_rng)
+        batches.pending = list(resume.pending)
+        losses = list(resume.losses)
+        best.restore(resume)
+    first = len(losses)
+    stopped = early = False
     started = time.monotonic()
-    for step in range(config.steps):
+    for step in range(first, config.steps):
         if should_stop():
             stopped = True
             break
-        loss = _loss(backbone, param, [encoded[i] for i in next(batches)])
+        for group in optimizer.param_groups:  # set, not stepped: a resumed run needs no scheduler state
+            group["lr"] = config.learning_rate * _lr_factor(step, config)
+        with _autocast(backbone):
+            loss = _loss(backbone, param, [encoded[i] for i in batches.next()])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([param], config.max_grad_norm)
         optimizer.step()
-        scheduler.step()
         losses.append(loss.item())
         done = step + 1
         elapsed = time.monotonic() - started
-        on_progress(Progress(done, config.steps, losses[-1], elapsed / done * (config.steps - done)))
-        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+        eta = elapsed / (done - first) * (config.steps - done)
+        on_progress(Progress(done, config.steps, losses[-1], eta))
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps and validation:
             metrics = run_eval(param.detach())
             log.info("step %d/%d: %s", done, config.steps, metrics)
-    final = param.detach().float().cpu().clone()  # [k, d]
+            best.offer(done, param, metrics)
+            if config.patience and best.evaluations_since_best >= config.patience:
+                early = True
+                break
+        if (
+            on_checkpoint
+            and config.checkpoint_every
+            and done % config.checkpoint_every == 0
+            and done < config.steps
+        ):
+            on_checkpoint(
+                Checkpoint(
+                    step=done,
+                    prompt=param.detach().cpu().clone(),
+                    optimizer=_detached(optimizer.state_dict()),
+                    batch_rng=batches.generator.get_state(),
+                    pending=list(batches.pending),
+                    losses=list(losses),
+                    **best.state(),
+                )
+            )
+    metrics: dict = {}
     if not stopped:
-        metrics = run_eval(final)
+        if not early:
+            best.offer(len(losses), param, run_eval(param.detach()))
+        metrics = {**best.metrics, "best_step": best.step, "stopped_early": early}
+        if labels and validation:
+            zero_shot = run_eval(None)
+            metrics.update(
+                zero_shot_accuracy=zero_shot["val_accuracy"], zero_shot_macro_f1=zero_shot["val_macro_f1"]
+            )
+    final = (best.prompt if best.prompt is not None else param.detach()).float().cpu().clone()  # [k, d]
     window = losses[-LOSS_WINDOW:]
     metrics = {
         "train_loss": sum(window) / len(window) if window else None,
-        "val_loss": metrics.get("val_loss"),
-        "val_accuracy": metrics.get("val_accuracy"),
+        "val_loss": None,
+        "val_accuracy": None,
+        **metrics,
     }
     return TrainResult(prompt=final, metrics=metrics, steps_done=len(losses), stopped=stopped)
+
+
+def _detached(state: dict) -> dict:
+    """A copy of an optimizer's state_dict: its tensors are the live ones, which later steps update."""
+    return {
+        "state": {
+            pid: {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for pid, s in state["state"].items()
+        },
+        "param_groups": copy.deepcopy(state["param_groups"]),
+    }
+
+
+def make_optimizer(param: torch.nn.Parameter, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW([param], lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adafactor":
+        # torch's Adafactor takes the learning rate as given (no relative step size), so the same schedule
+        # applies; Lester et al. tuned prompts with Adafactor at 0.3.
+        return torch.optim.Adafactor([param], lr=config.learning_rate, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def _autocast(backbone: Backbone):
+    """bfloat16 matmuls on CUDA (the prompt itself stays float32); float32 on CPU, where bfloat16 is slow."""
+    if backbone.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Best:
+    """The best prompt evaluated so far: highest accuracy for classification (validation loss breaks ties),
+    lowest validation loss otherwise."""
+
+    def __init__(self, *, classification: bool):
+        self.classification = classification
+        self.prompt: torch.Tensor | None = None
+        self.metrics: dict = {}
+        self.step = 0
+        self.evaluations_since_best = 0
+
+    def offer(self, step: int, param: torch.Tensor, metrics: dict) -> None:
+        if metrics.get("val_loss") is None:
+            return
+        if self.prompt is None or self._key(metrics) > self._key(self.metrics):
+            self.prompt, self.metrics, self.step = param.detach().clone(), metrics, step
+            self.evaluations_since_best = 0
+        else:
+            self.evaluations_since_best += 1
+
+    def state(self) -> dict:
+        prompt = None if self.prompt is None else self.prompt.float().cpu().clone()
+        return {
+            "best_step": self.step,
+            "best_prompt": prompt,
+            "best_metrics": self.metrics,
+            "evaluations_since_best": self.evaluations_since_best,
+        }
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        self.step, self.metrics = checkpoint.best_step, checkpoint.best_metrics
+        self.prompt = checkpoint.best_prompt
+        self.evaluations_since_best = checkpoint.evaluations_since_best
+
+    def _key(self, metrics: dict) -> tuple[float, float]:
+        accuracy = metrics["val_accuracy"] if self.classification else 0.0
+        return (accuracy, -metrics["val_loss"])

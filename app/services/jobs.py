@@ -35,7 +35,10 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "max_grad_norm": 1.0,
     "seed": 0,
     "eval_every": 0,
+    "patience": 0,
+    "optimizer": "adamw",
 }
+OPTIMIZERS = ("adamw", "adafactor")
 WARMUP_FRACTION = 0.1
 # Held out for validation when the job names no validation dataset.
 HOLDOUT_FRACTION = 0.1
@@ -189,6 +192,11 @@ def _validated_hyperparameters(
         values["steps"] = max(1, math.ceil(given["epochs"] * num_train / values["batch_size"]))
     if values["warmup_steps"] is None:
         values["warmup_steps"] = round(WARMUP_FRACTION * values["steps"])
+    if values["optimizer"] not in OPTIMIZERS:
+        raise InvalidRequest(
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {values['optimizer']!r}.",
+            param="hyperparameters.optimizer",
+        )
     if not 1 <= values["steps"] <= settings.max_steps:
         raise InvalidRequest(
             f"steps must be between 1 and {settings.max_steps}; got {values['steps']}.",

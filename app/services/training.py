@@ -11,6 +11,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import update
 
@@ -18,6 +19,7 @@ from app.db.models import TuningJob, utcnow
 from app.db.session import session_scope
 from app.errors import DomainError
 from app.ml.backbone import Backbone
+from app.ml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
 from app.ml.trainer import Example, Progress, TrainConfig, train_prompt
 from app.services import jobs as jobs_service
@@ -39,21 +41,44 @@ class JobInputs:
     validation: list[Example]
 
 
-def run_job(*, db_url: str, job_id: int, backbone: Backbone) -> str:
-    """Runs the job if this call wins the claim. Returns the job's status afterwards."""
+def run_job(
+    *,
+    db_url: str,
+    job_id: int,
+    backbone: Backbone,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
+) -> str:
+    """Runs the job if this call wins the claim. Returns the job's status afterwards.
+
+    With ``checkpoint_dir``, the run's state is saved there every ``checkpoint_every`` steps, and a job
+    that finds a checkpoint of its own continues from it (a job handed back or re-queued after its worker
+    died); the file goes once the job ends."""
     worker = f"{socket.gethostname()}:{os.getpid()}"
     if not _claim(db_url=db_url, job_id=job_id, worker=worker):
         log.info("job %s not claimed: it is not queued (duplicate delivery or cancelled)", job_id)
         return "skipped"
+    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / f"job-{job_id}.safetensors"
+    status = "failed"
     try:
         inputs, job = _load_inputs(db_url=db_url, job_id=job_id)
-        return _train_and_publish(db_url=db_url, job=job, inputs=inputs, backbone=backbone)
+        status = _train_and_publish(
+            db_url=db_url,
+            job=job,
+            inputs=inputs,
+            backbone=backbone,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+        )
     except DomainError as error:
         _fail(db_url=db_url, job_id=job_id, code=error.code, message=error.message)
     except Exception as error:  # a failed job must say why, whatever broke
         log.exception("job %s failed", job_id)
         _fail(db_url=db_url, job_id=job_id, code="training_error", message=f"{type(error).__name__}: {error}")
-    return "failed"
+    # The job ended (a killed worker never gets here, and its checkpoint waits for the next attempt).
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return status
 
 
 def _claim(*, db_url: str, job_id: int, worker: str) -> bool:
@@ -109,7 +134,34 @@ def _split(records: list[tuple[str, str]], *, seed: int) -> tuple[list, list]:
     )
 
 
-def _train_and_publish(*, db_url: str, job: TuningJob, inputs: JobInputs, backbone: Backbone) -> str:
+def _resume_from(db_url: str, job_id: int, checkpoint: Path | None) -> Checkpoint | None:
+    if checkpoint is None or not checkpoint.is_file():
+        return None
+    try:
+        resume = load_checkpoint(checkpoint)
+    except Exception as error:  # an unreadable file costs the steps it saved, never the job
+        log.warning("job %s: checkpoint %s unreadable (%s); starting over", job_id, checkpoint, error)
+        return None
+    with session_scope(db_url) as session:
+        jobs_service.add_event(
+            session,
+            job=session.get(TuningJob, job_id),
+            type="status",
+            message=f"Resuming from the checkpoint after step {resume.step}.",
+            data={"status": "running", "resumed_from_step": resume.step},
+        )
+    return resume
+
+
+def _train_and_publish(
+    *,
+    db_url: str,
+    job: TuningJob,
+    inputs: JobInputs,
+    backbone: Backbone,
+    checkpoint: Path | None,
+    checkpoint_every: int,
+) -> str:
     hp = job.hyperparameters
     prompt = init_prompt(
         backbone,
@@ -128,7 +180,10 @@ def _train_and_publish(*, db_url: str, job: TuningJob, inputs: JobInputs, backbo
         max_grad_norm=hp["max_grad_norm"],
         seed=hp["seed"],
         eval_every=hp["eval_every"],
+        patience=hp.get("patience", 0),
+        optimizer=hp.get("optimizer", "adamw"),
         append_eos=inputs.kind != "classification",
+        checkpoint_every=checkpoint_every if checkpoint is not None else 0,
     )
     reporter = _Reporter(db_url=db_url, job_id=job.id)
     result = train_prompt(
@@ -141,12 +196,10 @@ def _train_and_publish(*, db_url: str, job: TuningJob, inputs: JobInputs, backbo
         config=config,
         on_progress=reporter.progress,
         should_stop=reporter.cancel_requested,
+        resume=_resume_from(db_url, job.id, checkpoint),
+        on_checkpoint=None if checkpoint is None else lambda state: save_checkpoint(checkpoint, state),
     )
-    metrics = {
-        "train_loss": result.metrics.get("train_loss"),
-        "val_loss": result.metrics.get("val_loss"),
-        "val_accuracy": result.metrics.get("val_accuracy"),
-    }
+    metrics = result.metrics
     with session_scope(db_url) as session:
         row = session.get(TuningJob, job.id, with_for_update=True)
         if result.stopped or row.cancel_requested:

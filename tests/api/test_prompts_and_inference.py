@@ -9,10 +9,11 @@ import time
 import pytest
 from sqlalchemy import update
 
-from app.db.models import PromptVersion
+from app.db.models import PromptVersion, TuningJob
 from app.db.session import session_scope
 from app.ml import inference
 from app.ml.soft_prompt import prompt_from_bytes
+from app.services import training
 from app.services.training import run_job
 from tests.api.test_datasets import sentiment_file, upload
 
@@ -217,3 +218,41 @@ def test_generation_task_round_trip(client, settings, tiny_backbone):
     assert body["version"] == 1 and body["outputs"][0]["finish_reason"] in ("stop", "length")
     response = client.post("/v1/classify", json={"task": "counter", "input": "count 3"})
     assert response.status_code == 422 and response.json()["error"]["param"] == "labels"
+
+
+class _WorkerKilled(BaseException):
+    """Stands for SIGKILL: nothing in the job's code catches it."""
+
+
+def test_a_job_whose_worker_died_resumes_from_its_checkpoint_and_ends_as_if_unbroken(
+    client, settings, tiny_backbone, monkeypatch
+):
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    body = {"training_dataset": dataset_id, "template": TEMPLATE, "hyperparameters": {"steps": 6}}
+    broken, unbroken = (client.post("/v1/tuning/jobs", json={**body, "task": t}).json() for t in ("a", "b"))
+    run = dict(db_url=settings.registry_url, backbone=tiny_backbone, checkpoint_every=2)
+    checkpoints = settings.checkpoint_dir
+
+    real_save = training.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state.step == 4:
+            raise _WorkerKilled
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(_WorkerKilled):
+        run_job(job_id=broken["id"], checkpoint_dir=checkpoints, **run)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert (checkpoints / f"job-{broken['id']}.safetensors").is_file()
+    with session_scope(settings.registry_url) as session:  # what the reaper does with an expired lease
+        session.execute(update(TuningJob).where(TuningJob.id == broken["id"]).values(status="queued"))
+
+    assert run_job(job_id=broken["id"], checkpoint_dir=checkpoints, **run) == "succeeded"
+    assert run_job(job_id=unbroken["id"], checkpoint_dir=checkpoints, **run) == "succeeded"
+    events = client.get(f"/v1/tuning/jobs/{broken['id']}/events").json()
+    assert any(e["data"].get("resumed_from_step") == 4 for e in events)
+    assert list(checkpoints.iterdir()) == []  # finished jobs leave no checkpoint behind
+    with session_scope(settings.registry_url) as session:
+        vectors = {v.task.name: v.vectors for v in session.query(PromptVersion)}
+    assert vectors["a"] == vectors["b"]

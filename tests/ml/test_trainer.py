@@ -3,10 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.ml import batching
 from app.ml.batching import context_ids, target_ids, target_log_probs
+from app.ml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from app.ml.soft_prompt import init_prompt
 from app.ml.text import render
-from app.ml.trainer import Example, TrainConfig, evaluate, train_prompt
+from app.ml.trainer import Example, TrainConfig, _Best, evaluate, train_prompt
 
 TEMPLATE = "Review: {input}\nSentiment:"
 LABELS = ["positive", "negative"]
@@ -79,3 +81,111 @@ def test_without_eos_the_loss_covers_the_label_tokens_only(tiny_backbone):
         log_probs, _ = target_log_probs(tiny_backbone, [prompt] * len(data), contexts, targets)
     assert without["val_loss"] == pytest.approx(-log_probs.mean().item(), rel=1e-5)
     assert with_eos["val_loss"] != pytest.approx(without["val_loss"], rel=1e-3)
+
+
+def test_packed_rows_score_as_if_each_ran_alone(tiny_backbone, monkeypatch):
+    """Rows are packed end to end; a tight pack size forces several packs and a zero-filled tail."""
+    monkeypatch.setattr(batching, "PACK_ENTRIES", 40)
+    data = _examples()
+    prompt = init_prompt(tiny_backbone, num_virtual_tokens=5, strategy="random", seed=2)
+    prompts = [prompt if i % 2 else None for i in range(len(data))]
+    contexts = [context_ids(tiny_backbone, render(TEMPLATE, ex.input)) for ex in data]
+    targets = [target_ids(tiny_backbone, render(TEMPLATE, ex.input), ex.output, with_eos=True) for ex in data]
+    with torch.inference_mode():
+        together, row_of = target_log_probs(tiny_backbone, prompts, contexts, targets)
+        for i in range(len(data)):
+            alone, _ = target_log_probs(tiny_backbone, [prompts[i]], [contexts[i]], [targets[i]])
+            assert together[row_of == i] == pytest.approx(alone, abs=1e-5)
+
+
+def test_patience_stops_a_run_that_no_longer_improves_and_reports_zero_shot(tiny_backbone):
+    data = _examples()
+    result = train_prompt(
+        tiny_backbone,
+        prompt=init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=3),
+        train=data,
+        validation=data,
+        template=TEMPLATE,
+        labels=LABELS,
+        # A zero learning rate never moves the prompt: no evaluation after the first one can beat it.
+        config=TrainConfig(steps=50, batch_size=6, learning_rate=0.0, eval_every=1, patience=2),
+        on_progress=lambda p: None,
+        should_stop=lambda: False,
+    )
+    assert result.steps_done == 3 and not result.stopped
+    metrics = result.metrics
+    assert metrics["stopped_early"] and metrics["best_step"] == 1
+    assert set(metrics["val_per_label"]) == set(LABELS) and 0 <= metrics["val_macro_f1"] <= 1
+    bare = evaluate(tiny_backbone, None, data, template=TEMPLATE, labels=LABELS, append_eos=True)
+    assert metrics["zero_shot_accuracy"] == bare["val_accuracy"]
+
+
+def test_the_best_evaluated_prompt_wins_over_the_last_one():
+    best = _Best(classification=True)
+    for step, accuracy, loss in ((10, 0.6, 0.9), (20, 0.8, 0.7), (30, 0.8, 0.8), (40, 0.7, 0.5)):
+        best.offer(step, torch.full((2, 3), float(step)), {"val_accuracy": accuracy, "val_loss": loss})
+    assert best.step == 20 and torch.equal(best.prompt, torch.full((2, 3), 20.0))
+    assert best.evaluations_since_best == 2
+
+
+def test_adafactor_learns_too(tiny_backbone):
+    data = _examples()
+    result = train_prompt(
+        tiny_backbone,
+        prompt=init_prompt(tiny_backbone, num_virtual_tokens=8, strategy="random", seed=3),
+        train=data,
+        validation=data,
+        template=TEMPLATE,
+        labels=LABELS,
+        config=TrainConfig(steps=30, batch_size=6, learning_rate=0.3, warmup_steps=2, optimizer="adafactor"),
+        on_progress=lambda p: None,
+        should_stop=lambda: False,
+    )
+    untrained = evaluate(
+        tiny_backbone,
+        init_prompt(tiny_backbone, num_virtual_tokens=8, strategy="random", seed=3),
+        data,
+        template=TEMPLATE,
+        labels=LABELS,
+    )
+    assert result.metrics["val_loss"] < untrained["val_loss"] * 0.7
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_a_run_resumed_from_a_checkpoint_file_ends_exactly_like_an_unbroken_one(
+    tiny_backbone, tmp_path, optimizer
+):
+    data = _examples()
+    config = TrainConfig(
+        steps=12,
+        batch_size=5,
+        learning_rate=0.1,
+        warmup_steps=2,
+        eval_every=3,
+        checkpoint_every=4,
+        optimizer=optimizer,
+    )
+
+    def run(**resume):
+        saved: list[Checkpoint] = []
+        result = train_prompt(
+            tiny_backbone,
+            prompt=init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=3),
+            train=data,
+            validation=data[:6],
+            template=TEMPLATE,
+            labels=LABELS,
+            config=config,
+            on_progress=lambda p: None,
+            should_stop=lambda: False,
+            on_checkpoint=saved.append,
+            **resume,
+        )
+        return result, saved
+
+    unbroken, checkpoints = run()
+    assert [c.step for c in checkpoints] == [4, 8]
+    save_checkpoint(tmp_path / "job.safetensors", checkpoints[1])  # the worker died after step 8
+    resumed, _ = run(resume=load_checkpoint(tmp_path / "job.safetensors"))
+    assert torch.equal(resumed.prompt, unbroken.prompt)
+    assert resumed.metrics == unbroken.metrics and resumed.steps_done == 12

@@ -1,0 +1,83 @@
+"""A training run's full state, so that a run stopped after any step continues on another worker exactly as
+if it had never stopped: the same next batch, the same optimiser moments, the same best prompt so far.
+
+Stored as one safetensors file (tensors) with the rest as JSON in its metadata: no pickle, nothing executed
+on load. Written to a temporary name and renamed, so a reader sees the old file or the new one."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class Checkpoint:
+    step: int  # steps done
+    prompt: torch.Tensor  # [k, d] float32
+    optimizer: dict  # torch optimizer state_dict()
+    batch_rng: torch.Tensor  # uint8: the batch order's generator state
+    pending: list[int]  # example indices drawn for the next batches, not used yet
+    losses: list[float]
+    best_step: int = 0
+    best_prompt: torch.Tensor | None = None  # [k, d] float32
+    best_metrics: dict = field(default_factory=dict)
+    evaluations_since_best: int = 0
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    tensors = {"prompt": checkpoint.prompt.detach().cpu().contiguous(), "batch_rng": checkpoint.batch_rng}
+    if checkpoint.best_prompt is not None:
+        tensors["best_prompt"] = checkpoint.best_prompt.detach().cpu().contiguous()
+    optimizer_scalars: dict[str, dict] = {}
+    for param_id, state in checkpoint.optimizer["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{param_id}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                optimizer_scalars.setdefault(str(param_id), {})[name] = value
+    meta = {
+        "step": checkpoint.step,
+        "pending": checkpoint.pending,
+        "losses": checkpoint.losses,
+        "best_step": checkpoint.best_step,
+        "best_metrics": checkpoint.best_metrics,
+        "evaluations_since_best": checkpoint.evaluations_since_best,
+        "optimizer_param_groups": checkpoint.optimizer["param_groups"],
+        "optimizer_scalars": optimizer_scalars,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, partial, metadata={"checkpoint": json.dumps(meta)})
+    partial.replace(path)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["checkpoint"])
+    tensors = load_file(str(path))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, param_id, name = key.split(".", 2)
+            state.setdefault(int(param_id), {})[name] = value
+    for param_id, scalars in meta["optimizer_scalars"].items():
+        state.setdefault(int(param_id), {}).update(scalars)
+    return Checkpoint(
+        step=meta["step"],
+        prompt=tensors["prompt"],
+        optimizer={"state": state, "param_groups": meta["optimizer_param_groups"]},
+        batch_rng=tensors["batch_rng"],
+        pending=meta["pending"],
+        losses=meta["losses"],
+        best_step=meta["best_step"],
+        best_prompt=tensors.get("best_prompt"),
+        best_metrics=meta["best_metrics"],
+        evaluations_since_best=meta["evaluations_since_best"],
+    )

@@ -1,0 +1,269 @@
+"""Prompt tuning, ours against PEFT's, on the same backbone, data, batches and number of steps, in one run.
+
+    .venv/bin/python bench/tuning.py                 # the comparison (about 10 minutes on 2 cores)
+    .venv/bin/python bench/tuning.py --full-job      # and a default job on the full SST-2 training split
+
+Each trainer runs in its own process, so its peak memory (max RSS above the loaded model) is its own.
+Both see the same rows in the same order (our trainer's seeded batch order), the template
+`Review: {input}\\nSentiment:`, 20 virtual tokens initialised from the label words, AdamW at 0.03 with the
+same warm-up and decay, and loss on the label token only. Accuracy is rank classification over the label
+words on the SST-2 dev split (872 rows), and zero-shot with the same template is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.config import Settings  # noqa: E402
+from app.ml.backbone import Backbone, load_backbone, materialize_backbone  # noqa: E402
+from app.ml.inference import classify  # noqa: E402
+from app.ml.soft_prompt import init_prompt  # noqa: E402
+from app.ml.text import render  # noqa: E402
+from app.ml.trainer import BatchOrder, Example, TrainConfig, _lr_factor, train_prompt  # noqa: E402
+from app.services.jobs import DEFAULT_HYPERPARAMETERS, WARMUP_FRACTION, holdout_size  # noqa: E402
+
+SST2 = ROOT.parent / "shared/data/sst2"
+TEMPLATE = "Review: {input}\nSentiment:"
+LABELS = ["negative", "positive"]
+VIRTUAL_TOKENS = 20
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def rows(name: str) -> list[Example]:
+    with (SST2 / f"{name}.jsonl").open() as f:
+        return [Example(r["text"], r["label"]) for r in map(json.loads, f)]
+
+
+def load() -> Backbone:
+    settings = Settings(backbone_dir=ROOT / ".cache/backbones")
+    name = settings.default_backbone
+    return load_backbone(
+        name, materialize_backbone(name, settings.backbones[name], settings.backbone_cache_dir)
+    )
+
+
+def max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def accuracy(backbone: Backbone, prompt: torch.Tensor | None, dev: list[Example]) -> float:
+    correct = 0
+    for start in range(0, len(dev), 32):
+        chunk = dev[start : start + 32]
+        scores = classify(
+            backbone,
+            prompts=[prompt] * len(chunk),
+            texts=[render(TEMPLATE, ex.input) for ex in chunk],
+            labels=LABELS,
+        )
+        correct += sum(max(s, key=s.get) == ex.output for s, ex in zip(scores, chunk, strict=True))
+    return correct / len(dev)
+
+
+def config(steps: int, batch_size: int) -> TrainConfig:
+    hp = DEFAULT_HYPERPARAMETERS
+    return TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=hp["learning_rate"],
+        warmup_steps=round(WARMUP_FRACTION * steps),
+        max_grad_norm=hp["max_grad_norm"],
+        seed=hp["seed"],
+        append_eos=False,
+    )
+
+
+def run_ours(train: list[Example], dev: list[Example], steps: int, batch_size: int) -> dict:
+    backbone = load()
+    baseline = max_rss()
+    prompt = init_prompt(backbone, num_virtual_tokens=VIRTUAL_TOKENS, strategy="labels", labels=LABELS)
+    stamps: list[float] = []
+    result = train_prompt(
+        backbone,
+        prompt=prompt,
+        train=train,
+        validation=[],
+        template=TEMPLATE,
+        labels=LABELS,
+        config=config(steps, batch_size),
+        on_progress=lambda _: stamps.append(time.perf_counter()),
+        should_stop=lambda: False,
+    )
+    peak = max_rss() - baseline
+    return {
+        "step_seconds": _median_step(stamps),
+        "peak_bytes": peak,
+        "accuracy": accuracy(backbone, result.prompt, dev),
+        "zero_shot": accuracy(backbone, None, dev),
+    }
+
+
+def run_peft(train: list[Example], dev: list[Example], steps: int, batch_size: int) -> dict:
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    backbone = load()
+    baseline = max_rss()
+    tokenizer = backbone.tokenizer
+    peft_config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=VIRTUAL_TOKENS,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=" negative positive",  # the label words, as our `labels` init
+        tokenizer_name_or_path=str(backbone.model.name_or_path),
+    )
+    model = get_peft_model(backbone.model, peft_config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_config = config(steps, batch_size)
+    optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, train_config))
+    batches = BatchOrder(batch_size, len(train), train_config.seed)
+    stamps = []
+    for _ in range(steps):
+        batch = [train[i] for i in batches.next()]
+        input_ids, attention_mask, labels = _peft_batch(tokenizer, batch)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, train_config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        stamps.append(time.perf_counter())
+    peak = max_rss() - baseline
+    model.eval()
+    return {
+        "step_seconds": _median_step(stamps),
+        "peak_bytes": peak,
+        "accuracy": _peft_accuracy(model, tokenizer, dev),
+    }
+
+
+def _peft_batch(tokenizer, batch: list[Example]):
+    """Right-padded [rendered input][label token] rows; the loss sees the label token only."""
+    sequences, masks = [], []
+    for ex in batch:
+        context = tokenizer(render(TEMPLATE, ex.input), add_special_tokens=False)["input_ids"]
+        target = tokenizer(" " + ex.output, add_special_tokens=False)["input_ids"]
+        sequences.append(context + target)
+        masks.append([-100] * len(context) + target)
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    labels = torch.tensor([m + [-100] * (width - len(m)) for m in masks])
+    return input_ids, attention_mask, labels
+
+
+def _peft_accuracy(model, tokenizer, dev: list[Example]) -> float:
+    label_ids = [tokenizer(" " + label, add_special_tokens=False)["input_ids"][0] for label in LABELS]
+    correct = 0
+    with torch.inference_mode():
+        for ex in dev:
+            ids = tokenizer(render(TEMPLATE, ex.input), add_special_tokens=False, return_tensors="pt")
+            logits = model(**ids).logits[0, -1]  # the position after the input (virtual tokens come first)
+            correct += LABELS[int(logits[label_ids].argmax())] == ex.output
+    return correct / len(dev)
+
+
+def _median_step(stamps: list[float]) -> float:
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return statistics.median(gaps[2:] or gaps)  # the first steps warm caches up
+
+
+def run_full_job() -> dict:
+    """The default job on the full training split, as the worker runs it: defaults, 10 % hold-out."""
+    backbone = load()
+    train, dev = rows("train"), rows("dev")
+    order = list(range(len(train)))
+    random.Random(DEFAULT_HYPERPARAMETERS["seed"]).shuffle(order)
+    held = set(order[: holdout_size(len(train))])
+    kept = [ex for i, ex in enumerate(train) if i not in held]
+    steps = DEFAULT_HYPERPARAMETERS["steps"]
+    started = time.perf_counter()
+    result = train_prompt(
+        backbone,
+        prompt=init_prompt(backbone, num_virtual_tokens=VIRTUAL_TOKENS, strategy="labels", labels=LABELS),
+        train=kept,
+        validation=[ex for i, ex in enumerate(train) if i in held],
+        template=TEMPLATE,
+        labels=LABELS,
+        config=config(steps, DEFAULT_HYPERPARAMETERS["batch_size"]),
+        on_progress=lambda _: None,
+        should_stop=lambda: False,
+    )
+    return {
+        "seconds": time.perf_counter() - started,
+        "steps": steps,
+        "accuracy": accuracy(backbone, result.prompt, dev),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--train-rows", type=int, default=400, help="rows from the start of the training split"
+    )
+    parser.add_argument("--full-job", action="store_true")
+    parser.add_argument("--trainer", choices=["ours", "peft", "full"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.trainer:  # a child process: one trainer, its figures as JSON on the last line
+        train, dev = rows("train")[: args.train_rows], rows("dev")
+        if args.trainer == "full":
+            figures = run_full_job()
+        else:
+            run = run_ours if args.trainer == "ours" else run_peft
+            figures = run(train, dev, args.steps, args.batch_size)
+        print(json.dumps(figures))
+        return 0
+
+    def child(trainer: str) -> dict:
+        argv = [sys.executable, __file__, "--trainer", trainer, "--steps", str(args.steps)]
+        argv += ["--batch-size", str(args.batch_size), "--train-rows", str(args.train_rows)]
+        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    log(
+        f"{args.train_rows} SST-2 training rows, {args.steps} steps of batch {args.batch_size}, "
+        f"{VIRTUAL_TOKENS} virtual tokens; dev accuracy on all 872 dev rows; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    ours, peft = child("ours"), child("peft")
+    for name, figures in (("ours", ours), ("PEFT", peft)):
+        log(
+            f"{name:>4}: {figures['step_seconds']:.3f} s per step (median), peak memory "
+            f"+{figures['peak_bytes'] / 2**20:.0f} MiB, SST-2 dev accuracy {figures['accuracy']:.3f}"
+        )
+    log(f"zero-shot, same template: {ours['zero_shot']:.3f}")
+    log(f"time per step, ours / PEFT = {ours['step_seconds'] / peft['step_seconds']:.2f}   (target <= 0.7)")
+    log(f"dev accuracy, ours - PEFT = {ours['accuracy'] - peft['accuracy']:+.3f}   (target > 0)")
+    if args.full_job:
+        full = child("full")
+        log(
+            f"default job on the full training split: {full['steps']} steps in "
+            f"{full['seconds'] / 60:.1f} min, "
+            f"SST-2 dev accuracy {full['accuracy']:.3f}   (target >= 0.88 within 30 min)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
