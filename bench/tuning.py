@@ -171,13 +171,23 @@ def _peft_batch(tokenizer, batch: list[Example]):
 
 
 def _peft_accuracy(model, tokenizer, dev: list[Example]) -> float:
+    """Rank classification with the PEFT model, 32 rows at a time, right-padded: each row is read at its
+    own last input position (after the virtual tokens PEFT puts first)."""
     label_ids = [tokenizer(" " + label, add_special_tokens=False)["input_ids"][0] for label in LABELS]
     correct = 0
     with torch.inference_mode():
-        for ex in dev:
-            ids = tokenizer(render(TEMPLATE, ex.input), add_special_tokens=False, return_tensors="pt")
-            logits = model(**ids).logits[0, -1]  # the position after the input (virtual tokens come first)
-            correct += LABELS[int(logits[label_ids].argmax())] == ex.output
+        for start in range(0, len(dev), 32):
+            chunk = dev[start : start + 32]
+            ids = [
+                tokenizer(render(TEMPLATE, ex.input), add_special_tokens=False)["input_ids"] for ex in chunk
+            ]
+            width = max(len(row) for row in ids)
+            input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids])
+            attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, k + width, V]
+            last = torch.tensor([VIRTUAL_TOKENS + len(row) - 1 for row in ids])
+            picked = logits[torch.arange(len(ids)), last][:, label_ids]  # [B, labels]
+            correct += sum(LABELS[int(p.argmax())] == ex.output for p, ex in zip(picked, chunk, strict=True))
     return correct / len(dev)
 
 
