@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from app.errors import InvalidRequest
 from app.ml.backbone import Backbone
@@ -103,20 +104,28 @@ def target_log_probs(
 
     Returns ``(log_probs [N] float32, row_of [N] long)`` over all N target tokens of the batch.
 
-    Rows are packed end to end instead of padded: each row's positions restart at 0, and the model then
-    builds a block-diagonal causal mask, so a row attends only to itself. Every entry the decoder runs is
-    real (padded SST-2 batches are about half padding), and the LM head runs only at the N predicting
-    positions: with a 49k vocabulary it would otherwise dominate the cost.
+    Three things keep this cheap, which is most of what training costs:
+    - When every row has the same prompt (training, evaluation), the prompt's k positions run once for the
+      batch, not once per row: they see only themselves, so their keys and values are the same in every
+      row. The rows then attend to them as a cache prefix, and the gradient reaches the prompt through it.
+    - Rows are packed end to end instead of padded (padded SST-2 batches are about half padding): a mask
+      lets each row see the prefix and itself, and positions count from the row's own start.
+    - The LM head runs only at the N predicting positions: with a 49k vocabulary it would otherwise
+      dominate the cost.
     """
-    device, embed = backbone.device, backbone.model.get_input_embeddings()
-    where = []  # where[i]: (pack, offset of row i's first entry in it)
+    device, dtype, embed = backbone.device, backbone.dtype, backbone.model.get_input_embeddings()
+    shared = (
+        prompts[0] if prompts and prompts[0] is not None and all(p is prompts[0] for p in prompts) else None
+    )
+    k = 0 if shared is None else len(shared)
+    where = []  # where[i]: (pack, column of row i's first entry in it)
     packs: list[list[torch.Tensor]] = [[]]
     used = 0
     for prompt, context, target in zip(prompts, contexts, targets, strict=True):
         tokens = embed(torch.tensor(context + target, dtype=torch.long, device=device))  # [n, d]
-        if prompt is not None:
+        if prompt is not None and shared is None:
             # No detach: when training, the gradient reaches the prompt through this cat.
-            tokens = torch.cat([prompt.to(device, backbone.dtype), tokens])  # [k + n, d]
+            tokens = torch.cat([prompt.to(device, dtype), tokens])  # [k_i + n, d]
         if used and used + len(tokens) > PACK_ENTRIES:
             packs.append([])
             used = 0
@@ -124,27 +133,31 @@ def target_log_probs(
         packs[-1].append(tokens)
         used += len(tokens)
     width = max(sum(len(t) for t in pack) for pack in packs)
-    rows, positions = [], []
+    rows, positions, masks = [], [], []
     for pack in packs:
         spare = width - sum(len(t) for t in pack)
-        # The spare tail is one more segment of zeros: masked off from the real rows like any other row.
-        rows.append(torch.cat([*pack, pack[0].new_zeros(spare, pack[0].shape[1])]))  # [width, d]
-        positions.append(
-            torch.cat(
-                [torch.arange(len(t), device=device) for t in pack] + [torch.arange(spare, device=device)]
-            )
-        )
+        # The spare tail is one more segment of zeros, masked off from the real rows like any other row.
+        rows.append(torch.cat([*pack, pack[0].new_zeros(spare, pack[0].shape[1])]))  # [W, d]
+        lengths = [len(t) for t in pack] + [spare]
+        positions.append(torch.cat([torch.arange(k, k + n, device=device) for n in lengths]))  # [W]
+        masks.append(_packed_mask(lengths, k, device))  # [W, k + W]
+    cache = None if shared is None else _prompt_cache(backbone, shared, len(packs))
+    mask = torch.stack(masks)[:, None]  # [P, 1, W, k + W]: True where a query may look
     hidden = backbone.model.get_decoder()(
-        inputs_embeds=torch.stack(rows),  # [P, width, d]
-        position_ids=torch.stack(positions),  # [P, width]: restarts at 0 at each row
-        attention_mask=None,  # None + restarting positions: the model masks each row off from the others
-        use_cache=False,
-    ).last_hidden_state  # [P, width, d]
+        inputs_embeds=torch.stack(rows),  # [P, W, d]
+        position_ids=torch.stack(positions),  # [P, W]
+        attention_mask=torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        ),
+        cache=cache,
+        use_cache=cache is not None,
+    ).last_hidden_state  # [P, W, d]
     rows_of, packs_of, columns, wanted = [], [], [], []
     for i, ((pack, offset), prompt, context, target) in enumerate(
         zip(where, prompts, contexts, targets, strict=True)
     ):
-        first = offset + (0 if prompt is None else len(prompt)) + len(context) - 1  # predicts target[0]
+        own_prompt = 0 if prompt is None or shared is not None else len(prompt)
+        first = offset + own_prompt + len(context) - 1  # the column that predicts target[0]
         rows_of += [i] * len(target)
         packs_of += [pack] * len(target)
         columns += range(first, first + len(target))
@@ -156,3 +169,32 @@ def target_log_probs(
         -1, torch.tensor(wanted, dtype=torch.long, device=device)[:, None]
     )[:, 0]  # [N]
     return log_probs, row_of
+
+
+def _packed_mask(lengths: list[int], prefix: int, device: torch.device) -> torch.Tensor:
+    """[W, prefix + W] bool: every entry sees the shared prefix, then the earlier entries of its own row."""
+    segment = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+    )  # [W]
+    width = len(segment)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    own_row = segment[:, None] == segment[None, :]
+    return torch.cat([torch.ones(width, prefix, dtype=torch.bool, device=device), causal & own_row], dim=1)
+
+
+def _prompt_cache(backbone: Backbone, prompt: torch.Tensor, copies: int) -> DynamicCache:
+    """The prompt run alone at positions 0..k-1, its keys and values repeated for ``copies`` packs. Built
+    with autograd on when the caller trains, so the loss reaches the prompt through them."""
+    cache = DynamicCache(config=backbone.model.config)
+    backbone.model.get_decoder()(
+        inputs_embeds=prompt.to(backbone.device, backbone.dtype)[None],  # [1, k, d]
+        position_ids=torch.arange(len(prompt), device=backbone.device)[None],
+        cache=cache,
+        use_cache=True,
+    )
+    return DynamicCache(
+        ddp_cache_data=[
+            (layer.keys.expand(copies, -1, -1, -1), layer.values.expand(copies, -1, -1, -1))
+            for layer in cache.layers
+        ]
+    )

@@ -189,3 +189,21 @@ def test_a_run_resumed_from_a_checkpoint_file_ends_exactly_like_an_unbroken_one(
     resumed, _ = run(resume=load_checkpoint(tmp_path / "job.safetensors"))
     assert torch.equal(resumed.prompt, unbroken.prompt)
     assert resumed.metrics == unbroken.metrics and resumed.steps_done == 12
+
+
+def test_a_prompt_shared_by_the_batch_scores_as_the_plain_model_does(tiny_backbone, monkeypatch):
+    """Training's path: the prompt runs once as a cache prefix for every packed row."""
+    monkeypatch.setattr(batching, "PACK_ENTRIES", 30)
+    data = _examples()
+    prompt = init_prompt(tiny_backbone, num_virtual_tokens=5, strategy="random", seed=2)
+    contexts = [context_ids(tiny_backbone, render(TEMPLATE, ex.input)) for ex in data]
+    targets = [target_ids(tiny_backbone, render(TEMPLATE, ex.input), ex.output, with_eos=True) for ex in data]
+    embed = tiny_backbone.model.get_input_embeddings()
+    with torch.inference_mode():
+        together, row_of = target_log_probs(tiny_backbone, [prompt] * len(data), contexts, targets)
+        for i, (context, target) in enumerate(zip(contexts, targets, strict=True)):
+            rows = torch.cat([prompt, embed(torch.tensor(context + target))])
+            logits = tiny_backbone.model(inputs_embeds=rows[None]).logits[0].log_softmax(-1)  # [n, V]
+            first = len(prompt) + len(context) - 1
+            direct = torch.stack([logits[first + j, t] for j, t in enumerate(target)])
+            assert together[row_of == i] == pytest.approx(direct, abs=1e-4)
