@@ -36,11 +36,12 @@ def generation_requests(
     does not depend on what it is batched with."""
     keys = prompt_keys or [None] * len(texts)
     stops = tuple(s for s in stop or [] if s)
-    return [
-        GenerationRequest(
-            context=fit_context(
-                backbone, context_ids(backbone, text), _virtual(p) + max_new_tokens, truncate=False
-            ),
+    requests = []
+    for i, (p, text, key) in enumerate(zip(prompts, texts, keys, strict=True)):
+        ids = context_ids(backbone, text)
+        context = fit_context(backbone, ids, _virtual(p) + max_new_tokens, truncate=False)
+        request = GenerationRequest(
+            context=context,
             prompt=p,
             prompt_key=key,
             max_new_tokens=max_new_tokens,
@@ -48,10 +49,10 @@ def generation_requests(
             top_p=top_p,
             stop=stops,
             seed=None if seed is None else seed + i,
-            input_tokens=len(context_ids(backbone, text)) if text else 0,
+            input_tokens=len(ids) if text else 0,
         )
-        for i, (p, text, key) in enumerate(zip(prompts, texts, keys, strict=True))
-    ]
+        requests.append(request)
+    return requests
 
 
 def generate(

@@ -23,19 +23,30 @@ def _examples() -> list[Example]:
     ]
 
 
-def _train(backbone, steps: int, seed: int = 0, should_stop=lambda: False, progress=None):
-    prompt = init_prompt(backbone, num_virtual_tokens=8, strategy="random", seed=3)
+def _train(
+    backbone,
+    steps: int = 0,
+    seed: int = 0,
+    should_stop=lambda: False,
+    progress=None,
+    *,
+    config: TrainConfig | None = None,
+    k: int = 8,
+    validation: list[Example] | None = None,
+    **extra,
+):
     data = _examples()
     return train_prompt(
         backbone,
-        prompt=prompt,
+        prompt=init_prompt(backbone, num_virtual_tokens=k, strategy="random", seed=3),
         train=data,
-        validation=data,
+        validation=data if validation is None else validation,
         template=TEMPLATE,
         labels=LABELS,
-        config=TrainConfig(steps=steps, batch_size=6, learning_rate=0.1, warmup_steps=2, seed=seed),
+        config=config or TrainConfig(steps=steps, batch_size=6, learning_rate=0.1, warmup_steps=2, seed=seed),
         on_progress=(progress if progress is not None else lambda p: None),
         should_stop=should_stop,
+        **extra,
     )
 
 
@@ -100,18 +111,9 @@ def test_packed_rows_score_as_if_each_ran_alone(tiny_backbone, monkeypatch):
 
 def test_patience_stops_a_run_that_no_longer_improves_and_reports_zero_shot(tiny_backbone):
     data = _examples()
-    result = train_prompt(
-        tiny_backbone,
-        prompt=init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=3),
-        train=data,
-        validation=data,
-        template=TEMPLATE,
-        labels=LABELS,
-        # A zero learning rate never moves the prompt: no evaluation after the first one can beat it.
-        config=TrainConfig(steps=50, batch_size=6, learning_rate=0.0, eval_every=1, patience=2),
-        on_progress=lambda p: None,
-        should_stop=lambda: False,
-    )
+    # A zero learning rate never moves the prompt: no evaluation after the first one can beat it.
+    config = TrainConfig(steps=50, batch_size=6, learning_rate=0.0, eval_every=1, patience=2)
+    result = _train(tiny_backbone, config=config, k=4)
     assert result.steps_done == 3 and not result.stopped
     metrics = result.metrics
     assert metrics["stopped_early"] and metrics["best_step"] == 1
@@ -130,17 +132,8 @@ def test_the_best_evaluated_prompt_wins_over_the_last_one():
 
 def test_adafactor_learns_too(tiny_backbone):
     data = _examples()
-    result = train_prompt(
-        tiny_backbone,
-        prompt=init_prompt(tiny_backbone, num_virtual_tokens=8, strategy="random", seed=3),
-        train=data,
-        validation=data,
-        template=TEMPLATE,
-        labels=LABELS,
-        config=TrainConfig(steps=30, batch_size=6, learning_rate=0.3, warmup_steps=2, optimizer="adafactor"),
-        on_progress=lambda p: None,
-        should_stop=lambda: False,
-    )
+    config = TrainConfig(steps=30, batch_size=6, learning_rate=0.3, warmup_steps=2, optimizer="adafactor")
+    result = _train(tiny_backbone, config=config)
     untrained = evaluate(
         tiny_backbone,
         init_prompt(tiny_backbone, num_virtual_tokens=8, strategy="random", seed=3),
@@ -168,18 +161,8 @@ def test_a_run_resumed_from_a_checkpoint_file_ends_exactly_like_an_unbroken_one(
 
     def run(**resume):
         saved: list[Checkpoint] = []
-        result = train_prompt(
-            tiny_backbone,
-            prompt=init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=3),
-            train=data,
-            validation=data[:6],
-            template=TEMPLATE,
-            labels=LABELS,
-            config=config,
-            on_progress=lambda p: None,
-            should_stop=lambda: False,
-            on_checkpoint=saved.append,
-            **resume,
+        result = _train(
+            tiny_backbone, config=config, k=4, validation=data[:6], on_checkpoint=saved.append, **resume
         )
         return result, saved
 
