@@ -14,7 +14,7 @@ import torch
 from app.ml.backbone import Backbone
 from app.ml.batching import context_ids, fit_context, target_ids, target_log_probs
 from app.ml.checkpoint import Checkpoint
-from app.ml.inference import classify
+from app.ml.inference import label_log_likelihoods
 from app.ml.metrics import classification_report
 from app.ml.text import render
 
@@ -130,27 +130,16 @@ def evaluate(
     val_per_label (precision, recall, F1, support). ``prompt`` None evaluates the bare backbone."""
     if not validation:
         return {"val_loss": None, "val_accuracy": None}
-    k = 0 if prompt is None else len(prompt)
-    encoded = _encode(backbone, validation, template, k, append_eos=append_eos)
-    total, count, predicted = 0.0, 0, []
-    with torch.inference_mode():
-        for start in range(0, len(validation), batch_size):
-            chunk = encoded[start : start + batch_size]
-            log_probs, _ = target_log_probs(
-                backbone, [prompt] * len(chunk), [e.context for e in chunk], [e.target for e in chunk]
-            )
-            total -= log_probs.sum().item()
-            count += len(log_probs)
-            if labels:
-                examples = validation[start : start + batch_size]
-                scores = classify(
-                    backbone,
-                    prompts=[prompt] * len(examples),
-                    texts=[render(template, ex.input) for ex in examples],
-                    labels=labels,
-                )
-                predicted += [max(s, key=s.get) for s in scores]
-    metrics = {"val_loss": total / count, "val_accuracy": None}
+    scored_by_labels = labels and not append_eos and all(ex.output in labels for ex in validation)
+    if scored_by_labels:
+        # Every target is a label: the labels' log-likelihoods give the loss too, so one pass does both.
+        loss, predicted = _label_pass(backbone, prompt, validation, template, labels, batch_size)
+    else:
+        loss = _loss_pass(backbone, prompt, validation, template, batch_size, append_eos)
+        predicted = []
+        if labels:
+            predicted = _label_pass(backbone, prompt, validation, template, labels, batch_size)[1]
+    metrics = {"val_loss": loss, "val_accuracy": None}
     if labels:
         report = classification_report([ex.output for ex in validation], predicted, labels)
         metrics.update(
@@ -159,6 +148,50 @@ def evaluate(
             val_per_label=report["per_label"],
         )
     return metrics
+
+
+def _loss_pass(
+    backbone: Backbone,
+    prompt: torch.Tensor | None,
+    validation: list[Example],
+    template: str,
+    batch_size: int,
+    append_eos: bool,
+) -> float:
+    k = 0 if prompt is None else len(prompt)
+    encoded = _encode(backbone, validation, template, k, append_eos=append_eos)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            log_probs, _ = target_log_probs(
+                backbone, [prompt] * len(chunk), [e.context for e in chunk], [e.target for e in chunk]
+            )
+            total -= log_probs.sum().item()
+            count += len(log_probs)
+    return total / count
+
+
+def _label_pass(
+    backbone: Backbone,
+    prompt: torch.Tensor | None,
+    validation: list[Example],
+    template: str,
+    labels: list[str],
+    batch_size: int,
+) -> tuple[float, list[str]]:
+    """Per-token loss of the true labels (meaningful when every output is a label) and the predictions."""
+    total, count, predicted = 0.0, 0, []
+    for start in range(0, len(validation), batch_size):
+        chunk = validation[start : start + batch_size]
+        texts = [render(template, ex.input) for ex in chunk]
+        scores = label_log_likelihoods(backbone, prompts=[prompt] * len(chunk), texts=texts, labels=labels)
+        for row, ex, text in zip(scores, chunk, texts, strict=True):
+            predicted.append(labels[int(row.argmax())])
+            if ex.output in labels:
+                total -= float(row[labels.index(ex.output)])
+                count += len(target_ids(backbone, text, ex.output, with_eos=False))
+    return total / max(count, 1), predicted
 
 
 def train_prompt(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from app.services.jobs import MAX_DEFAULT_STEPS, MIN_DEFAULT_STEPS, default_steps
 from tests.api.test_datasets import sentiment_file, upload
 
 
@@ -23,6 +24,12 @@ def test_job_gets_defaults_and_is_queued(client):
     assert client.get(f"/v1/tuning/jobs/{job['id']}").json()["id"] == job["id"]
     events = client.get(f"/v1/tuning/jobs/{job['id']}/events").json()
     assert [e["data"].get("status") for e in events] == ["queued"]
+
+
+def test_the_default_length_grows_with_the_data_within_bounds():
+    assert default_steps(18, 32) == MIN_DEFAULT_STEPS  # a small dataset still gets enough updates
+    assert default_steps(2_000, 32) == 188  # 3 epochs
+    assert default_steps(67_149, 32) == MAX_DEFAULT_STEPS  # full SST-2: capped
 
 
 def test_epochs_become_steps(client):

@@ -94,6 +94,16 @@ def test_without_eos_the_loss_covers_the_label_tokens_only(tiny_backbone):
     assert with_eos["val_loss"] != pytest.approx(without["val_loss"], rel=1e-3)
 
 
+def test_a_classification_evaluation_takes_its_loss_from_the_label_scores(tiny_backbone):
+    """One pass scores the labels and gives the loss: it must equal the loss of the target tokens."""
+    prompt = init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=1)
+    data = _examples()
+    one_pass = evaluate(tiny_backbone, prompt, data, template=TEMPLATE, labels=LABELS, append_eos=False)
+    loss_only = evaluate(tiny_backbone, prompt, data, template=TEMPLATE, labels=None, append_eos=False)
+    assert one_pass["val_loss"] == pytest.approx(loss_only["val_loss"], rel=1e-5)
+    assert one_pass["val_accuracy"] is not None
+
+
 def test_packed_rows_score_as_if_each_ran_alone(tiny_backbone, monkeypatch):
     """Rows are packed end to end; a tight pack size forces several packs and a zero-filled tail."""
     monkeypatch.setattr(batching, "PACK_ENTRIES", 40)
