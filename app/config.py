@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     # this many steps. Files live in <data_dir>/checkpoints, which every worker must share.
     checkpoint_every_steps: int = 50
 
+    # Job ownership (app/services/leases.py). A worker renews its job's lease every third of job_lease_s; a
+    # lease that lapses (a killed worker) gets the job queued again, up to job_max_attempts attempts. A
+    # queued job nobody claimed for job_resend_after_s is sent to the broker again (a lost message). Every
+    # API process runs the reaper every reaper_interval_s (0: never).
+    job_lease_s: float = 60.0
+    job_max_attempts: int = 3
+    job_resend_after_s: float = 600.0
+    reaper_interval_s: float = 15.0
+
     # The inference engine. Rows are single inputs; a request with a list of inputs takes several.
     engine_max_batch_rows: int = 32  # rows decoded together in one step
     engine_max_queued_rows: int = 256  # rows waiting for a place in the batch; past it, 429 at once

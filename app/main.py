@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -11,6 +12,7 @@ from app.api.errors import install_error_handlers
 from app.api.routes import datasets, health, inference, jobs, prompts
 from app.config import Settings, get_settings
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone
+from app.services import leases
 from app.services.serving import Serving
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,20 @@ def _load_default_backbone(settings: Settings) -> Backbone:
     return load_backbone(name, path, device=settings.device)
 
 
+async def _reap_forever(settings: Settings) -> None:
+    """Jobs whose worker died go back to the queue from here: every API process runs this, and the
+    reaper's compare-and-set updates let any number of them do it at once."""
+    while True:
+        await asyncio.sleep(settings.reaper_interval_s)
+        try:
+            reaped = await asyncio.to_thread(leases.reap, settings)
+        except Exception as error:  # the database away: try again at the next interval
+            log.warning("reaper pass failed: %s", error)
+            continue
+        if any(vars(reaped).values()):
+            log.info("reaper: %s", reaped)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -37,8 +53,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         backbone = _load_default_backbone(settings) if settings.load_engine else None
         app.state.serving = Serving(settings, backbone)
+        reaper = asyncio.create_task(_reap_forever(settings)) if settings.reaper_interval_s > 0 else None
         log.info("softprompt API ready (backbone: %s)", backbone.name if backbone else "not loaded")
         yield
+        if reaper is not None:
+            reaper.cancel()
         app.state.serving.close()  # finish the rows already accepted, then stop the engine thread
 
     app = FastAPI(title="softprompt", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)

@@ -8,7 +8,7 @@ from app.config import get_settings
 from app.db.models import TuningJob
 from app.db.session import session_scope
 from app.services.queue import TRAIN_TASK
-from app.services.training import run_job
+from app.services.training import HANDBACK, run_job
 from workers.backbones import get_backbone
 from workers.celery_app import celery
 
@@ -26,6 +26,12 @@ def _load_default_backbone_solo(sender=None, **_: object) -> None:
         get_backbone(get_settings().default_backbone)
 
 
+@signals.worker_shutting_down.connect
+def _hand_back_the_running_job(**_: object) -> None:
+    # SIGTERM: Celery's warm shutdown waits for the running task; this makes that wait one training step.
+    HANDBACK.set()
+
+
 @celery.task(name=TRAIN_TASK)
 def train_prompt(job_id: int) -> str:
     settings = get_settings()
@@ -40,4 +46,5 @@ def train_prompt(job_id: int) -> str:
         backbone=get_backbone(base_model),
         checkpoint_dir=settings.checkpoint_dir,
         checkpoint_every=settings.checkpoint_every_steps,
+        lease_s=settings.job_lease_s,
     )

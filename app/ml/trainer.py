@@ -64,6 +64,7 @@ class TrainResult:
     metrics: dict  # train_loss, val_loss, val_accuracy (None unless labels were given)
     steps_done: int
     stopped: bool
+    state: Checkpoint | None = None  # when stopped: where it stopped, to continue from later
 
 
 @dataclass
@@ -238,6 +239,18 @@ def train_prompt(
         losses = list(resume.losses)
         best.restore(resume)
     first = len(losses)
+
+    def snapshot() -> Checkpoint:
+        return Checkpoint(
+            step=len(losses),
+            prompt=param.detach().cpu().clone(),
+            optimizer=_detached(optimizer.state_dict()),
+            batch_rng=batches.generator.get_state(),
+            pending=list(batches.pending),
+            losses=list(losses),
+            **best.state(),
+        )
+
     stopped = early = False
     started = time.monotonic()
     for step in range(first, config.steps):
@@ -270,17 +283,7 @@ def train_prompt(
             and done % config.checkpoint_every == 0
             and done < config.steps
         ):
-            on_checkpoint(
-                Checkpoint(
-                    step=done,
-                    prompt=param.detach().cpu().clone(),
-                    optimizer=_detached(optimizer.state_dict()),
-                    batch_rng=batches.generator.get_state(),
-                    pending=list(batches.pending),
-                    losses=list(losses),
-                    **best.state(),
-                )
-            )
+            on_checkpoint(snapshot())
     metrics: dict = {}
     if not stopped:
         if not early:
@@ -299,7 +302,13 @@ def train_prompt(
         "val_accuracy": None,
         **metrics,
     }
-    return TrainResult(prompt=final, metrics=metrics, steps_done=len(losses), stopped=stopped)
+    return TrainResult(
+        prompt=final,
+        metrics=metrics,
+        steps_done=len(losses),
+        stopped=stopped,
+        state=snapshot() if stopped else None,
+    )
 
 
 def _detached(state: dict) -> dict:

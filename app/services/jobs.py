@@ -7,6 +7,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -79,6 +80,8 @@ def create_job(
         **_validated_fields(session, request=request, settings=settings),
         idempotency_key=idempotency_key or None,
         request_sha256=request.fingerprint(),
+        # While queued, the lease says when to send the message again if no worker has claimed it.
+        lease_expires_at=utcnow() + timedelta(seconds=settings.job_resend_after_s),
     )
     session.add(job)
     try:

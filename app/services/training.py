@@ -9,11 +9,13 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from app.db.models import TuningJob, utcnow
 from app.db.session import session_scope
@@ -21,8 +23,9 @@ from app.errors import DomainError
 from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
-from app.ml.trainer import Example, Progress, TrainConfig, train_prompt
+from app.ml.trainer import Example, Progress, TrainConfig, TrainResult, train_prompt
 from app.services import jobs as jobs_service
+from app.services import leases
 from app.services.datasets import get_dataset, load_records
 from app.services.prompts import publish_version
 
@@ -48,57 +51,49 @@ def run_job(
     backbone: Backbone,
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 0,
+    lease_s: float = 60.0,
 ) -> str:
-    """Runs the job if this call wins the claim. Returns the job's status afterwards.
+    """Runs the job if this call wins the claim. Returns the job's status afterwards, "skipped" when it
+    was not queued, "lost" when its lease went to another worker mid-run (nothing written), or
+    "handed_back" when the worker shut down mid-run (the job is queued again, its state saved).
 
     With ``checkpoint_dir``, the run's state is saved there every ``checkpoint_every`` steps, and a job
     that finds a checkpoint of its own continues from it (a job handed back or re-queued after its worker
     died); the file goes once the job ends."""
-    worker = f"{socket.gethostname()}:{os.getpid()}"
-    if not _claim(db_url=db_url, job_id=job_id, worker=worker):
+    worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    if not leases.claim(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s):
         log.info("job %s not claimed: it is not queued (duplicate delivery or cancelled)", job_id)
         return "skipped"
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / f"job-{job_id}.safetensors"
+    owner = _Owner(db_url=db_url, job_id=job_id, worker=worker)
     status = "failed"
-    try:
-        inputs, job = _load_inputs(db_url=db_url, job_id=job_id)
-        status = _train_and_publish(
-            db_url=db_url,
-            job=job,
-            inputs=inputs,
-            backbone=backbone,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-        )
-    except DomainError as error:
-        _fail(db_url=db_url, job_id=job_id, code=error.code, message=error.message)
-    except Exception as error:  # a failed job must say why, whatever broke
-        log.exception("job %s failed", job_id)
-        _fail(db_url=db_url, job_id=job_id, code="training_error", message=f"{type(error).__name__}: {error}")
-    # The job ended (a killed worker never gets here, and its checkpoint waits for the next attempt).
-    if checkpoint is not None:
+    with leases.Heartbeat(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s) as heartbeat:
+        try:
+            inputs, job = _load_inputs(db_url=db_url, job_id=job_id)
+            status = _train_and_publish(
+                owner=owner,
+                job=job,
+                inputs=inputs,
+                backbone=backbone,
+                checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every,
+                lost=heartbeat.lost,
+            )
+        except DomainError as error:
+            status = owner.fail(code=error.code, message=error.message)
+        except Exception as error:  # a failed job must say why, whatever broke
+            log.exception("job %s failed", job_id)
+            status = owner.fail(code="training_error", message=f"{type(error).__name__}: {error}")
+    # The job ended here (a killed worker never gets here; a job lost or handed back keeps its checkpoint
+    # for the next owner).
+    if checkpoint is not None and status in jobs_service.TERMINAL:
         checkpoint.unlink(missing_ok=True)
     return status
 
 
-def _claim(*, db_url: str, job_id: int, worker: str) -> bool:
-    """Compare-and-set queued -> running, so a second delivery of the same message does nothing."""
-    with session_scope(db_url) as session:
-        claimed = session.execute(
-            update(TuningJob)
-            .where(TuningJob.id == job_id, TuningJob.status == "queued")
-            .values(status="running", started_at=utcnow(), worker=worker, attempts=TuningJob.attempts + 1)
-        ).rowcount
-        if claimed:
-            job = session.get(TuningJob, job_id)
-            jobs_service.add_event(
-                session,
-                job=job,
-                type="status",
-                message="Job started.",
-                data={"status": "running", "worker": worker},
-            )
-        return bool(claimed)
+# Set when this worker process is shutting down (SIGTERM): the running job stops at its next step, saves
+# where it is and goes back to the queue, instead of the shutdown waiting for the whole job.
+HANDBACK = threading.Event()
 
 
 def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
@@ -155,12 +150,13 @@ def _resume_from(db_url: str, job_id: int, checkpoint: Path | None) -> Checkpoin
 
 def _train_and_publish(
     *,
-    db_url: str,
+    owner: _Owner,
     job: TuningJob,
     inputs: JobInputs,
     backbone: Backbone,
     checkpoint: Path | None,
     checkpoint_every: int,
+    lost: threading.Event,
 ) -> str:
     hp = job.hyperparameters
     prompt = init_prompt(
@@ -185,7 +181,8 @@ def _train_and_publish(
         append_eos=inputs.kind != "classification",
         checkpoint_every=checkpoint_every if checkpoint is not None else 0,
     )
-    reporter = _Reporter(db_url=db_url, job_id=job.id)
+    db_url = owner.db_url
+    reporter = _Reporter(db_url=db_url, job_id=job.id, lost=lost)
     result = train_prompt(
         backbone,
         prompt=prompt,
@@ -195,13 +192,27 @@ def _train_and_publish(
         labels=inputs.labels,
         config=config,
         on_progress=reporter.progress,
-        should_stop=reporter.cancel_requested,
+        should_stop=lambda: lost.is_set() or HANDBACK.is_set() or reporter.cancel_requested(),
         resume=_resume_from(db_url, job.id, checkpoint),
         on_checkpoint=None if checkpoint is None else lambda state: save_checkpoint(checkpoint, state),
     )
+    return _retrying(
+        lambda: _record_outcome(owner, result, inputs=inputs, backbone=backbone, checkpoint=checkpoint)
+    )
+
+
+def _record_outcome(
+    owner: _Owner, result: TrainResult, *, inputs: JobInputs, backbone: Backbone, checkpoint: Path | None
+) -> str:
+    """One transaction: the version and the job's end, or the hand-back, or nothing if the job is lost."""
     metrics = result.metrics
-    with session_scope(db_url) as session:
-        row = session.get(TuningJob, job.id, with_for_update=True)
+    with session_scope(owner.db_url) as session:
+        row = owner.row(session)
+        if row is None:
+            log.warning("job %s: the lease went to another worker; this run writes nothing", owner.job_id)
+            return "lost"
+        if result.stopped and HANDBACK.is_set() and not row.cancel_requested:
+            return _hand_back(session, row, result.state, checkpoint)
         if result.stopped or row.cancel_requested:
             row.status, row.finished_at = "cancelled", utcnow()
             jobs_service.add_event(
@@ -235,47 +246,108 @@ def _train_and_publish(
     return "succeeded"
 
 
-def _fail(*, db_url: str, job_id: int, code: str, message: str) -> None:
-    with session_scope(db_url) as session:
-        job = session.get(TuningJob, job_id)
-        job.status, job.finished_at = "failed", utcnow()
-        job.error_code, job.error_message = code, message
-        jobs_service.add_event(
-            session, job=job, type="error", message=message, data={"status": "failed", "code": code}
-        )
+# How long a finished run keeps trying to write its outcome while the registry database is unreachable.
+DATABASE_RETRY_S = 120.0
+
+
+def _retrying(write: Callable[[], str]) -> str:
+    """``write`` again while the database is unreachable, up to DATABASE_RETRY_S: a finished training run
+    is too costly to lose to a short outage. Each try is one transaction, so a failed one left nothing."""
+    deadline, delay = time.monotonic() + DATABASE_RETRY_S, 0.5
+    while True:
+        try:
+            return write()
+        except OperationalError as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("registry database unreachable (%s); trying again in %.1f s", error, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
+def _hand_back(session, row: TuningJob, state: Checkpoint, checkpoint: Path | None) -> str:
+    """Back to the queue, not counted as an attempt. The reaper sends it again at its next pass: a worker
+    that is shutting down does not talk to the broker."""
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, state)
+    row.status, row.worker, row.attempts = "queued", None, row.attempts - 1
+    row.lease_expires_at = utcnow()
+    jobs_service.add_event(
+        session,
+        job=row,
+        type="status",
+        message=f"The worker is shutting down; the job goes back to the queue after step {state.step}.",
+        data={"status": "queued", "step": state.step},
+    )
+    return "handed_back"
+
+
+@dataclass
+class _Owner:
+    """This worker's hold on a job: every write that ends the job first checks the row still names it."""
+
+    db_url: str
+    job_id: int
+    worker: str
+
+    def row(self, session) -> TuningJob | None:
+        """The job's row, locked, or None once this worker no longer holds the job."""
+        row = session.get(TuningJob, self.job_id, with_for_update=True)
+        return row if row is not None and row.status == "running" and row.worker == self.worker else None
+
+    def fail(self, *, code: str, message: str) -> str:
+        with session_scope(self.db_url) as session:
+            job = self.row(session)
+            if job is None:
+                return "lost"
+            job.status, job.finished_at = "failed", utcnow()
+            job.error_code, job.error_message = code, message
+            jobs_service.add_event(
+                session, job=job, type="error", message=message, data={"status": "failed", "code": code}
+            )
+        return "failed"
 
 
 class _Reporter:
-    """Turns trainer callbacks into throttled database writes."""
+    """Turns trainer callbacks into throttled database writes. While the database is unreachable training
+    goes on: progress is not written and the cancel flag keeps its last value."""
 
-    def __init__(self, *, db_url: str, job_id: int):
-        self.db_url, self.job_id = db_url, job_id
+    def __init__(self, *, db_url: str, job_id: int, lost: threading.Event):
+        self.db_url, self.job_id, self.lost = db_url, job_id, lost
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False
 
     def progress(self, p: Progress) -> None:
         now = time.monotonic()
+        if self.lost.is_set():
+            return  # the job is another worker's now
         if now - self._last_progress < PROGRESS_INTERVAL_S and p.step not in (1, p.total_steps):
             return
         self._last_progress = now
         progress = {"step": p.step, "total_steps": p.total_steps, "eta_seconds": p.eta_seconds}
-        with session_scope(self.db_url) as session:
-            job = session.get(TuningJob, self.job_id)
-            job.progress = progress
-            job.metrics = {**job.metrics, "train_loss": p.loss}
-            jobs_service.add_event(
-                session,
-                job=job,
-                type="progress",
-                message=f"Step {p.step}/{p.total_steps}, loss {p.loss:.4f}.",
-                data={**progress, "loss": p.loss},
-            )
+        try:
+            with session_scope(self.db_url) as session:
+                job = session.get(TuningJob, self.job_id)
+                job.progress = progress
+                job.metrics = {**job.metrics, "train_loss": p.loss}
+                jobs_service.add_event(
+                    session,
+                    job=job,
+                    type="progress",
+                    message=f"Step {p.step}/{p.total_steps}, loss {p.loss:.4f}.",
+                    data={**progress, "loss": p.loss},
+                )
+        except OperationalError as error:
+            log.warning("job %s: progress not written, database unreachable: %s", self.job_id, error)
 
     def cancel_requested(self) -> bool:
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= CANCEL_POLL_INTERVAL_S:
             self._last_cancel_check = now
-            with session_scope(self.db_url) as session:
-                self._cancelled = bool(session.get(TuningJob, self.job_id).cancel_requested)
+            try:
+                with session_scope(self.db_url) as session:
+                    self._cancelled = bool(session.get(TuningJob, self.job_id).cancel_requested)
+            except OperationalError as error:
+                log.warning("job %s: cancel flag not read, database unreachable: %s", self.job_id, error)
         return self._cancelled

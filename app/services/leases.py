@@ -1,0 +1,175 @@
+"""Who owns a job: a lease in its row. A worker claims a queued job with a compare-and-set, a heartbeat
+renews the lease while it trains, and the reaper takes back jobs whose lease lapsed (a killed worker) or
+whose message never arrived (a flushed Redis, an embedded broker's worker killed with the message in
+memory). The broker only says "run job N"; the row decides whether there is still work to do.
+
+Every change here is a conditional UPDATE, so two workers, or a worker and the reaper, never both win."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+
+from app.config import Settings
+from app.db.models import TuningJob, utcnow
+from app.db.session import session_scope
+from app.services import jobs as jobs_service
+from app.services.queue import enqueue_training
+
+log = logging.getLogger(__name__)
+
+
+def claim(*, db_url: str, job_id: int, worker: str, lease_s: float) -> bool:
+    """queued -> running with a fresh lease. False when the job is not queued: a duplicate delivery, a job
+    another worker holds, or one cancelled before it started."""
+    now = utcnow()
+    with session_scope(db_url) as session:
+        claimed = session.execute(
+            update(TuningJob)
+            .where(TuningJob.id == job_id, TuningJob.status == "queued")
+            .values(
+                status="running",
+                started_at=now,
+                worker=worker,
+                attempts=TuningJob.attempts + 1,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+            )
+        ).rowcount
+        if claimed:
+            job = session.get(TuningJob, job_id)
+            jobs_service.add_event(
+                session,
+                job=job,
+                type="status",
+                message=f"Job started (attempt {job.attempts}).",
+                data={"status": "running", "worker": worker, "attempt": job.attempts},
+            )
+        return bool(claimed)
+
+
+def renew(*, db_url: str, job_id: int, worker: str, lease_s: float) -> bool:
+    """Extends the lease if ``worker`` still holds the job; False once it does not."""
+    with session_scope(db_url) as session:
+        return bool(
+            session.execute(
+                update(TuningJob)
+                .where(TuningJob.id == job_id, TuningJob.status == "running", TuningJob.worker == worker)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+            ).rowcount
+        )
+
+
+class Heartbeat:
+    """Renews a job's lease every third of its length from a thread of its own, so a long training step
+    never lets it lapse. ``lost`` is set once the row no longer names this worker (the reaper gave the job
+    to another after a long outage): the trainer then stops and writes nothing."""
+
+    def __init__(self, *, db_url: str, job_id: int, worker: str, lease_s: float):
+        self._renew = lambda: renew(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s)
+        self._interval = lease_s / 3
+        self.lost = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-job-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self._interval):
+            try:
+                if not self._renew():
+                    self.lost.set()
+                    return
+            except Exception as error:  # the database away for a while: the next beat tries again
+                log.warning("could not renew a job lease: %s", error)
+
+
+@dataclass
+class Reaped:
+    requeued: list[int] = field(default_factory=list)  # lease lapsed: queued again for another attempt
+    failed: list[int] = field(default_factory=list)  # lease lapsed on the last allowed attempt
+    cancelled: list[int] = field(default_factory=list)  # lease lapsed after a cancel was asked for
+    resent: list[int] = field(default_factory=list)  # queued, unclaimed for too long: message sent again
+
+
+def reap(settings: Settings, *, enqueue: Callable[[Settings, int], None] = enqueue_training) -> Reaped:
+    """One pass over the jobs whose lease lapsed. Safe to run from any number of processes at once."""
+    now, reaped = utcnow(), Reaped()
+    with session_scope(settings.registry_url) as session:
+        lapsed = session.execute(
+            select(TuningJob.id, TuningJob.status, TuningJob.attempts, TuningJob.cancel_requested).where(
+                TuningJob.status.in_(("running", "queued")), TuningJob.lease_expires_at < now
+            )
+        ).all()
+    for job_id, status, attempts, cancel_requested in lapsed:
+        outcome, values, event = _decide(status, attempts, cancel_requested, settings, now)
+        with session_scope(settings.registry_url) as session:
+            won = session.execute(
+                update(TuningJob)
+                .where(TuningJob.id == job_id, TuningJob.status == status, TuningJob.lease_expires_at < now)
+                .values(lease_expires_at=now + timedelta(seconds=settings.job_resend_after_s), **values)
+            ).rowcount
+            if not won:
+                continue  # the worker renewed in time, or another reaper got there first
+            if event is not None:
+                jobs_service.add_event(session, job=session.get(TuningJob, job_id), **event)
+        getattr(reaped, outcome).append(job_id)
+        if outcome in ("requeued", "resent"):
+            _send(settings, job_id, enqueue)
+    return reaped
+
+
+def _decide(
+    status: str, attempts: int, cancel_requested: bool, settings: Settings, now: datetime
+) -> tuple[str, dict, dict | None]:
+    """(what happens, the row's new values, the event that says so) for one job whose lease lapsed."""
+    if status == "queued":
+        return "resent", {}, None
+    if cancel_requested:
+        message = "The worker stopped answering after the cancel; no version written."
+        return "cancelled", {"status": "cancelled", "finished_at": now}, _status_event(message, "cancelled")
+    if attempts >= settings.job_max_attempts:
+        message = (
+            f"The worker running this job stopped answering on each of its {attempts} attempts "
+            "(the limit); the job is not retried again."
+        )
+        values = {
+            "status": "failed",
+            "finished_at": now,
+            "error_code": "worker_lost",
+            "error_message": message,
+        }
+        return (
+            "failed",
+            values,
+            {"type": "error", "message": message, "data": {"status": "failed", "code": "worker_lost"}},
+        )
+    message = f"The worker stopped answering during attempt {attempts}; the job is queued again."
+    return "requeued", {"status": "queued", "worker": None}, _status_event(message, "queued")
+
+
+def _status_event(message: str, status: str) -> dict:
+    return {"type": "status", "message": message, "data": {"status": status}}
+
+
+def _send(settings: Settings, job_id: int, enqueue: Callable[[Settings, int], None]) -> None:
+    try:
+        enqueue(settings, job_id)
+    except Exception as error:  # the broker away: leave the job due, so the next pass sends it again
+        log.warning("could not send job %s to the broker: %s", job_id, error)
+        with session_scope(settings.registry_url) as session:
+            session.execute(
+                update(TuningJob)
+                .where(TuningJob.id == job_id, TuningJob.status == "queued")
+                .values(lease_expires_at=utcnow())
+            )

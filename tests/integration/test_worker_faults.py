@@ -1,0 +1,89 @@
+"""A worker killed mid-job, through real processes: `softprompt api` and `softprompt worker` on the embedded
+stack (SQLite registry, Celery over SQLite) and on PostgreSQL + Redis. Short leases and a fast reaper keep
+the test quick; the mechanism is the one production runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+
+import pytest
+
+from tests.api.test_datasets import sentiment_file
+from tests.integration.conftest import free_port, running, service_env, wait_for_job, wait_ready
+from tests.paths import REPO
+from tests.stacks import STACK_PARAMS, server_stack
+
+pytestmark = pytest.mark.worker
+
+CHECKPOINT_EVERY = 10
+FAST_RECOVERY = {
+    "SOFTPROMPT_JOB_LEASE_S": "3",
+    "SOFTPROMPT_REAPER_INTERVAL_S": "1",
+    "SOFTPROMPT_CHECKPOINT_EVERY_STEPS": str(CHECKPOINT_EVERY),
+}
+
+
+@pytest.mark.parametrize("stack_kind", STACK_PARAMS)
+@pytest.mark.parametrize("ending", ["SIGKILL", "SIGTERM"])
+def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpoint(
+    stack_kind, ending, tmp_path, tiny_backbone_dir
+):
+    """SIGKILL: the lease lapses and the reaper queues the job again, a second attempt. SIGTERM: the worker
+    saves its state and hands the job back at once, which is not counted as an attempt."""
+    port = free_port()
+    with ExitStack() as stack:
+        servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
+        env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY)
+        subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=REPO, check=True)
+        api_log = tmp_path / "api.log"
+        api = stack.enter_context(running(["api", "--port", str(port)], env, api_log))
+        client = wait_ready(f"http://127.0.0.1:{port}", api, api_log)
+        stack.callback(client.close)
+        first = stack.enter_context(running(["worker"], env, tmp_path / "worker-1.log"))
+
+        dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
+        steps = 600
+        job = client.post(
+            "/v1/tuning/jobs",
+            json={"task": "reviews", "training_dataset": dataset["id"], "hyperparameters": {"steps": steps}},
+        ).json()
+        deadline = time.monotonic() + 120
+        while (step := _step(client, job["id"])) < 3 * CHECKPOINT_EVERY:
+            assert time.monotonic() < deadline, "the first worker never got going"
+            time.sleep(0.05)
+        os.killpg(first.pid, getattr(signal, ending))
+        first.wait(timeout=30)
+        killed_at = time.monotonic()
+        stack.enter_context(running(["worker"], env, tmp_path / "worker-2.log"))
+
+        done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
+        recovered_in = time.monotonic() - killed_at
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == (2 if ending == "SIGKILL" else 1)
+        assert done["progress"]["step"] == steps
+        versions = client.get("/v1/prompts/reviews").json()["versions"]
+        assert [v["version"] for v in versions] == [1]
+        events = client.get(f"/v1/tuning/jobs/{job['id']}/events").json()
+        resumed = [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in e["data"]]
+        assert len(resumed) == 1
+        # The kill came at or after `step` (progress is written once a second), and the run went on from
+        # the last checkpoint before the kill: less than one interval before `step` at worst.
+        assert step - CHECKPOINT_EVERY < resumed[0] < steps
+        if ending == "SIGTERM":  # the state saved at the hand-back, not an older checkpoint
+            handed_back = [e["data"]["step"] for e in events if _is_hand_back(e)]
+            assert resumed == handed_back
+        print(f"{ending} after step {step}, resumed from {resumed[0]}, succeeded {recovered_in:.1f} s later")
+        assert not (tmp_path / "data" / "checkpoints" / f"job-{job['id']}.safetensors").exists()
+
+
+def _step(client, job_id: int) -> int:
+    return client.get(f"/v1/tuning/jobs/{job_id}").json()["progress"]["step"]
+
+
+def _is_hand_back(event: dict) -> bool:
+    return event["type"] == "status" and event["data"].get("status") == "queued" and "step" in event["data"]
