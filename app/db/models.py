@@ -58,6 +58,8 @@ class Dataset(Base):
     # The normalised records as JSON lines of [input, output]: the worker reads them from here, so a worker
     # on another machine needs nothing but the database.
     records: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

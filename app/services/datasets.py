@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import Dataset, TuningJob
 from app.errors import Conflict, NotFound
+from app.services import idempotency
 from app.services.dataset_parsing import ParsedDataset, dataset_stats, parse_dataset
 from app.services.pagination import paginate
 
@@ -25,7 +28,15 @@ def create_dataset(
     min_examples: int,
     max_examples: int,
     count_tokens: Callable[[str], int] | None,
-) -> Dataset:
+    idempotency_key: str | None = None,
+) -> tuple[Dataset, bool]:
+    """The new dataset and True, or the one an earlier upload with the same key made and False."""
+    request_sha256 = idempotency.fingerprint(
+        {"sha256": hashlib.sha256(data).hexdigest(), "filename": filename, "name": name}
+    )
+    existing = idempotency.earlier(session, Dataset, key=idempotency_key, request_sha256=request_sha256)
+    if existing is not None:
+        return existing, False
     parsed = parse_dataset(data, filename=filename, min_examples=min_examples, max_examples=max_examples)
     dataset = Dataset(
         name=name or filename,
@@ -37,10 +48,19 @@ def create_dataset(
         stats=dataset_stats(parsed, count_tokens),
         sha256=parsed.sha256,
         records=_encode_records(parsed),
+        idempotency_key=idempotency_key or None,
+        request_sha256=request_sha256,
     )
     session.add(dataset)
-    session.flush()
-    return dataset
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()  # two uploads with the same key raced; the other one won
+        existing = idempotency.earlier(session, Dataset, key=idempotency_key, request_sha256=request_sha256)
+        if existing is None:
+            raise
+        return existing, False
+    return dataset, True
 
 
 def get_dataset(session: Session, *, dataset_id: int, param: str | None = None) -> Dataset:

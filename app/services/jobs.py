@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from app.config import Settings
 from app.db.models import JobEvent, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.ml.text import INPUT_PLACEHOLDER
+from app.services import idempotency
 from app.services.datasets import get_dataset
 from app.services.pagination import paginate
 
@@ -65,17 +64,18 @@ class JobRequest:
     hyperparameters: dict[str, Any]
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()
+        return idempotency.fingerprint(self.__dict__)
 
 
 def create_job(
     session: Session, *, request: JobRequest, settings: Settings, idempotency_key: str | None
 ) -> tuple[TuningJob, bool]:
     """The new job and True, or the job an earlier request with the same key created and False."""
-    if idempotency_key:
-        existing = _job_for_key(session, key=idempotency_key, fingerprint=request.fingerprint())
-        if existing is not None:
-            return existing, False
+    existing = idempotency.earlier(
+        session, TuningJob, key=idempotency_key, request_sha256=request.fingerprint()
+    )
+    if existing is not None:
+        return existing, False
     job = TuningJob(
         **_validated_fields(session, request=request, settings=settings),
         idempotency_key=idempotency_key or None,
@@ -89,22 +89,14 @@ def create_job(
     except IntegrityError:
         # Two requests with the same key raced; the other one won.
         session.rollback()
-        existing = _job_for_key(session, key=idempotency_key or "", fingerprint=request.fingerprint())
+        existing = idempotency.earlier(
+            session, TuningJob, key=idempotency_key, request_sha256=request.fingerprint()
+        )
         if existing is None:
             raise
         return existing, False
     add_event(session, job=job, type="status", message="Job queued.", data={"status": "queued"})
     return job, True
-
-
-def _job_for_key(session: Session, *, key: str, fingerprint: str) -> TuningJob | None:
-    job = session.scalars(select(TuningJob).where(TuningJob.idempotency_key == key)).first()
-    if job is not None and job.request_sha256 != fingerprint:
-        raise Conflict(
-            "This Idempotency-Key was already used with a different request body.",
-            code="idempotency_key_reused",
-        )
-    return job
 
 
 def _validated_fields(session: Session, *, request: JobRequest, settings: Settings) -> dict[str, Any]:

@@ -30,6 +30,19 @@ def test_upload_returns_the_described_dataset(client):
     assert client.get(f"/v1/datasets/{body['id']}").json() == body
 
 
+def test_a_retried_upload_with_its_idempotency_key_stores_one_dataset(client):
+    key = {"Idempotency-Key": "upload-reviews-1"}
+    files = {"file": ("train.jsonl", sentiment_file())}
+    first = client.post("/v1/datasets", files=files, data={"name": "reviews"}, headers=key)
+    assert first.status_code == 201, first.text
+    for _ in range(4):
+        again = client.post("/v1/datasets", files=files, data={"name": "reviews"}, headers=key)
+        assert again.status_code == 200 and again.json() == first.json()
+    assert [d["id"] for d in client.get("/v1/datasets").json()["data"]] == [first.json()["id"]]
+    other = client.post("/v1/datasets", files={"file": ("train.jsonl", b"x")}, headers=key)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+
 def test_csv_generation_dataset(client):
     content = b"input,output\r\nTranslate: cat,chat\r\nTranslate: dog,chien\r\n"
     body = upload(client, content, filename="pairs.csv").json()

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 
 from app.api.deps import AfterQuery, LimitQuery, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
@@ -17,6 +17,7 @@ READ_CHUNK = 1024 * 1024
 @router.post("", status_code=201, response_model=DatasetPublic, responses=errors(409, 413, 415, 422))
 async def upload_dataset(
     request: Request,
+    response: Response,
     session: SessionDep,
     settings: SettingsDep,
     serving: ServingDep,
@@ -25,8 +26,10 @@ async def upload_dataset(
         File(description=".jsonl or .csv: {text,label}, {input,output} or {prompt,completion} records."),
     ] = None,
     name: Annotated[str | None, Form(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> DatasetPublic:
-    """Upload a labeled dataset; it is validated whole before anything is stored."""
+    """Upload a labeled dataset; it is validated whole before anything is stored. A repeated
+    Idempotency-Key with the same file and name returns the dataset the first upload made (200)."""
     if file is None:
         raise InvalidRequest("The multipart body has no 'file' part.", param="file", code="missing_file")
     data = await _read_limited(file, settings.max_upload_bytes)
@@ -34,7 +37,7 @@ async def upload_dataset(
     count_tokens = (
         (lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])) if tokenizer else None
     )
-    dataset = service.create_dataset(
+    dataset, created = service.create_dataset(
         session,
         data=data,
         filename=file.filename or "",
@@ -42,8 +45,11 @@ async def upload_dataset(
         min_examples=settings.min_examples,
         max_examples=settings.max_examples,
         count_tokens=count_tokens,
+        idempotency_key=idempotency_key,
     )
     session.commit()
+    if not created:
+        response.status_code = 200
     return DatasetPublic.of(dataset)
 
 

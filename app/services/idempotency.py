@@ -1,0 +1,32 @@
+"""Idempotency-Key: a retried create returns what the first request made; the same key with another body
+is refused. The key is unique in its table, so two racing requests cannot both create."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict
+
+Row = TypeVar("Row")
+
+
+def fingerprint(request: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+def earlier(session: Session, model: type[Row], *, key: str | None, request_sha256: str) -> Row | None:
+    """The row an earlier request with ``key`` created, or None; Conflict if that request differed."""
+    if not key:
+        return None
+    row = session.scalars(select(model).where(model.idempotency_key == key)).first()
+    if row is not None and row.request_sha256 != request_sha256:
+        raise Conflict(
+            "This Idempotency-Key was already used with a different request body.",
+            code="idempotency_key_reused",
+        )
+    return row
