@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.db.models import MAX_ID
 from app.db.session import session_scope
 from app.services.serving import Serving
 
@@ -30,6 +31,9 @@ SessionDep = Annotated[Session, Depends(_session)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ServingDep = Annotated[Serving, Depends(_serving)]
 LimitQuery = Annotated[int, Query(ge=1, le=100, description="Page size.")]
-AfterQuery = Annotated[int | None, Query(description="Id of the last item of the previous page.")]
+AfterQuery = Annotated[
+    int | None, Query(ge=0, le=MAX_ID, description="Id of the last item of the previous page.")
+]
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
 
-__all__ = ["SessionDep", "SettingsDep", "ServingDep", "LimitQuery", "AfterQuery"]
+__all__ = ["SessionDep", "SettingsDep", "ServingDep", "LimitQuery", "AfterQuery", "IdPath"]

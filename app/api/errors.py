@@ -43,6 +43,10 @@ def error_response(error: DomainError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.status, headers=error.headers or None)
 
 
+# Missing parts that have a code of their own: an upload without its file is a common client mistake.
+MISSING_CODES = {"file": ("missing_file", "The multipart body has no 'file' part.")}
+
+
 def _validation_error(exc: RequestValidationError) -> DomainError:
     first = exc.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
@@ -50,7 +54,10 @@ def _validation_error(exc: RequestValidationError) -> DomainError:
     message = first.get("msg", "Invalid request.")
     if param:
         message = f"{param}: {message}"
-    error = DomainError(message, param=param, code="invalid_request")
+    code = "invalid_request"
+    if first.get("type") == "missing" and param in MISSING_CODES:
+        code, message = MISSING_CODES[param]
+    error = DomainError(message, param=param, code=code)
     error.status = 422
     return error
 

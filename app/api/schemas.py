@@ -7,7 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.db.models import Dataset, PromptVersion, Task, TuningJob
+from app.db.models import MAX_ID, Dataset, PromptVersion, Task, TuningJob
 from app.ml.text import DEFAULT_TEMPLATE
 
 
@@ -107,9 +107,12 @@ class JobCreate(BaseModel):
         min_length=1,
         max_length=64,
     )
-    training_dataset: int = Field(description="Id of an uploaded dataset.")
+    training_dataset: int = Field(ge=1, le=MAX_ID, description="Id of an uploaded dataset.")
     validation_dataset: int | None = Field(
-        default=None, description="Id of a dataset to evaluate on; default: a held-out slice of training."
+        default=None,
+        ge=1,
+        le=MAX_ID,
+        description="Id of a dataset to evaluate on; default: a held-out slice of training.",
     )
     base_model: str | None = Field(
         default=None, description="A registered backbone; default: the service's default backbone."
@@ -296,7 +299,9 @@ class GenerateRequest(BaseModel):
     task: str | None = Field(default=None, description=TASK_DESCRIPTION)
     input: str | list[str] = Field(description="One input or a list, run as one batch.")
     max_new_tokens: int = Field(default=64, ge=1)
-    temperature: float = Field(default=0.0, ge=0, le=5, description="0 is greedy decoding.")
+    temperature: float = Field(
+        default=0.0, ge=0, le=5, description="0 (and anything below 1e-4) is greedy decoding."
+    )
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: list[str] | None = Field(default=None, max_length=8)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)

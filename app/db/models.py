@@ -39,6 +39,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# Ids and version numbers are 32-bit INTEGER columns in PostgreSQL: the API refuses larger ones up front.
+MAX_ID = 2**31 - 1
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON, datetime: UTCDateTime()}
 

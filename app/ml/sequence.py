@@ -104,11 +104,16 @@ class Sequence:
         return delta
 
 
+# Below this a temperature decodes greedily: dividing logits by a vanishing temperature overflows to inf
+# and leaves no distribution to sample from, while the limit of sampling as it goes to 0 is the argmax.
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 def choose_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
     """[B, V] float32 logits -> each row's next token under its own sampling parameters."""
     chosen = logits.argmax(-1).tolist()
     for row, seq in enumerate(sequences):
-        if seq.request.temperature > 0:
+        if seq.request.temperature >= MIN_SAMPLING_TEMPERATURE:
             chosen[row] = _sample(logits[row], seq.request.temperature, seq.request.top_p, seq.generator)
     return chosen
 
@@ -117,7 +122,9 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     probs = (logits.float().cpu() / temperature).softmax(-1)  # [V]; on CPU so a seed means the same anywhere
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest head whose mass reaches top_p; the top token always survives.
+        # Keep the smallest head whose mass reaches top_p. The top token always survives, set explicitly:
+        # a top_p too small for float32 compares as 0.0 and would drop it too.
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[0] = False
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -61,6 +61,7 @@ def test_bad_file_names_line_and_stores_nothing(client):
 def test_missing_file_part_and_wrong_format(client):
     response = client.post("/v1/datasets", data={"name": "x"})
     assert response.status_code == 422 and response.json()["error"]["param"] == "file"
+    assert response.json()["error"]["code"] == "missing_file"
     response = upload(client, b"a,b\n", filename="data.xlsx")
     assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_format"
 

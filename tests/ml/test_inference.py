@@ -10,6 +10,7 @@ import torch
 from app.errors import InvalidRequest
 from app.ml.batching import context_ids, target_ids
 from app.ml.inference import classify, generate, generate_reference, label_log_likelihoods
+from app.ml.sequence import _sample
 from tests.ml.rows import input_text, random_prompt
 
 LABELS = ["positive", "negative", "not sure"]
@@ -133,3 +134,17 @@ def test_label_log_likelihood_equals_a_direct_unpadded_computation(tiny_backbone
             offset = len(rows) - len(label_ids) - 1
             direct = sum(logits[offset + j, t].item() for j, t in enumerate(label_ids))
             assert scores[r, c].item() == pytest.approx(direct, abs=1e-4)
+
+
+def test_a_vanishing_top_p_still_samples_the_most_likely_token():
+    """top_p so small that float32 reads it as 0 keeps the top token instead of emptying the nucleus."""
+    logits = torch.tensor([0.1, 3.0, 0.2, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    assert {_sample(logits, 1.0, 2.2e-309, generator) for _ in range(20)} == {1}
+
+
+def test_a_vanishing_temperature_decodes_greedily(tiny_backbone):
+    kwargs = dict(prompts=[None], texts=["a film"], max_new_tokens=4, top_p=1.0)
+    vanishing = generate(tiny_backbone, temperature=5e-324, **kwargs)
+    greedy = generate(tiny_backbone, temperature=0, **kwargs)
+    assert [g.token_ids for g in vanishing] == [g.token_ids for g in greedy]

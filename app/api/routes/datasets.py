@@ -4,10 +4,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 
-from app.api.deps import AfterQuery, LimitQuery, ServingDep, SessionDep, SettingsDep
+from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import DatasetPublic, Page
-from app.errors import InvalidRequest, PayloadTooLarge
+from app.errors import PayloadTooLarge
 from app.services import datasets as service
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -22,16 +22,14 @@ async def upload_dataset(
     settings: SettingsDep,
     serving: ServingDep,
     file: Annotated[
-        UploadFile | None,
+        UploadFile,
         File(description=".jsonl or .csv: {text,label}, {input,output} or {prompt,completion} records."),
-    ] = None,
+    ],
     name: Annotated[str | None, Form(max_length=200)] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> DatasetPublic:
     """Upload a labeled dataset; it is validated whole before anything is stored. A repeated
     Idempotency-Key with the same file and name returns the dataset the first upload made (200)."""
-    if file is None:
-        raise InvalidRequest("The multipart body has no 'file' part.", param="file", code="missing_file")
     data = await _read_limited(file, settings.max_upload_bytes)
     tokenizer = serving.backbone.tokenizer if serving.backbone is not None else None
     count_tokens = (
@@ -77,13 +75,13 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses=errors(404))
-def get_dataset(dataset_id: int, session: SessionDep) -> DatasetPublic:
+def get_dataset(dataset_id: IdPath, session: SessionDep) -> DatasetPublic:
     """Get one dataset's description and statistics."""
     return DatasetPublic.of(service.get_dataset(session, dataset_id=dataset_id))
 
 
 @router.delete("/{dataset_id}", status_code=204, responses=errors(404, 409))
-def delete_dataset(dataset_id: int, session: SessionDep) -> Response:
+def delete_dataset(dataset_id: IdPath, session: SessionDep) -> Response:
     """Delete a dataset; refused while a queued or running job uses it."""
     service.delete_dataset(session, dataset_id=dataset_id)
     session.commit()

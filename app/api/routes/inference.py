@@ -28,7 +28,30 @@ def _as_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=errors(404, 422, 429))
+STREAM_RESPONSE = {
+    200: {
+        "description": "JSON, or with `stream: true` server-sent events: `token`, then `output` and `done` "
+        "per input, or `error`.",
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "description": "One server-sent event; `data` is a JSON object.",
+                    "properties": {
+                        "event": {"enum": ["token", "output", "done", "error"]},
+                        "data": {"type": "string"},
+                    },
+                    "required": ["event", "data"],
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/generate", response_model=GenerateResponse, responses={**STREAM_RESPONSE, **errors(404, 422, 429)}
+)
 async def generate(body: GenerateRequest, session: SessionDep, settings: SettingsDep, serving: ServingDep):
     """Generate text with a task's prompt (or the bare backbone); `stream: true` sends tokens as they come."""
     if body.max_new_tokens > settings.max_new_tokens:

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette.sse import EventSourceResponse
 
-from app.api.deps import AfterQuery, LimitQuery, SessionDep, SettingsDep
+from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import JobCreate, JobEventPublic, JobPublic, Page
 from app.db.session import session_scope
@@ -69,13 +69,13 @@ def list_jobs(session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = N
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=errors(404))
-def get_job(job_id: int, session: SessionDep) -> JobPublic:
+def get_job(job_id: IdPath, session: SessionDep) -> JobPublic:
     """Get a job's status, progress, metrics and result."""
     return JobPublic.of(service.get_job(session, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409))
-def cancel_job(job_id: int, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: IdPath, session: SessionDep) -> JobPublic:
     """Cancel a queued job (it never starts) or a running one (it stops at the next step, writing nothing)."""
     job = service.cancel_job(session, job_id=job_id)
     session.commit()
@@ -94,7 +94,7 @@ def cancel_job(job_id: int, session: SessionDep) -> JobPublic:
     },
 )
 def job_events(
-    job_id: int, request: Request, session: SessionDep, settings: SettingsDep, after: AfterQuery = None
+    job_id: IdPath, request: Request, session: SessionDep, settings: SettingsDep, after: AfterQuery = None
 ):
     """The job's events; with `Accept: text/event-stream`, a live stream that ends when the job does."""
     events = service.list_events(session, job_id=job_id, after=after)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from app.api.deps import AfterQuery, LimitQuery, SessionDep
+from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep
 from app.api.responses import errors
 from app.api.schemas import Page, TaskPublic, VersionPublic
 from app.services import prompts as service
@@ -24,13 +24,13 @@ def get_task(task: str, session: SessionDep) -> TaskPublic:
 
 
 @router.get("/{task}/versions/{version}", response_model=VersionPublic, responses=errors(404))
-def get_version(task: str, version: int, session: SessionDep) -> VersionPublic:
+def get_version(task: str, version: IdPath, session: SessionDep) -> VersionPublic:
     """Get one immutable prompt version: template, labels, metrics, source job, checksum."""
     return VersionPublic.of(service.get_version(session, name=task, version=version), task)
 
 
 @router.delete("/{task}/versions/{version}", status_code=204, responses=errors(404))
-def delete_version(task: str, version: int, session: SessionDep) -> Response:
+def delete_version(task: str, version: IdPath, session: SessionDep) -> Response:
     """Delete a version; its number is never reused."""
     service.delete_version(session, name=task, version=version)
     session.commit()
