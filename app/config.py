@@ -36,6 +36,7 @@ class Settings(BaseSettings):
 
     # Limits: each is named in the 4xx a client gets past it.
     max_upload_bytes: int = 50 * 1024 * 1024
+    max_request_bytes: int = 2 * 1024 * 1024  # any other request body (JSON)
     max_examples: int = 200_000
     min_examples: int = 2
     max_input_tokens: int = 1024

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.body_limit import BodyLimit
 from app.api.errors import install_error_handlers
 from app.api.routes import datasets, health, inference, jobs, prompts
 from app.config import Settings, get_settings
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="softprompt", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, settings=settings)
     for module in (datasets, jobs, prompts, inference, health):
         app.include_router(module.router)
     return app
