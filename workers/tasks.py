@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import signals
+from celery.exceptions import Reject
 
 from app.config import get_settings
 from app.db.models import TuningJob
@@ -34,6 +35,9 @@ def _hand_back_the_running_job(**_: object) -> None:
 
 @celery.task(name=TRAIN_TASK)
 def train_prompt(job_id: int) -> str:
+    if HANDBACK.is_set():
+        # Shutting down: a message fetched now goes back to the broker for another worker, untouched.
+        raise Reject("worker shutting down", requeue=True)
     settings = get_settings()
     with session_scope(settings.registry_url) as session:
         job = session.get(TuningJob, job_id)

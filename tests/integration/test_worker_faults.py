@@ -9,14 +9,17 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import pytest
+import redis
 
 from tests.api.test_datasets import sentiment_file
 from tests.integration.conftest import free_port, running, service_env, wait_for_job, wait_ready
 from tests.paths import REPO
-from tests.stacks import STACK_PARAMS, server_stack
+from tests.stacks import STACK_PARAMS, Stack, postgres_database, server_stack
 
 pytestmark = pytest.mark.worker
 
@@ -28,8 +31,8 @@ FAST_RECOVERY = {
 }
 
 
-@pytest.mark.parametrize("stack_kind", STACK_PARAMS)
 @pytest.mark.parametrize("ending", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("stack_kind", STACK_PARAMS)
 def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpoint(
     stack_kind, ending, tmp_path, tiny_backbone_dir
 ):
@@ -47,7 +50,7 @@ def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpo
         first = stack.enter_context(running(["worker"], env, tmp_path / "worker-1.log"))
 
         dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
-        steps = 600
+        steps = 250
         job = client.post(
             "/v1/tuning/jobs",
             json={"task": "reviews", "training_dataset": dataset["id"], "hyperparameters": {"steps": steps}},
@@ -87,3 +90,62 @@ def _step(client, job_id: int) -> int:
 
 def _is_hand_back(event: dict) -> bool:
     return event["type"] == "status" and event["data"].get("status") == "queued" and "step" in event["data"]
+
+
+@contextmanager
+def own_redis(port: int, log: Path) -> Iterator[subprocess.Popen]:
+    """A Redis of this test's own that keeps nothing on disk: stopping it loses every message."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_every_accepted_job_finishes_after_redis_restarts_empty(tmp_path, tiny_backbone_dir):
+    """One job running and two queued behind it when the broker dies and comes back with nothing in it:
+    the running one finishes, and the reaper sends the lost messages of the queued ones again."""
+    port, redis_port = free_port(), free_port()
+    with ExitStack() as stack:
+        database_url = stack.enter_context(postgres_database())
+        broker = Stack("own-redis", database_url, f"redis://127.0.0.1:{redis_port}/0", "softprompt", "")
+        env = service_env(
+            tmp_path / "data", tiny_backbone_dir, broker, **FAST_RECOVERY, SOFTPROMPT_JOB_RESEND_AFTER_S="3"
+        )
+        redis_server = stack.enter_context(own_redis(redis_port, tmp_path / "redis.log"))
+        subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=REPO, check=True)
+        api_log = tmp_path / "api.log"
+        api = stack.enter_context(running(["api", "--port", str(port)], env, api_log))
+        client = wait_ready(f"http://127.0.0.1:{port}", api, api_log)
+        stack.callback(client.close)
+        stack.enter_context(running(["worker"], env, tmp_path / "worker.log"))
+
+        dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
+        bodies = [
+            {"task": f"t{i}", "training_dataset": dataset["id"], "hyperparameters": {"steps": steps}}
+            for i, steps in enumerate([300, 20, 20])
+        ]
+        jobs = [client.post("/v1/tuning/jobs", json=body).json() for body in bodies]
+        wait_for_job(client, jobs[0]["id"], ("running",), timeout=120)
+        redis_server.kill()
+        redis_server.wait()
+        stack.enter_context(own_redis(redis_port, tmp_path / "redis.log"))  # empty: the queue is gone
+
+        for job in jobs:
+            done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
+            assert done["status"] == "succeeded", done
+            assert done["result"]["version"] == 1
