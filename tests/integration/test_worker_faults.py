@@ -5,11 +5,13 @@ the test quick; the mechanism is the one production runs."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import redis
 from tests.api.test_datasets import sentiment_file
 from tests.integration.conftest import free_port, running, service_env, wait_for_job, wait_ready
 from tests.paths import REPO
-from tests.stacks import STACK_PARAMS, Stack, postgres_database, server_stack
+from tests.stacks import STACK_PARAMS, Stack, postgres_database, redis_namespace, server_stack
 
 pytestmark = pytest.mark.worker
 
@@ -149,3 +151,79 @@ def test_every_accepted_job_finishes_after_redis_restarts_empty(tmp_path, tiny_b
             done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
             assert done["status"] == "succeeded", done
             assert done["result"]["version"] == 1
+
+
+@contextmanager
+def own_postgres(port: int) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """A PostgreSQL server of this test's own (trust auth, user postgres): yields its data directory and a
+    function that starts it again after stop_postgres. As root the server runs as the postgres user, as
+    it must, in a directory of its own under the system's temporary directory (pytest's is root's only)."""
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if shutil.which("initdb") is None or (as_postgres and shutil.which("runuser") is None):
+        pytest.skip("initdb (and, as root, runuser) is needed to run a PostgreSQL of the test's own")
+    home = Path(tempfile.mkdtemp(prefix="softprompt-test-pg-"))
+    data_dir = home / "data"
+    try:
+        if as_postgres:
+            shutil.chown(home, "postgres")
+        initdb = [*as_postgres, "initdb", "-D", str(data_dir), "-A", "trust", "-U", "postgres"]
+        subprocess.run(initdb, check=True, capture_output=True)
+        pg_ctl = [*as_postgres, "pg_ctl", "-D", str(data_dir), "-w"]
+        options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1"
+
+        def start() -> None:
+            subprocess.run([*pg_ctl, "-o", options, "-l", str(home / "server.log"), "start"], check=True)
+
+        start()
+        try:
+            yield data_dir, start
+        finally:
+            subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def stop_postgres(data_dir: Path) -> None:
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    subprocess.run([*as_postgres, "pg_ctl", "-D", str(data_dir), "-w", "-m", "immediate", "stop"], check=True)
+
+
+def test_a_job_finishes_when_postgresql_comes_back_and_the_api_answers_503_meanwhile(
+    tmp_path, tiny_backbone_dir
+):
+    port, pg_port = free_port(), free_port()
+    with ExitStack() as stack:
+        pg_dir, start_postgres = stack.enter_context(own_postgres(pg_port))
+        broker_url, queue, prefix = stack.enter_context(redis_namespace())
+        database_url = f"postgresql://postgres@127.0.0.1:{pg_port}/postgres"
+        servers = Stack("own-postgres", database_url, broker_url, queue, prefix)
+        env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY)
+        env["SOFTPROMPT_JOB_LEASE_S"] = "60"  # longer than the outage: the worker keeps its job
+        subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=REPO, check=True)
+        api_log = tmp_path / "api.log"
+        api = stack.enter_context(running(["api", "--port", str(port)], env, api_log))
+        client = wait_ready(f"http://127.0.0.1:{port}", api, api_log)
+        stack.callback(client.close)
+        stack.enter_context(running(["worker"], env, tmp_path / "worker.log"))
+
+        dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
+        body = {"task": "reviews", "training_dataset": dataset["id"], "hyperparameters": {"steps": 1500}}
+        job = client.post("/v1/tuning/jobs", json=body).json()
+        wait_for_job(client, job["id"], ("running",), timeout=120)
+
+        stop_postgres(pg_dir)  # mid-run: 1,500 steps take the tiny backbone half a minute
+        away = client.get(f"/v1/tuning/jobs/{job['id']}")
+        assert away.status_code == 503 and away.json()["error"]["code"] == "database_unavailable"
+        assert away.headers["Retry-After"]
+        assert client.get("/readyz").status_code == 503
+        time.sleep(8)
+        start_postgres()
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the API did not become ready again"
+            time.sleep(0.2)
+
+        done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 1 and done["progress"]["step"] == 1500  # the same worker, no restart
+        assert [v["version"] for v in client.get("/v1/prompts/reviews").json()["versions"]] == [1]
