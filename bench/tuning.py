@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import statistics
 import subprocess
@@ -41,12 +40,8 @@ from app.ml.inference import classify  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.text import render  # noqa: E402
 from app.ml.trainer import BatchOrder, Example, TrainConfig, _lr_factor, train_prompt  # noqa: E402
-from app.services.jobs import (  # noqa: E402
-    DEFAULT_HYPERPARAMETERS,
-    WARMUP_FRACTION,
-    holdout_size,
-    resolve_hyperparameters,
-)
+from app.services.jobs import DEFAULT_HYPERPARAMETERS, WARMUP_FRACTION, resolve_hyperparameters  # noqa: E402
+from app.services.training import split_holdout, train_config  # noqa: E402
 
 SST2 = ROOT.parent / "shared/data/sst2"
 TEMPLATE = "Review: {input}\nSentiment:"
@@ -225,28 +220,17 @@ def run_full_job() -> dict:
     seeded hold-out, label-word init, every setting at its default."""
     backbone = load()
     train, dev = rows("train"), rows("dev")
-    order = list(range(len(train)))
-    random.Random(DEFAULT_HYPERPARAMETERS["seed"]).shuffle(order)
-    held = set(order[: holdout_size(len(train))])
-    kept = [ex for i, ex in enumerate(train) if i not in held]
+    kept, held = split_holdout(train, seed=DEFAULT_HYPERPARAMETERS["seed"])
     hp = resolve_hyperparameters({}, settings=Settings(), num_train=len(kept))
     started = time.perf_counter()
     result = train_prompt(
         backbone,
         prompt=init_prompt(backbone, num_virtual_tokens=VIRTUAL_TOKENS, strategy="labels", labels=LABELS),
         train=kept,
-        validation=[ex for i, ex in enumerate(train) if i in held],
+        validation=held,
         template=TEMPLATE,
         labels=LABELS,
-        config=TrainConfig(
-            steps=hp["steps"],
-            batch_size=hp["batch_size"],
-            learning_rate=hp["learning_rate"],
-            warmup_steps=hp["warmup_steps"],
-            max_grad_norm=hp["max_grad_norm"],
-            seed=hp["seed"],
-            append_eos=False,  # a classification job's targets are the label tokens
-        ),
+        config=train_config(hp, classification=True),
         on_progress=lambda _: None,
         should_stop=lambda: False,
     )

@@ -107,7 +107,7 @@ def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
         if job.validation_dataset_id is not None:
             validation_records = load_records(session, dataset_id=job.validation_dataset_id)
         else:
-            train_records, validation_records = _split(train_records, seed=job.hyperparameters["seed"])
+            train_records, validation_records = split_holdout(train_records, seed=job.hyperparameters["seed"])
         session.expunge(job)
     inputs = JobInputs(
         kind=kind,
@@ -118,7 +118,25 @@ def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
     return inputs, job
 
 
-def _split(records: list[tuple[str, str]], *, seed: int) -> tuple[list, list]:
+def train_config(hp: dict, *, classification: bool, checkpoint_every: int = 0) -> TrainConfig:
+    """The trainer's settings for a job's resolved hyperparameters."""
+    return TrainConfig(
+        steps=hp["steps"],
+        batch_size=hp["batch_size"],
+        learning_rate=hp["learning_rate"],
+        weight_decay=hp["weight_decay"],
+        warmup_steps=hp["warmup_steps"],
+        max_grad_norm=hp["max_grad_norm"],
+        seed=hp["seed"],
+        eval_every=hp["eval_every"],
+        patience=hp.get("patience", 0),
+        optimizer=hp.get("optimizer", "adamw"),
+        append_eos=not classification,
+        checkpoint_every=checkpoint_every,
+    )
+
+
+def split_holdout(records: list, *, seed: int) -> tuple[list, list]:
     size = jobs_service.holdout_size(len(records))
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
@@ -167,18 +185,9 @@ def _train_and_publish(
         labels=inputs.labels,
         seed=hp["seed"],
     )
-    config = TrainConfig(
-        steps=hp["steps"],
-        batch_size=hp["batch_size"],
-        learning_rate=hp["learning_rate"],
-        weight_decay=hp["weight_decay"],
-        warmup_steps=hp["warmup_steps"],
-        max_grad_norm=hp["max_grad_norm"],
-        seed=hp["seed"],
-        eval_every=hp["eval_every"],
-        patience=hp.get("patience", 0),
-        optimizer=hp.get("optimizer", "adamw"),
-        append_eos=inputs.kind != "classification",
+    config = train_config(
+        hp,
+        classification=inputs.kind == "classification",
         checkpoint_every=checkpoint_every if checkpoint is not None else 0,
     )
     db_url = owner.db_url
