@@ -6,10 +6,12 @@ import hashlib
 import re
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, undefer
 
-from app.db.models import PromptVersion, Task, TuningJob
+from app.db.models import PromptVersion, Task, TuningJob, utcnow
 from app.errors import InvalidRequest, NotFound
 from app.services.pagination import paginate
 
@@ -40,15 +42,10 @@ def publish_version(
 ) -> PromptVersion:
     """Adds the job's version. The caller commits it together with the job's success, and the unique key
     on source_job_id makes a second write for the same job fail instead of adding a duplicate."""
-    task = session.scalars(select(Task).where(Task.name == job.task).with_for_update()).first()
-    if task is None:
-        task = Task(name=job.task, last_version=0)
-        session.add(task)
-        session.flush()
-    task.last_version += 1
+    task_id, number = _next_version_number(session, job.task)
     version = PromptVersion(
-        task_id=task.id,
-        version=task.last_version,
+        task_id=task_id,
+        version=number,
         base_model=job.base_model,
         num_virtual_tokens=job.num_virtual_tokens,
         embedding_dim=embedding_dim,
@@ -64,6 +61,23 @@ def publish_version(
     session.add(version)
     session.flush()
     return version
+
+
+def _next_version_number(session: Session, name: str) -> tuple[int, int]:
+    """(task id, the new version's number), the task created if it is new. Both are single statements that
+    write first, so two workers finishing jobs of one task at once queue on the row (SQLite's write lock,
+    PostgreSQL's row lock) instead of both reading the same last number."""
+    insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
+    session.execute(
+        insert(Task).values(name=name, last_version=0, created_at=utcnow()).on_conflict_do_nothing()
+    )
+    bumped = session.execute(
+        update(Task)
+        .where(Task.name == name)
+        .values(last_version=Task.last_version + 1)
+        .returning(Task.id, Task.last_version)
+    ).one()
+    return bumped.id, bumped.last_version
 
 
 def list_tasks(session: Session, *, limit: int, after: int | None) -> tuple[list[Task], bool]:

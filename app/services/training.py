@@ -64,6 +64,7 @@ def run_job(
     if not leases.claim(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s):
         log.info("job %s not claimed: it is not queued (duplicate delivery or cancelled)", job_id)
         return "skipped"
+    log.info("job %s claimed by %s", job_id, worker)
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / f"job-{job_id}.safetensors"
     owner = _Owner(db_url=db_url, job_id=job_id, worker=worker)
     status = "failed"
@@ -88,6 +89,7 @@ def run_job(
     # for the next owner).
     if checkpoint is not None and status in jobs_service.TERMINAL:
         checkpoint.unlink(missing_ok=True)
+    log.info("job %s released by %s: %s", job_id, worker, status)
     return status
 
 

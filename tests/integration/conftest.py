@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -91,3 +91,13 @@ def wait_for_job(client: httpx.Client, job_id: int, statuses: tuple[str, ...], t
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
+
+
+def migrated_api(stack: ExitStack, env: dict[str, str], port: int, tmp_path: Path) -> httpx.Client:
+    """`softprompt db upgrade`, then `softprompt api` on ``port`` until ``stack`` closes; its client."""
+    subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=REPO, check=True)
+    api_log = tmp_path / "api.log"
+    api = stack.enter_context(running(["api", "--port", str(port)], env, api_log))
+    client = wait_ready(f"http://127.0.0.1:{port}", api, api_log)
+    stack.callback(client.close)
+    return client

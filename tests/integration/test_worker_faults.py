@@ -8,20 +8,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
 from tests.api.test_datasets import sentiment_file
-from tests.integration.conftest import free_port, running, service_env, wait_for_job, wait_ready
-from tests.paths import REPO
+from tests.integration.conftest import free_port, migrated_api, running, service_env, wait_for_job
 from tests.stacks import STACK_PARAMS, Stack, postgres_database, redis_namespace, server_stack
 
 pytestmark = pytest.mark.worker
@@ -45,7 +42,7 @@ def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpo
     with ExitStack() as stack:
         servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
         env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY)
-        client = _migrated_api(stack, env, port, tmp_path)
+        client = migrated_api(stack, env, port, tmp_path)
         first = stack.enter_context(running(["worker"], env, tmp_path / "worker-1.log"))
 
         dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
@@ -87,16 +84,6 @@ def _step(client, job_id: int) -> int:
     return client.get(f"/v1/tuning/jobs/{job_id}").json()["progress"]["step"]
 
 
-def _migrated_api(stack: ExitStack, env: dict[str, str], port: int, tmp_path: Path) -> httpx.Client:
-    """`softprompt db upgrade`, then `softprompt api` on ``port`` until ``stack`` closes; its client."""
-    subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=REPO, check=True)
-    api_log = tmp_path / "api.log"
-    api = stack.enter_context(running(["api", "--port", str(port)], env, api_log))
-    client = wait_ready(f"http://127.0.0.1:{port}", api, api_log)
-    stack.callback(client.close)
-    return client
-
-
 def _is_hand_back(event: dict) -> bool:
     return event["type"] == "status" and event["data"].get("status") == "queued" and "step" in event["data"]
 
@@ -136,7 +123,7 @@ def test_every_accepted_job_finishes_after_redis_restarts_empty(tmp_path, tiny_b
             tmp_path / "data", tiny_backbone_dir, broker, **FAST_RECOVERY, SOFTPROMPT_JOB_RESEND_AFTER_S="3"
         )
         redis_server = stack.enter_context(own_redis(redis_port, tmp_path / "redis.log"))
-        client = _migrated_api(stack, env, port, tmp_path)
+        client = migrated_api(stack, env, port, tmp_path)
         stack.enter_context(running(["worker"], env, tmp_path / "worker.log"))
 
         dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
@@ -202,7 +189,7 @@ def test_a_job_finishes_when_postgresql_comes_back_and_the_api_answers_503_meanw
         servers = Stack("own-postgres", database_url, broker_url, queue, prefix)
         env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY)
         env["SOFTPROMPT_JOB_LEASE_S"] = "60"  # longer than the outage: the worker keeps its job
-        client = _migrated_api(stack, env, port, tmp_path)
+        client = migrated_api(stack, env, port, tmp_path)
         stack.enter_context(running(["worker"], env, tmp_path / "worker.log"))
 
         dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
