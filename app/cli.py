@@ -40,7 +40,14 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     import uvicorn
 
     _logging()
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=get_settings().shutdown_timeout_s,
+    )
 
 
 def _worker_argv() -> list[str]:

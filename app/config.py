@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     job_max_attempts: int = 3
     job_resend_after_s: float = 600.0
     reaper_interval_s: float = 15.0
+    # SIGTERM to the API: it stops accepting connections, lets requests in flight finish for up to this
+    # long, then closes the rest and exits. Event streams end at once with a "shutdown" event.
+    shutdown_timeout_s: float = 30.0
 
     # The inference engine. Rows are single inputs; a request with a list of inputs takes several.
     engine_max_batch_rows: int = 32  # rows decoded together in one step

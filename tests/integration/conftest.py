@@ -95,9 +95,15 @@ def wait_for_job(client: httpx.Client, job_id: int, statuses: tuple[str, ...], t
 
 def migrated_api(stack: ExitStack, env: dict[str, str], port: int, tmp_path: Path) -> httpx.Client:
     """`softprompt db upgrade`, then `softprompt api` on ``port`` until ``stack`` closes; its client."""
+    return migrated_api_process(stack, env, port, tmp_path)[0]
+
+
+def migrated_api_process(
+    stack: ExitStack, env: dict[str, str], port: int, tmp_path: Path
+) -> tuple[httpx.Client, subprocess.Popen]:
     subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=REPO, check=True)
     api_log = tmp_path / "api.log"
     api = stack.enter_context(running(["api", "--port", str(port)], env, api_log))
     client = wait_ready(f"http://127.0.0.1:{port}", api, api_log)
     stack.callback(client.close)
-    return client
+    return client, api

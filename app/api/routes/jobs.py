@@ -5,6 +5,8 @@ import json
 import logging
 from typing import Annotated
 
+import anyio
+import anyio.from_thread
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette.sse import EventSourceResponse
 
@@ -19,6 +21,8 @@ from app.services.queue import enqueue_training
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/tuning/jobs", tags=["tuning jobs"])
 EVENT_POLL_S = 0.5
+# How long an event stream gets to say goodbye when the server stops; well inside uvicorn's wait.
+SHUTDOWN_GRACE_S = 2.0
 
 
 @router.post("", status_code=201, response_model=JobPublic, responses=errors(404, 409, 422))
@@ -100,7 +104,13 @@ def job_events(
     events = service.list_events(session, job_id=job_id, after=after)
     if "text/event-stream" not in request.headers.get("accept", ""):
         return [_event(e) for e in events]
-    return EventSourceResponse(_stream(settings.registry_url, job_id, after, request))
+    # This handler runs in a worker thread; the shutdown event belongs to the server's event loop.
+    shutdown = anyio.from_thread.run_sync(anyio.Event)
+    return EventSourceResponse(
+        _stream(settings.registry_url, job_id, after, request, shutdown),
+        shutdown_event=shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_S,
+    )
 
 
 def _event(row) -> JobEventPublic:
@@ -109,9 +119,14 @@ def _event(row) -> JobEventPublic:
     )
 
 
-async def _stream(db_url: str, job_id: int, after: int | None, request: Request):
+async def _stream(db_url: str, job_id: int, after: int | None, request: Request, shutdown: anyio.Event):
     last = after
     while True:
+        if shutdown.is_set():
+            # The server is stopping: say so and end the response cleanly, so a client knows to reconnect
+            # (to another replica, or this one once it is back) with `after` and loses no event.
+            yield {"event": "shutdown", "data": json.dumps({"after": last})}
+            return
         events, status = await asyncio.to_thread(_poll, db_url, job_id, last)
         for event in events:
             last = event.id
