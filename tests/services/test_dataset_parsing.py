@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import io
 import json
-import time
 import zipfile
 
 import pytest
@@ -397,13 +396,11 @@ def test_first_400_lines_of_sst2_train() -> None:
     assert sum(stats["label_counts"].values()) == 400
 
 
-def test_ten_megabytes_of_jsonl_parse_quickly() -> None:
+def test_ten_megabytes_of_jsonl_parse_whole() -> None:
+    """How fast: bench/uploads.py, which also times each malformed case through HTTP."""
     line = json.dumps({"text": "a fairly ordinary movie review of moderate length " * 2, "label": "pos"})
     other = line.replace('"pos"', '"neg"')
     count = 10_000_000 // (len(line) + 1)
     data = "\n".join(line if i % 2 else other for i in range(count)).encode()
-    start = time.perf_counter()
     parsed = parse_dataset(data, filename="big.jsonl")
-    elapsed = time.perf_counter() - start
-    assert len(parsed.records) == count
-    assert elapsed < 5.0, f"10 MB took {elapsed:.2f}s"  # generous: ~0.2 s here, target < 2 s on 2 slow cores
+    assert len(parsed.records) == count and parsed.labels == ["neg", "pos"]
