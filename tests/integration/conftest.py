@@ -107,3 +107,12 @@ def migrated_api_process(
     client = wait_ready(f"http://127.0.0.1:{port}", api, api_log)
     stack.callback(client.close)
     return client, api
+
+
+def job_holder(client: httpx.Client, job_id: int) -> int:
+    """The pid of the worker that last claimed the job, from its "running" events (worker host:pid:thread)."""
+    events = client.get(f"/v1/tuning/jobs/{job_id}/events").json()
+    claims = [
+        e["data"]["worker"] for e in events if e["data"].get("status") == "running" and "worker" in e["data"]
+    ]
+    return int(claims[-1].split(":")[1])

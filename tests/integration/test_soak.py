@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.api.test_datasets import sentiment_file
-from tests.integration.conftest import free_port, migrated_api, running, service_env, stop
+from tests.integration.conftest import free_port, job_holder, migrated_api, running, service_env, stop
 from tests.stacks import STACK_PARAMS, server_stack
 
 pytestmark = pytest.mark.worker
@@ -72,7 +72,7 @@ def test_twenty_jobs_survive_random_worker_kills_with_two_workers(stack_kind, tm
             training = [job for job in pending if job["status"] == "running" and job["progress"]["step"] > 0]
             if kills < KILLS and training:
                 time.sleep(rng.uniform(0.2, 1.0))
-                holder = _holder(client, rng.choice(training)["id"])
+                holder = job_holder(client, rng.choice(training)["id"])
                 slot = next((i for i, worker in enumerate(slots) if worker.pid == holder), None)
                 if slot is None:
                     continue  # the job moved on meanwhile
@@ -99,15 +99,6 @@ def test_twenty_jobs_survive_random_worker_kills_with_two_workers(stack_kind, tm
         # Each kill aimed at a job mid-run, which then ran once more; one may miss if its job ended in the
         # instant between looking up its worker and the kill.
         assert kills == KILLS and retried >= KILLS - 1
-
-
-def _holder(client, job_id: int) -> int:
-    """The pid of the worker that last claimed the job, from its "running" events (worker host:pid:thread)."""
-    events = client.get(f"/v1/tuning/jobs/{job_id}/events").json()
-    claims = [
-        e["data"]["worker"] for e in events if e["data"].get("status") == "running" and "worker" in e["data"]
-    ]
-    return int(claims[-1].split(":")[1])
 
 
 def _runs(logs: list[Path], killed_at: dict[int, float]) -> list[tuple[int, int, float, float]]:

@@ -18,7 +18,14 @@ import pytest
 import redis
 
 from tests.api.test_datasets import sentiment_file
-from tests.integration.conftest import free_port, migrated_api, running, service_env, wait_for_job
+from tests.integration.conftest import (
+    free_port,
+    job_holder,
+    migrated_api,
+    running,
+    service_env,
+    wait_for_job,
+)
 from tests.stacks import STACK_PARAMS, Stack, postgres_database, redis_namespace, server_stack
 
 pytestmark = pytest.mark.worker
@@ -213,3 +220,53 @@ def test_a_job_finishes_when_postgresql_comes_back_and_the_api_answers_503_meanw
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 1 and done["progress"]["step"] == 1500  # the same worker, no restart
         assert [v["version"] for v in client.get("/v1/prompts/reviews").json()["versions"]] == [1]
+
+
+@pytest.mark.parametrize("stack_kind", STACK_PARAMS)
+def test_a_job_that_kills_its_worker_every_attempt_fails_and_the_other_jobs_finish(
+    stack_kind, tmp_path, tiny_backbone_dir
+):
+    """A poison job: each worker that picks it up dies (the test plays the kernel's OOM killer). After
+    SOFTPROMPT_JOB_MAX_ATTEMPTS (3) attempts it fails with `worker_lost`; jobs behind it are not held up."""
+    port = free_port()
+    with ExitStack() as stack:
+        servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
+        env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY)
+        client = migrated_api(stack, env, port, tmp_path)
+        workers = {}
+        for i in range(2):
+            worker = stack.enter_context(running(["worker"], env, tmp_path / f"worker-{i}.log"))
+            workers[worker.pid] = worker
+
+        dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
+
+        def submit(task: str, steps: int) -> int:
+            body = {"task": task, "training_dataset": dataset["id"], "hyperparameters": {"steps": steps}}
+            return client.post("/v1/tuning/jobs", json=body).json()["id"]
+
+        poison = submit("poison", 100_000)
+        others = [submit(f"fine-{i}", 40) for i in range(3)]
+        killed = set()
+        deadline = time.monotonic() + 240
+        while (job := client.get(f"/v1/tuning/jobs/{poison}").json())["status"] not in (
+            "failed",
+            "succeeded",
+        ):
+            assert time.monotonic() < deadline, f"the poison job never failed: {job}"
+            holder = job_holder(client, poison) if job["status"] == "running" else None
+            if holder in workers and holder not in killed:
+                os.killpg(holder, signal.SIGKILL)
+                workers.pop(holder).wait()
+                killed.add(holder)
+                worker = stack.enter_context(
+                    running(["worker"], env, tmp_path / f"worker-{len(killed) + 1}.log")
+                )
+                workers[worker.pid] = worker
+            time.sleep(0.1)
+
+        assert job["status"] == "failed" and job["error"]["code"] == "worker_lost", job
+        assert job["attempts"] == 3 and len(killed) == 3
+        for job_id in others:
+            done = wait_for_job(client, job_id, ("succeeded", "failed", "cancelled"), timeout=120)
+            assert done["status"] == "succeeded", done
+        assert client.get("/v1/prompts/poison").status_code == 404  # no version, not even an empty task
