@@ -85,6 +85,11 @@ class Hyperparameters(BaseModel):
         default=None, ge=0, description="Stop after this many evaluations without improvement (0: never)."
     )
     optimizer: Literal["adamw", "adafactor"] | None = None
+    loss: Literal["labels", "tokens"] | None = Field(
+        default=None,
+        description="labels: a cross-entropy over the label words (classification, one-token labels); "
+        "tokens: the target tokens' likelihood over the vocabulary.",
+    )
 
 
 class JobCreate(BaseModel):

@@ -105,7 +105,20 @@ def target_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log P(each target token | prompt, context, earlier targets) for rows [prompt][context][targets].
 
-    Returns ``(log_probs [N] float32, row_of [N] long)`` over all N target tokens of the batch.
+    Returns ``(log_probs [N] float32, row_of [N] long)`` over all N target tokens of the batch."""
+    logits, row_of = target_logits(backbone, prompts, contexts, targets)  # [N, V]
+    wanted = torch.tensor([t for target in targets for t in target], dtype=torch.long, device=logits.device)
+    return logits.log_softmax(-1).gather(-1, wanted[:, None])[:, 0], row_of  # [N]
+
+
+def target_logits(
+    backbone: Backbone,
+    prompts: list[torch.Tensor | None],
+    contexts: list[list[int]],
+    targets: list[list[int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token logits at the position that predicts each target token: ``(logits [N, V] float32,
+    row_of [N] long)``.
 
     Three things keep this cheap, which is most of what training costs:
     - When every row has the same prompt (training, evaluation), the prompt's k positions run once for the
@@ -155,7 +168,7 @@ def target_log_probs(
         cache=cache,
         use_cache=cache is not None,
     ).last_hidden_state  # [P, W, d]
-    rows_of, packs_of, columns, wanted = [], [], [], []
+    rows_of, packs_of, columns = [], [], []
     for i, ((pack, offset), prompt, context, target) in enumerate(
         zip(where, prompts, contexts, targets, strict=True)
     ):
@@ -164,14 +177,9 @@ def target_log_probs(
         rows_of += [i] * len(target)
         packs_of += [pack] * len(target)
         columns += range(first, first + len(target))
-        wanted += target
     row_of = torch.tensor(rows_of, dtype=torch.long, device=device)
     picked = hidden[torch.tensor(packs_of, device=device), torch.tensor(columns, device=device)]  # [N, d]
-    logits = backbone.model.get_output_embeddings()(picked).float()  # [N, V]
-    log_probs = logits.log_softmax(-1).gather(
-        -1, torch.tensor(wanted, dtype=torch.long, device=device)[:, None]
-    )[:, 0]  # [N]
-    return log_probs, row_of
+    return backbone.model.get_output_embeddings()(picked).float(), row_of  # [N, V]
 
 
 def _packed_mask(lengths: list[int], prefix: int, device: torch.device) -> torch.Tensor:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from app.ml.backbone import Backbone
-from app.ml.batching import context_ids, fit_context, target_ids, target_log_probs
+from app.ml.batching import context_ids, fit_context, target_ids, target_log_probs, target_logits
 from app.ml.checkpoint import Checkpoint
 from app.ml.inference import label_log_likelihoods
 from app.ml.metrics import classification_report
-from app.ml.text import render
+from app.ml.text import continuation, render
 
 log = logging.getLogger(__name__)
 # train_loss is the mean over the last steps: a single step's loss is too noisy to report.
@@ -48,6 +48,10 @@ class TrainConfig:
     # label tokens alone, and an EOS target there spends a short run on learning to stop instead of
     # telling labels apart (SST-2 measurements in docs/benchmarks.md).
     append_eos: bool = True
+    # Classification whose labels are one token each learns from a cross-entropy over the labels' logits
+    # alone, the choice it is scored on, instead of every token of the vocabulary (SST-2 measurements in
+    # docs/benchmarks.md). Other datasets, and this switched off, use the per-token likelihood.
+    label_loss: bool = True
 
 
 @dataclass
@@ -71,22 +75,59 @@ class TrainResult:
 class _Encoded:
     context: list[int]  # rendered input, cut from the left to fit
     target: list[int]  # the continuation (+ eos for generation): the only tokens the loss sees
+    choices: list[int] | None = None  # with the label loss: each label's one token, in the labels' order
+    answer: int = 0  # with the label loss: the index of this example's label in choices
 
 
 def _encode(
-    backbone: Backbone, examples: list[Example], template: str, k: int, *, append_eos: bool
+    backbone: Backbone,
+    examples: list[Example],
+    template: str,
+    k: int,
+    *,
+    append_eos: bool,
+    labels: list[str] | None = None,
 ) -> list[_Encoded]:
+    """With ``labels``, each example also gets its label choices, if every label of every example is one
+    token and every output is a label; otherwise none does."""
     encoded = []
     for ex in examples:
         rendered = render(template, ex.input)
         target = target_ids(backbone, rendered, ex.output, with_eos=append_eos)
         context = fit_context(backbone, context_ids(backbone, rendered), k + len(target), truncate=True)
         encoded.append(_Encoded(context, target))
+    if labels and all(ex.output in labels for ex in examples):
+        # A label's tokens depend on its input only through the space continuation() puts before it.
+        by_space: dict[str, list[int] | None] = {}
+        choices = []
+        for ex in examples:
+            rendered = render(template, ex.input)
+            space = continuation(rendered, "")
+            if space not in by_space:
+                by_space[space] = _label_tokens(backbone, rendered, labels)
+            choices.append(by_space[space])
+        if all(c is not None for c in choices):
+            for e, ex, c in zip(encoded, examples, choices, strict=True):
+                e.choices, e.answer = c, labels.index(ex.output)
     return encoded
 
 
+def _label_tokens(backbone: Backbone, rendered: str, labels: list[str]) -> list[int] | None:
+    """Each label's token after ``rendered``, or None when some label takes more than one."""
+    ids = [target_ids(backbone, rendered, label, with_eos=False) for label in labels]
+    return [i[0] for i in ids] if all(len(i) == 1 for i in ids) else None
+
+
 def _loss(backbone: Backbone, prompt: torch.Tensor, batch: list[_Encoded]) -> torch.Tensor:
-    """Mean negative log-likelihood per target token (not per example: long outputs weigh more)."""
+    """The label loss (cross-entropy over the label choices) when the batch has choices; otherwise the mean
+    negative log-likelihood per target token (not per example: long outputs weigh more)."""
+    if all(e.choices is not None for e in batch):
+        logits, _ = target_logits(  # [B, V]: each target is its label's one token
+            backbone, [prompt] * len(batch), [e.context for e in batch], [e.target for e in batch]
+        )
+        choices = torch.tensor([e.choices for e in batch], device=logits.device)  # [B, labels]
+        answers = torch.tensor([e.answer for e in batch], device=logits.device)  # [B]
+        return torch.nn.functional.cross_entropy(logits.gather(-1, choices), answers)
     log_probs, _ = target_log_probs(
         backbone, [prompt] * len(batch), [e.context for e in batch], [e.target for e in batch]
     )
@@ -212,7 +253,14 @@ def train_prompt(
     """Tune ``prompt`` ([k, d]) on ``train``; the same seed and data give the same prompt, and so does a
     run resumed from any of its checkpoints (handed to ``on_checkpoint`` every ``checkpoint_every``
     steps)."""
-    encoded = _encode(backbone, train, template, len(prompt), append_eos=config.append_eos)
+    encoded = _encode(
+        backbone,
+        train,
+        template,
+        len(prompt),
+        append_eos=config.append_eos,
+        labels=labels if config.label_loss and not config.append_eos else None,
+    )
     # The master copy stays float32 even on a bfloat16 backbone: the updates are small.
     start = prompt if resume is None else resume.prompt
     param = torch.nn.Parameter(start.detach().to(backbone.device, torch.float32).clone())  # [k, d]

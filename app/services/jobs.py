@@ -37,6 +37,7 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "eval_every": 0,
     "patience": 0,
     "optimizer": "adamw",
+    "loss": "labels",
 }
 # Default length: DEFAULT_EPOCHS passes over the data, within [MIN_DEFAULT_STEPS, MAX_DEFAULT_STEPS]. The
 # floor gives a small dataset enough updates; the ceiling keeps a default job on the full SST-2 training
@@ -45,6 +46,9 @@ DEFAULT_EPOCHS = 3
 MIN_DEFAULT_STEPS = 100
 MAX_DEFAULT_STEPS = 400
 OPTIMIZERS = ("adamw", "adafactor")
+# "labels": classification with one-token labels learns from a cross-entropy over the labels alone;
+# "tokens": the likelihood of the target tokens over the whole vocabulary (what generation datasets use).
+LOSSES = ("labels", "tokens")
 WARMUP_FRACTION = 0.1
 # Held out for validation when the job names no validation dataset.
 HOLDOUT_FRACTION = 0.1
@@ -198,6 +202,10 @@ def resolve_hyperparameters(given: dict[str, Any], *, settings: Settings, num_tr
         raise InvalidRequest(
             f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {values['optimizer']!r}.",
             param="hyperparameters.optimizer",
+        )
+    if values["loss"] not in LOSSES:
+        raise InvalidRequest(
+            f"loss must be one of {', '.join(LOSSES)}; got {values['loss']!r}.", param="hyperparameters.loss"
         )
     if not 1 <= values["steps"] <= settings.max_steps:
         raise InvalidRequest(

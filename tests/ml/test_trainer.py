@@ -6,9 +6,10 @@ import torch
 from app.ml import batching
 from app.ml.batching import context_ids, target_ids, target_log_probs
 from app.ml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from app.ml.inference import label_log_likelihoods
 from app.ml.soft_prompt import init_prompt
 from app.ml.text import render
-from app.ml.trainer import Example, TrainConfig, _Best, evaluate, train_prompt
+from app.ml.trainer import Example, TrainConfig, _Best, _encode, _loss, evaluate, train_prompt
 
 TEMPLATE = "Review: {input}\nSentiment:"
 LABELS = ["positive", "negative"]
@@ -102,6 +103,44 @@ def test_a_classification_evaluation_takes_its_loss_from_the_label_scores(tiny_b
     loss_only = evaluate(tiny_backbone, prompt, data, template=TEMPLATE, labels=None, append_eos=False)
     assert one_pass["val_loss"] == pytest.approx(loss_only["val_loss"], rel=1e-5)
     assert one_pass["val_accuracy"] is not None
+
+
+def test_the_label_loss_is_the_cross_entropy_of_the_scores_classification_predicts_from(tiny_backbone):
+    prompt = init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=1)
+    data = _examples()
+    encoded = _encode(tiny_backbone, data, TEMPLATE, 4, append_eos=False, labels=LABELS)
+    assert [e.answer for e in encoded] == [LABELS.index(ex.output) for ex in data]
+    with torch.inference_mode():
+        loss = _loss(tiny_backbone, prompt, encoded)
+    scores = label_log_likelihoods(
+        tiny_backbone,
+        prompts=[prompt] * len(data),
+        texts=[render(TEMPLATE, ex.input) for ex in data],
+        labels=LABELS,
+    )  # [B, labels]
+    answers = torch.tensor([LABELS.index(ex.output) for ex in data])
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(scores, answers).item(), rel=1e-5)
+
+
+def test_labels_of_several_tokens_fall_back_to_the_token_loss(tiny_backbone):
+    labels = ["quite positive indeed", "negative"]
+    data = [Example("a fun film", labels[0]), Example("a dull film", labels[1])]
+    encoded = _encode(tiny_backbone, data, TEMPLATE, 4, append_eos=False, labels=labels)
+    assert [e.choices for e in encoded] == [None, None]
+    prompt = init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=1)
+    with torch.inference_mode():
+        log_probs, _ = target_log_probs(
+            tiny_backbone, [prompt] * 2, [e.context for e in encoded], [e.target for e in encoded]
+        )
+        assert _loss(tiny_backbone, prompt, encoded).item() == pytest.approx(-log_probs.mean().item())
+
+
+def test_training_on_the_label_loss_learns_the_labels(tiny_backbone):
+    config = TrainConfig(steps=40, batch_size=6, learning_rate=0.1, warmup_steps=2, append_eos=False)
+    untrained = _train(tiny_backbone, config=TrainConfig(steps=0, append_eos=False))
+    trained = _train(tiny_backbone, config=config)
+    assert trained.metrics["val_accuracy"] >= max(0.9, untrained.metrics["val_accuracy"])
+    assert trained.metrics["val_loss"] < untrained.metrics["val_loss"]
 
 
 def test_packed_rows_score_as_if_each_ran_alone(tiny_backbone, monkeypatch):
