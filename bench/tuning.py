@@ -8,11 +8,11 @@ All see the same rows in the same order (our trainer's seeded batch order), the 
 `Review: {input}\\nSentiment:` and 20 virtual tokens. Three trainers:
 
 - ours, with the defaults a job gets when it names no hyperparameters (label-word init, AdamW 0.03 with a
-  10 % warm-up then linear decay, the label loss: a cross-entropy over the label tokens' logits);
+  10 % warm-up then linear decay, loss on the label token);
 - PEFT as its prompt-tuning guide for causal LMs sets it up: the prompt initialised from a task description,
   AdamW 0.03 with linear decay and no warm-up, loss on the label tokens and an end-of-text token;
-- PEFT with exactly our settings, the label loss included: the same computation, so its accuracy should
-  match ours and its time per step is the fair speed peer.
+- PEFT with exactly our settings: the same computation, so its accuracy should match ours and its time per
+  step is the fair speed peer.
 
 Accuracy is rank classification over the label words on the SST-2 dev split (872 rows), and zero-shot with
 the same template is printed beside it.
@@ -151,19 +151,11 @@ def run_peft(train: list[Example], dev: list[Example], steps: int, batch_size: i
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, train_config))
     batches = BatchOrder(batch_size, len(train), train_config.seed)
-    label_ids = [tokenizer(" " + label, add_special_tokens=False)["input_ids"][0] for label in LABELS]
     stamps = []
     for _ in range(steps):
         batch = [train[i] for i in batches.next()]
         input_ids, attention_mask, labels = _peft_batch(tokenizer, batch, end_token=guide)
-        if guide:
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        else:  # our label loss: a cross-entropy over the two label tokens' logits at the label position
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, k + T, V]
-            at = VIRTUAL_TOKENS + (labels != -100).int().argmax(-1) - 1  # [B] the position before the label
-            picked = logits[torch.arange(len(batch)), at][:, label_ids]  # [B, labels]
-            answers = torch.tensor([LABELS.index(ex.output) for ex in batch])
-            loss = torch.nn.functional.cross_entropy(picked, answers)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if not guide:  # the guide does not clip

@@ -134,7 +134,7 @@ def train_config(hp: dict, *, classification: bool, checkpoint_every: int = 0) -
         patience=hp.get("patience", 0),
         optimizer=hp.get("optimizer", "adamw"),
         append_eos=not classification,
-        label_loss=hp.get("loss", "labels") == "labels",
+        label_loss=hp.get("loss") == "labels",
         checkpoint_every=checkpoint_every,
     )
 

@@ -20,8 +20,8 @@ def test_job_gets_defaults_and_is_queued(client):
     assert job["init"] == {"strategy": "labels"}
     assert job["hyperparameters"]["steps"] == 100 and job["hyperparameters"]["learning_rate"] == 0.03
     assert job["hyperparameters"]["warmup_steps"] == 10  # 10 % of the steps unless given
-    assert job["hyperparameters"]["loss"] == "labels"
-    assert train_config(job["hyperparameters"], classification=True).label_loss
+    assert job["hyperparameters"]["loss"] == "tokens"
+    assert not train_config(job["hyperparameters"], classification=True).label_loss
     assert job["progress"] == {"step": 0, "total_steps": 100, "eta_seconds": None}
     assert job["result"] is None and job["error"] is None
     assert client.get(f"/v1/tuning/jobs/{job['id']}").json()["id"] == job["id"]
@@ -35,11 +35,11 @@ def test_the_default_length_grows_with_the_data_within_bounds():
     assert default_steps(67_149, 32) == MAX_DEFAULT_STEPS  # full SST-2: capped
 
 
-def test_the_token_loss_can_be_chosen(client):
+def test_the_label_loss_can_be_chosen(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
-    job = create(client, task="t", training_dataset=dataset_id, hyperparameters={"loss": "tokens"}).json()
-    assert job["hyperparameters"]["loss"] == "tokens"
-    assert not train_config(job["hyperparameters"], classification=True).label_loss
+    job = create(client, task="t", training_dataset=dataset_id, hyperparameters={"loss": "labels"}).json()
+    assert job["hyperparameters"]["loss"] == "labels"
+    assert train_config(job["hyperparameters"], classification=True).label_loss
 
 
 def test_epochs_become_steps(client):

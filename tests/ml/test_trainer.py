@@ -136,7 +136,9 @@ def test_labels_of_several_tokens_fall_back_to_the_token_loss(tiny_backbone):
 
 
 def test_training_on_the_label_loss_learns_the_labels(tiny_backbone):
-    config = TrainConfig(steps=40, batch_size=6, learning_rate=0.1, warmup_steps=2, append_eos=False)
+    config = TrainConfig(
+        steps=40, batch_size=6, learning_rate=0.1, warmup_steps=2, append_eos=False, label_loss=True
+    )
     untrained = _train(tiny_backbone, config=TrainConfig(steps=0, append_eos=False))
     trained = _train(tiny_backbone, config=config)
     assert trained.metrics["val_accuracy"] >= max(0.9, untrained.metrics["val_accuracy"])
