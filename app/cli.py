@@ -1,4 +1,4 @@
-"""The `softprompt` command: `up` (the embedded default), `api`, `worker`, `db upgrade`."""
+"""The `softprompt` command: `up` (the embedded default), `api`, `worker`, `db upgrade`, `keys`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from app.config import get_settings
 cli = typer.Typer(help="softprompt: prompt tuning as a service.", no_args_is_help=True)
 db_cli = typer.Typer(help="Registry database.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
+keys_cli = typer.Typer(help="Tenants' API keys.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
 
 HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
 PortOption = Annotated[int, typer.Option(help="Port to listen on.")]
@@ -32,6 +34,54 @@ def db_upgrade(revision: str = "head") -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.registry_url, revision)
     typer.echo(f"registry at {revision}: {_redacted(settings.registry_url)}")
+
+
+@keys_cli.command("create")
+def keys_create(tenant: Annotated[str, typer.Option(help="The tenant; created if it is new.")]) -> None:
+    """Make a key for a tenant. The key is printed once, alone on the last line; only its hash is kept."""
+    from app.db.session import session_scope
+    from app.errors import DomainError
+    from app.services.api_keys import create_key
+
+    try:
+        with session_scope(get_settings().registry_url) as session:
+            made = create_key(session, tenant=tenant)
+            key_id, prefix = made.row.id, made.row.prefix
+    except DomainError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"key {key_id} for tenant {tenant} ({prefix}...); it is shown only now:")
+    typer.echo(made.key)
+
+
+@keys_cli.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None) -> None:
+    """Every key's id, tenant, visible prefix, and when it was made or revoked (never the key)."""
+    from app.db.session import session_scope
+    from app.services.api_keys import list_keys
+
+    with session_scope(get_settings().registry_url) as session:
+        for row in list_keys(session, tenant=tenant):
+            revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+            typer.echo(
+                f"{row.id}\t{row.tenant.name}\t{row.prefix}...\t{row.created_at:%Y-%m-%d %H:%M}\t{revoked}"
+            )
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id, from `keys list`.")]) -> None:
+    """Revoke a key: requests with it are refused from then on."""
+    from app.db.session import session_scope
+    from app.errors import DomainError
+    from app.services.api_keys import revoke_key
+
+    try:
+        with session_scope(get_settings().registry_url) as session:
+            row = revoke_key(session, key_id=key_id)
+            typer.echo(f"key {row.id} ({row.prefix}...) of tenant {row.tenant.name} revoked")
+    except DomainError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(2) from None
 
 
 @cli.command()
