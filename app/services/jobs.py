@@ -40,11 +40,11 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "loss": "tokens",
 }
 # Default length: DEFAULT_EPOCHS passes over the data, within [MIN_DEFAULT_STEPS, MAX_DEFAULT_STEPS]. The
-# floor gives a small dataset enough updates; the ceiling keeps a default job on the full SST-2 training
-# split under half an hour on 2 CPU cores (12,800 examples seen).
+# floor gives a small dataset enough updates; the ceiling fills about 20 of a job's 30 minutes on the
+# full SST-2 training split on 2 CPU cores (25,600 examples seen; docs/benchmarks.md).
 DEFAULT_EPOCHS = 3
 MIN_DEFAULT_STEPS = 100
-MAX_DEFAULT_STEPS = 400
+MAX_DEFAULT_STEPS = 800
 OPTIMIZERS = ("adamw", "adafactor")
 # "tokens": the likelihood of the target tokens over the whole vocabulary; "labels": classification with
 # one-token labels learns from a cross-entropy over the labels alone (no more accurate on SST-2).
