@@ -90,9 +90,8 @@ def _encode(
 ) -> list[_Encoded]:
     """With ``labels``, each example also gets its label choices, if every label of every example is one
     token and every output is a label; otherwise none does."""
-    encoded = []
-    for ex in examples:
-        rendered = render(template, ex.input)
+    encoded, rendered_inputs = [], [render(template, ex.input) for ex in examples]
+    for ex, rendered in zip(examples, rendered_inputs, strict=True):
         target = target_ids(backbone, rendered, ex.output, with_eos=append_eos)
         context = fit_context(backbone, context_ids(backbone, rendered), k + len(target), truncate=True)
         encoded.append(_Encoded(context, target))
@@ -100,8 +99,7 @@ def _encode(
         # A label's tokens depend on its input only through the space continuation() puts before it.
         by_space: dict[str, list[int] | None] = {}
         choices = []
-        for ex in examples:
-            rendered = render(template, ex.input)
+        for rendered in rendered_inputs:
             space = continuation(rendered, "")
             if space not in by_space:
                 by_space[space] = _label_tokens(backbone, rendered, labels)
