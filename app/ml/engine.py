@@ -3,6 +3,8 @@
 Batching is iteration-level: a row that finishes leaves the batch at once and a waiting row joins at the
 next step, so a long request never holds short ones back and the batch stays full under load. Rows of any
 task share a step, each with its own prompt; a prompt's keys and values are computed once per version.
+Tenants share fairly: free places go round-robin to the tenants with waiting rows, and each tenant may hold
+only its share of the queue, so one tenant's flood neither delays another's rows nor fills the queue.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 
 import torch
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 Listener = Callable[[Sequence, str, bool], None]
 
 
+_NOBODY = object()  # no tenant served yet (None is a tenant: the anonymous one)
+
+
 class Scheduler:
     """Forms batches across requests; no threads, so tests and offline callers can step it by hand."""
 
@@ -35,9 +40,13 @@ class Scheduler:
         self.backbone = backbone
         self.max_batch_rows = max_batch_rows
         self.prompt_kv_cache = prompt_kv_cache
-        self.waiting: deque[Sequence] = deque()
+        # Each tenant's waiting rows in FIFO order. The dict's order is the turn order: the front tenant
+        # is served next and then goes to the back, so a tenant with one row waits for at most one row of
+        # each other tenant, however many those have queued. A tenant leaves when its queue is empty.
+        self.waiting: dict[Hashable | None, deque[Sequence]] = {}
         self.running: DecodeBatch | None = None
         self._listeners: dict[int, Listener] = {}
+        self._served_last: object = _NOBODY
 
     @property
     def idle(self) -> bool:
@@ -45,14 +54,20 @@ class Scheduler:
 
     def add(self, sequence: Sequence, listener: Listener) -> None:
         self._listeners[id(sequence)] = listener
-        self.waiting.append(sequence)
+        tenant = sequence.request.tenant
+        if tenant not in self.waiting:
+            self.waiting[tenant] = deque()
+            # A tenant that starts waiting goes before the one served last, which has just had its turn.
+            if self._served_last in self.waiting:
+                self.waiting[self._served_last] = self.waiting.pop(self._served_last)
+        self.waiting[tenant].append(sequence)
 
     def step(self) -> None:
         """Admit waiting rows (one prefill) if there is room, else advance the running rows by a token."""
         room = self.max_batch_rows - (len(self.running) if self.running else 0)
         joining: list[Sequence] = []
         while self.waiting and len(joining) < room:
-            sequence = self.waiting.popleft()
+            sequence = self._next_waiting()
             if not (sequence.cancelled and self._notify(sequence)):
                 joining.append(sequence)
         if joining:
@@ -60,6 +75,16 @@ class Scheduler:
         elif self.running is not None:
             running = self.running
             self._guarded(running.sequences, lambda: self._advance(running))
+
+    def _next_waiting(self) -> Sequence:
+        """The oldest row of the tenant whose turn it is; that tenant goes to the back of the turn order."""
+        tenant, queue = next(iter(self.waiting.items()))
+        sequence = queue.popleft()
+        del self.waiting[tenant]
+        if queue:
+            self.waiting[tenant] = queue
+        self._served_last = tenant
+        return sequence
 
     def _admit(self, joining: list[Sequence]) -> None:
         batch, logits = prefill(self.backbone, joining, self._prompt_kv)
@@ -134,7 +159,8 @@ def generate_all(
 
 class Engine:
     """The scheduler on its own thread, with a bounded queue in front and classification calls between
-    steps, so nothing else ever touches the model concurrently."""
+    steps, so nothing else ever touches the model concurrently. ``max_tenant_rows`` bounds the rows one
+    tenant may hold at once (None: only the global bound), so a flood from one leaves room for the others."""
 
     def __init__(
         self,
@@ -143,10 +169,12 @@ class Engine:
         max_batch_rows: int,
         max_queued_rows: int,
         prompt_kv_cache_bytes: int,
+        max_tenant_rows: int | None = None,
     ):
         self.backbone = backbone
         self.max_batch_rows = max_batch_rows
         self.max_queued_rows = max_queued_rows
+        self.max_tenant_rows = max_tenant_rows
         self.prompt_kv_cache = PromptKVCache(backbone, prompt_kv_cache_bytes)
         self.scheduler = Scheduler(
             backbone, max_batch_rows=max_batch_rows, prompt_kv_cache=self.prompt_kv_cache
@@ -155,6 +183,7 @@ class Engine:
         self._incoming: deque[tuple[Sequence, Listener]] = deque()
         self._calls: deque[tuple[Callable[[Backbone], object], Future]] = deque()
         self._outstanding = 0  # rows accepted and not finished, calls counted by their rows
+        self._tenant_rows: dict[Hashable | None, int] = {}  # the same, per tenant; no entry at zero
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="softprompt-engine", daemon=True)
 
@@ -174,34 +203,46 @@ class Engine:
         self._thread.join(timeout)
 
     def submit(self, requests: list[GenerationRequest], listener: Listener) -> list[Sequence]:
-        """Queue the requests as rows; Overloaded at once when the queue has no room for all of them."""
+        """Queue the requests as rows; Overloaded at once when the queue, or the tenant's share of it, has
+        no room for all of them. All rows of one submit are served for one tenant: the first request's."""
         sequences = [Sequence(request=r) for r in requests]
+        tenant = requests[0].tenant if requests else None
 
         def releasing(sequence: Sequence, delta: str, over: bool) -> None:
             if over:
-                self._release(1)
+                self._release(1, tenant)
             listener(sequence, delta, over)
 
         with self._cv:
-            self._admit(len(sequences))
+            self._admit(len(sequences), tenant)
             self._incoming.extend((s, releasing) for s in sequences)
             self._cv.notify()
         return sequences
 
-    def call(self, work: Callable[[Backbone], object], *, rows: int) -> Future:
-        """Run ``work(backbone)`` on the engine thread between two steps (classification does)."""
+    def call(
+        self, work: Callable[[Backbone], object], *, rows: int, tenant: Hashable | None = None
+    ) -> Future:
+        """Run ``work(backbone)`` on the engine thread between two steps (classification does); its
+        ``rows`` count against the queue and ``tenant``'s share of it until it is done."""
         future: Future = Future()
         with self._cv:
-            self._admit(rows)
+            self._admit(rows, tenant)
             self._calls.append((work, future))
             self._cv.notify()
-        future.add_done_callback(lambda _: self._release(rows))
+        future.add_done_callback(lambda _: self._release(rows, tenant))
         return future
 
-    def _admit(self, rows: int) -> None:
+    def _admit(self, rows: int, tenant: Hashable | None) -> None:
         if self._stopping:
             raise Unavailable(
                 "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"}
+            )
+        held = self._tenant_rows.get(tenant, 0)
+        if self.max_tenant_rows is not None and held + rows > self.max_tenant_rows:
+            raise Overloaded(
+                f"Your requests already hold {held} of the {self.max_tenant_rows} inference rows one caller "
+                f"may hold ({rows} asked); retry shortly.",
+                headers={"Retry-After": "1"},
             )
         capacity = self.max_batch_rows + self.max_queued_rows
         if self._outstanding + rows > capacity:
@@ -211,10 +252,16 @@ class Engine:
                 headers={"Retry-After": "1"},
             )
         self._outstanding += rows
+        if rows:
+            self._tenant_rows[tenant] = held + rows
 
-    def _release(self, rows: int) -> None:
+    def _release(self, rows: int, tenant: Hashable | None) -> None:
         with self._cv:
             self._outstanding -= rows
+            if rows:
+                held = self._tenant_rows.pop(tenant) - rows
+                if held:
+                    self._tenant_rows[tenant] = held
 
     def _loop(self) -> None:
         while True:

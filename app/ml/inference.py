@@ -30,10 +30,11 @@ def generation_requests(
     stop: list[str] | None = None,
     seed: int | None = None,
     prompt_keys: list[Hashable | None] | None = None,
+    tenant: Hashable | None = None,
 ) -> list[GenerationRequest]:
     """One engine request per text. Inputs longer than the window allows (with the prompt and
     ``max_new_tokens``) are refused with InvalidRequest. Row i samples with ``seed + i``, so a row's text
-    does not depend on what it is batched with."""
+    does not depend on what it is batched with. Every row is served for ``tenant``."""
     keys = prompt_keys or [None] * len(texts)
     stops = tuple(s for s in stop or [] if s)
     requests = []
@@ -50,6 +51,7 @@ def generation_requests(
             stop=stops,
             seed=None if seed is None else seed + i,
             input_tokens=len(ids) if text else 0,
+            tenant=tenant,
         )
         requests.append(request)
     return requests

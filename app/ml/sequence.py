@@ -22,6 +22,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None  # sampling seed of this row alone, so batching never changes its text
     input_tokens: int = 0  # what usage reports: the caller's tokens (an empty input is fed as one EOS)
+    # Who the row is served for: the engine shares batch places and queue room fairly between tenants.
+    # None is one anonymous tenant.
+    tenant: Hashable | None = None
 
     @property
     def virtual_tokens(self) -> int:

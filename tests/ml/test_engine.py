@@ -149,6 +149,82 @@ def test_a_full_queue_refuses_at_once_and_counts_rows(tiny_backbone):
     assert refused.value.headers == {"Retry-After": "1"} and "3 rows" in refused.value.message
 
 
+def test_a_tenant_with_one_row_is_not_queued_behind_another_tenants_flood(tiny_backbone):
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=2, prompt_kv_cache=None)
+    flood = generation_requests(
+        tiny_backbone,
+        prompts=[None] * 6,
+        texts=[input_text(i) for i in range(6)],
+        max_new_tokens=4,
+        tenant="b",
+    )
+    (lone,) = generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=4, tenant="a")
+    for request in flood:
+        scheduler.add(Sequence(request=request), lambda *_: None)
+    mine = Sequence(request=lone)
+    scheduler.add(mine, lambda *_: None)
+    scheduler.step()  # one admission: first in, first served would take two of b's rows
+    assert scheduler.running is not None and mine in scheduler.running.sequences
+    assert [s.request for s in scheduler.running.sequences] == [flood[0], lone]
+
+
+def test_free_places_go_round_robin_between_tenants_in_each_tenants_order(tiny_backbone):
+    """One place, rows of one token: each step admits a row that finishes at once, so the order in which
+    rows finish is the order in which they were served."""
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=1, prompt_kv_cache=None)
+    served: list[str] = []
+
+    def add(tenant: str, count: int) -> None:
+        texts = [f"{tenant}{i}" for i in range(count)]
+        requests = generation_requests(
+            tiny_backbone, prompts=[None] * count, texts=texts, max_new_tokens=1, tenant=tenant
+        )
+        for text, request in zip(texts, requests, strict=True):
+            scheduler.add(Sequence(request=request), lambda *_, t=text: served.append(t))
+
+    add("b", 4)
+    scheduler.step()
+    add("a", 2)  # while b, just served, still has three rows waiting: a goes first
+    while not scheduler.idle:
+        scheduler.step()
+    assert served == ["b0", "a0", "b1", "a1", "b2", "b3"]
+
+
+def test_one_tenant_cannot_take_more_than_its_share_of_the_queue(tiny_backbone):
+    engine = Engine(
+        tiny_backbone, max_batch_rows=4, max_queued_rows=64, prompt_kv_cache_bytes=1 << 20, max_tenant_rows=2
+    ).start()
+    try:
+
+        def rows(tenant: str, count: int):
+            return generation_requests(
+                tiny_backbone, prompts=[None] * count, texts=["fun"] * count, max_new_tokens=2, tenant=tenant
+            )
+
+        gate = threading.Event()
+        busy = engine.call(lambda _: gate.wait(30), rows=0)  # holds the engine so no row finishes yet
+        with pytest.raises(Overloaded) as refused:
+            engine.submit(rows("b", 3), lambda *_: None)
+        assert refused.value.headers == {"Retry-After": "1"}
+        assert "0 of the 2 inference rows one caller may hold" in refused.value.message
+        b_rows = _Collector(2)
+        engine.submit(rows("b", 2), b_rows)
+        with pytest.raises(Overloaded):
+            engine.submit(rows("b", 1), lambda *_: None)
+        a_rows = _Collector(2)
+        engine.submit(rows("a", 2), a_rows)  # b's full share takes nothing from a's
+        assert engine.outstanding_rows == 4
+        gate.set()
+        busy.result(timeout=30)
+        assert b_rows.all_over.wait(60) and a_rows.all_over.wait(60)
+        again = _Collector(2)
+        engine.submit(rows("b", 2), again)  # b's finished rows no longer count against it
+        assert again.all_over.wait(60) and len(again.finished) == 2
+        assert engine.outstanding_rows == 0 and engine._tenant_rows == {}
+    finally:
+        engine.stop()
+
+
 def test_a_failing_step_fails_its_rows_and_the_engine_keeps_serving(tiny_backbone, engine, monkeypatch):
     bad = generation_requests(tiny_backbone, prompts=[random_prompt(3, 0)], texts=["fun"], max_new_tokens=3)
     from app.ml import engine as engine_module
