@@ -1,4 +1,4 @@
-"""The `softprompt` command: `up` (the embedded default), `api`, `worker`, `db upgrade`, `keys`."""
+"""The `softprompt` command: `up` (the embedded default), `api`, `worker`, `db upgrade`, `keys`, `tenants`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ db_cli = typer.Typer(help="Registry database.", no_args_is_help=True)
 cli.add_typer(db_cli, name="db")
 keys_cli = typer.Typer(help="Tenants' API keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
+tenants_cli = typer.Typer(help="Tenants and their quotas.", no_args_is_help=True)
+cli.add_typer(tenants_cli, name="tenants")
 
 HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
 PortOption = Annotated[int, typer.Option(help="Port to listen on.")]
@@ -82,6 +84,41 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id, from `
     except DomainError as error:
         typer.echo(f"error: {error.message}", err=True)
         raise typer.Exit(2) from None
+
+
+QuotaOption = Annotated[int | None, typer.Option(help="-1 returns it to the server's default.")]
+
+
+@tenants_cli.command("quota")
+def tenants_quota(
+    tenant: Annotated[str, typer.Argument(help="The tenant's name.")],
+    max_active_jobs: QuotaOption = None,
+    upload_bytes_per_hour: QuotaOption = None,
+    inference_rps: QuotaOption = None,
+) -> None:
+    """Show a tenant's quotas, or set some of them; the API applies a change within seconds."""
+    from app.db.session import session_scope
+    from app.errors import DomainError
+    from app.services.tenants import caller_of, set_quotas
+
+    settings = get_settings()
+    values = {
+        "max_active_jobs": max_active_jobs,
+        "upload_bytes_per_hour": upload_bytes_per_hour,
+        "inference_rps": inference_rps,
+    }
+    try:
+        with session_scope(settings.registry_url) as session:
+            row = set_quotas(session, name=tenant, values=values)
+            session.flush()
+            caller = caller_of(row, settings)
+            own = {field: getattr(row, field) for field in values}
+    except DomainError as error:
+        typer.echo(f"error: {error.message}", err=True)
+        raise typer.Exit(2) from None
+    for field in values:
+        where = "" if own[field] is not None else " (server default)"
+        typer.echo(f"{field}\t{getattr(caller, field)}{where}")
 
 
 @cli.command()

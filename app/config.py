@@ -61,9 +61,24 @@ class Settings(BaseSettings):
     # long, then closes the rest and exits. Event streams end at once with a "shutdown" event.
     shutdown_timeout_s: float = 30.0
 
+    # Who is calling (docs/operations.md, "Tenants and API keys"). While no API key exists, requests from
+    # the loopback interface are served as the tenant "default" and every other client gets 401; once one
+    # key exists, every /v1 request needs one. Key lookups are cached this long: a revoked key stops
+    # working within it.
+    auth_cache_ttl_s: float = 2.0
+
+    # Each tenant's quotas; `softprompt tenants quota` overrides them for one tenant.
+    tenant_max_active_jobs: int = 4  # queued or running at once
+    tenant_upload_bytes_per_hour: int = 1024 * 1024 * 1024
+    tenant_inference_rps: int = 20  # requests per second to /v1/generate and /v1/classify
+    # Where inference request counts live: "" keeps them in this process (each API replica counts alone);
+    # a redis:// URL shares them between replicas.
+    rate_limit_url: str = ""
+
     # The inference engine. Rows are single inputs; a request with a list of inputs takes several.
     engine_max_batch_rows: int = 32  # rows decoded together in one step
     engine_max_queued_rows: int = 256  # rows waiting for a place in the batch; past it, 429 at once
+    engine_max_tenant_rows: int = 128  # of those, rows one tenant may hold, so nobody fills the queue alone
     prompt_cache_bytes: int = 256 * 1024 * 1024  # decoded prompt tensors (20 x 576 floats: 46 KB each)
     prompt_kv_cache_bytes: int = 128 * 1024 * 1024  # prompts' per-layer keys and values (0.9 MB each)
     task_resolve_ttl_s: float = 2.0  # how long "task" (no @version) may keep naming a superseded version

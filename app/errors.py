@@ -46,6 +46,13 @@ class UnsupportedMediaType(DomainError):
     code = "unsupported_media_type"
 
 
+class Unauthorized(DomainError):
+    """No usable API key. The caller learns nothing else: not which tenants or objects exist."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class NotFound(DomainError):
     status = 404
     code = "not_found"
@@ -59,6 +66,12 @@ class Conflict(DomainError):
 class Overloaded(DomainError):
     status = 429
     code = "overloaded"
+
+
+class QuotaExceeded(Overloaded):
+    """A tenant's own limit, as opposed to the whole server being busy."""
+
+    code = "quota_exceeded"
 
 
 class Unavailable(DomainError):

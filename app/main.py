@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api.auth import Authenticator
 from app.api.body_limit import BodyLimit
 from app.api.errors import install_error_handlers
 from app.api.routes import datasets, health, inference, jobs, prompts
 from app.config import Settings, get_settings
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone
 from app.services import leases
+from app.services.quotas import InferenceRateLimiter
 from app.services.serving import Serving
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,17 @@ on a frozen backbone, then generate or classify with any task from one loaded mo
 1. `POST /v1/datasets` with a `.jsonl` or `.csv` file.
 2. `POST /v1/tuning/jobs` naming the task and the dataset; follow `GET /v1/tuning/jobs/{id}`.
 3. `POST /v1/classify` or `POST /v1/generate` with `task`.
+
+Every `/v1` route takes an API key, `Authorization: Bearer KEY` (the Authorize button); keys are made with
+`softprompt keys create --tenant NAME`. While no key exists, the server answers without one, but only on
+the loopback interface.
 """
+
+OPEN_NOTICE = (
+    "NO API KEYS EXIST: /v1 answers without a key, as tenant 'default', to clients on the loopback interface "
+    "only; everyone else gets 401. Make a key with `softprompt keys create --tenant NAME` before others use "
+    "this server (`--tenant default` keeps what was made so far)."
+)
 
 
 def _load_default_backbone(settings: Settings) -> Backbone:
@@ -52,6 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        try:
+            if not app.state.authenticator.keys_exist():
+                log.warning(OPEN_NOTICE)
+        except Exception as error:  # the database away at start-up: /readyz says so; requests get 503
+            log.warning("could not check for API keys: %s", error)
         backbone = _load_default_backbone(settings) if settings.load_engine else None
         app.state.serving = Serving(settings, backbone)
         reaper = asyncio.create_task(_reap_forever(settings)) if settings.reaper_interval_s > 0 else None
@@ -63,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="softprompt", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.authenticator = Authenticator(settings)
+    app.state.inference_limiter = InferenceRateLimiter(settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
     for module in (datasets, jobs, prompts, inference, health):

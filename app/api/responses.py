@@ -8,12 +8,13 @@ from app.api.schemas import ErrorResponse
 
 DESCRIPTIONS = {
     400: "Malformed request.",
-    404: "No such object.",
+    401: "No API key, or one that is unknown or revoked; `WWW-Authenticate` says so too.",
+    404: "No such object (another tenant's objects answer exactly like missing ones).",
     409: "Conflicts with the object's current state.",
     413: "Body or file over the size limit.",
     415: "Unsupported file format.",
     422: "Invalid value; `param` names it.",
-    429: "Too many requests in flight; retry after `Retry-After` seconds.",
+    429: "A quota of your tenant, or the server's queue, is full; retry after `Retry-After` seconds.",
     503: "A dependency (database, broker, backbone) is unavailable; retry later.",
 }
 

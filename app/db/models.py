@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -47,13 +48,21 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON, datetime: UTCDateTime()}
 
 
+# Owns what was made while the service ran open on the loopback interface, before any key existed.
+DEFAULT_TENANT = "default"
+
+
 class Tenant(Base):
-    """A team sharing the service; its API keys say who is calling."""
+    """A team sharing the service; its API keys say who is calling. Quotas left empty take the server's
+    defaults (Settings.tenant_*)."""
 
     __tablename__ = "tenants"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
+    max_active_jobs: Mapped[int | None]
+    upload_bytes_per_hour: Mapped[int | None] = mapped_column(BigInteger)
+    inference_rps: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -72,10 +81,18 @@ class ApiKey(Base):
     tenant: Mapped[Tenant] = relationship()
 
 
+def _owner() -> Mapped[int]:
+    # No cascade: removing a tenant must not silently remove what it stored.
+    return mapped_column(ForeignKey("tenants.id"), index=True)
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
+    # A retried upload is matched within its tenant only, so a key says nothing about other tenants.
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = _owner()
     name: Mapped[str] = mapped_column(String(200))
     filename: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))
@@ -87,16 +104,20 @@ class Dataset(Base):
     # The normalised records as JSON lines of [input, output]: the worker reads them from here, so a worker
     # on another machine needs nothing but the database.
     records: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # of the uploaded file: the upload quota counts it
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Task(Base):
     __tablename__ = "tasks"
+    # Names are the tenant's own: two tenants can both have "sentiment".
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant_id: Mapped[int] = _owner()
+    name: Mapped[str] = mapped_column(String(64))
     # Version numbers are never reused, even after a version is deleted, so "task@3" always means one thing.
     last_version: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -136,8 +157,10 @@ class PromptVersion(Base):
 
 class TuningJob(Base):
     __tablename__ = "tuning_jobs"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = _owner()
     task: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     training_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
@@ -152,7 +175,7 @@ class TuningJob(Base):
     result_version: Mapped[int | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

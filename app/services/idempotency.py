@@ -1,5 +1,6 @@
 """Idempotency-Key: a retried create returns what the first request made; the same key with another body
-is refused. The key is unique in its table, so two racing requests cannot both create."""
+is refused. A key is unique within its tenant's rows, so two racing requests cannot both create, and
+one tenant's keys say nothing about another's."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ def fingerprint(request: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
-def earlier(session: Session, model: type[Row], *, key: str | None, request_sha256: str) -> Row | None:
+def earlier(
+    session: Session, model: type[Row], *, tenant_id: int, key: str | None, request_sha256: str
+) -> Row | None:
     """The row an earlier request with ``key`` created, or None; Conflict if that request differed."""
     if not key:
         return None
-    row = session.scalars(select(model).where(model.idempotency_key == key)).first()
+    query = select(model).where(model.tenant_id == tenant_id, model.idempotency_key == key)
+    row = session.scalars(query).first()
     if row is not None and row.request_sha256 != request_sha256:
         raise Conflict(
             "This Idempotency-Key was already used with a different request body.",

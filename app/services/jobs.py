@@ -16,9 +16,10 @@ from app.config import Settings
 from app.db.models import JobEvent, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.ml.text import INPUT_PLACEHOLDER
-from app.services import idempotency
+from app.services import idempotency, quotas
 from app.services.datasets import get_dataset
 from app.services.pagination import paginate
+from app.services.tenants import Caller
 
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -72,16 +73,23 @@ class JobRequest:
 
 
 def create_job(
-    session: Session, *, request: JobRequest, settings: Settings, idempotency_key: str | None
+    session: Session, *, caller: Caller, request: JobRequest, settings: Settings, idempotency_key: str | None
 ) -> tuple[TuningJob, bool]:
     """The new job and True, or the job an earlier request with the same key created and False."""
     existing = idempotency.earlier(
-        session, TuningJob, key=idempotency_key, request_sha256=request.fingerprint()
+        session,
+        TuningJob,
+        tenant_id=caller.tenant_id,
+        key=idempotency_key,
+        request_sha256=request.fingerprint(),
     )
     if existing is not None:
         return existing, False
+    fields = _validated_fields(session, tenant_id=caller.tenant_id, request=request, settings=settings)
+    quotas.check_active_jobs(session, caller=caller)
     job = TuningJob(
-        **_validated_fields(session, request=request, settings=settings),
+        tenant_id=caller.tenant_id,
+        **fields,
         idempotency_key=idempotency_key or None,
         request_sha256=request.fingerprint(),
         # While queued, the lease says when to send the message again if no worker has claimed it.
@@ -94,7 +102,11 @@ def create_job(
         # Two requests with the same key raced; the other one won.
         session.rollback()
         existing = idempotency.earlier(
-            session, TuningJob, key=idempotency_key, request_sha256=request.fingerprint()
+            session,
+            TuningJob,
+            tenant_id=caller.tenant_id,
+            key=idempotency_key,
+            request_sha256=request.fingerprint(),
         )
         if existing is None:
             raise
@@ -103,7 +115,9 @@ def create_job(
     return job, True
 
 
-def _validated_fields(session: Session, *, request: JobRequest, settings: Settings) -> dict[str, Any]:
+def _validated_fields(
+    session: Session, *, tenant_id: int, request: JobRequest, settings: Settings
+) -> dict[str, Any]:
     if not TASK_NAME.fullmatch(request.task):
         raise InvalidRequest(
             f"Task name {request.task!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', "
@@ -125,10 +139,14 @@ def _validated_fields(session: Session, *, request: JobRequest, settings: Settin
             param="num_virtual_tokens",
         )
 
-    training = get_dataset(session, dataset_id=request.training_dataset, param="training_dataset")
+    training = get_dataset(
+        session, tenant_id=tenant_id, dataset_id=request.training_dataset, param="training_dataset"
+    )
     validation = None
     if request.validation_dataset is not None:
-        validation = get_dataset(session, dataset_id=request.validation_dataset, param="validation_dataset")
+        validation = get_dataset(
+            session, tenant_id=tenant_id, dataset_id=request.validation_dataset, param="validation_dataset"
+        )
         if validation.kind != training.kind:
             raise InvalidRequest(
                 f"validation_dataset is a {validation.kind} dataset but training_dataset is "
@@ -220,20 +238,24 @@ def default_steps(num_train: int, batch_size: int) -> int:
     return min(MAX_DEFAULT_STEPS, max(MIN_DEFAULT_STEPS, epochs))
 
 
-def get_job(session: Session, *, job_id: int) -> TuningJob:
+def get_job(session: Session, *, tenant_id: int, job_id: int) -> TuningJob:
+    """Another tenant's job is not found, in the same words as one that never existed."""
     job = session.get(TuningJob, job_id)
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"No tuning job with id {job_id}.")
     return job
 
 
-def list_jobs(session: Session, *, limit: int, after: int | None) -> tuple[list[TuningJob], bool]:
-    return paginate(session, select(TuningJob), id_column=TuningJob.id, limit=limit, after=after)
+def list_jobs(
+    session: Session, *, tenant_id: int, limit: int, after: int | None
+) -> tuple[list[TuningJob], bool]:
+    query = select(TuningJob).where(TuningJob.tenant_id == tenant_id)
+    return paginate(session, query, id_column=TuningJob.id, limit=limit, after=after)
 
 
-def cancel_job(session: Session, *, job_id: int) -> TuningJob:
+def cancel_job(session: Session, *, tenant_id: int, job_id: int) -> TuningJob:
     """A queued job is cancelled at once; a running one is asked to stop and its worker records it."""
-    job = get_job(session, job_id=job_id)
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
     if job.status in TERMINAL:
         raise Conflict(
             f"Job {job_id} already {job.status}; only queued or running jobs can be cancelled.",
@@ -260,8 +282,8 @@ def cancel_job(session: Session, *, job_id: int) -> TuningJob:
     return job
 
 
-def list_events(session: Session, *, job_id: int, after: int | None = None) -> list[JobEvent]:
-    get_job(session, job_id=job_id)
+def list_events(session: Session, *, tenant_id: int, job_id: int, after: int | None = None) -> list[JobEvent]:
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if after is not None:
         query = query.where(JobEvent.id > after)

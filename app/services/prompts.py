@@ -42,7 +42,7 @@ def publish_version(
 ) -> PromptVersion:
     """Adds the job's version. The caller commits it together with the job's success, and the unique key
     on source_job_id makes a second write for the same job fail instead of adding a duplicate."""
-    task_id, number = _next_version_number(session, job.task)
+    task_id, number = _next_version_number(session, tenant_id=job.tenant_id, name=job.task)
     version = PromptVersion(
         task_id=task_id,
         version=number,
@@ -63,39 +63,43 @@ def publish_version(
     return version
 
 
-def _next_version_number(session: Session, name: str) -> tuple[int, int]:
+def _next_version_number(session: Session, *, tenant_id: int, name: str) -> tuple[int, int]:
     """(task id, the new version's number), the task created if it is new. Both are single statements that
     write first, so two workers finishing jobs of one task at once queue on the row (SQLite's write lock,
     PostgreSQL's row lock) instead of both reading the same last number."""
     insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else postgresql_insert
     session.execute(
-        insert(Task).values(name=name, last_version=0, created_at=utcnow()).on_conflict_do_nothing()
+        insert(Task)
+        .values(tenant_id=tenant_id, name=name, last_version=0, created_at=utcnow())
+        .on_conflict_do_nothing()
     )
     bumped = session.execute(
         update(Task)
-        .where(Task.name == name)
+        .where(Task.tenant_id == tenant_id, Task.name == name)
         .values(last_version=Task.last_version + 1)
         .returning(Task.id, Task.last_version)
     ).one()
     return bumped.id, bumped.last_version
 
 
-def list_tasks(session: Session, *, limit: int, after: int | None) -> tuple[list[Task], bool]:
-    return paginate(session, select(Task), id_column=Task.id, limit=limit, after=after)
+def list_tasks(session: Session, *, tenant_id: int, limit: int, after: int | None) -> tuple[list[Task], bool]:
+    query = select(Task).where(Task.tenant_id == tenant_id)
+    return paginate(session, query, id_column=Task.id, limit=limit, after=after)
 
 
-def get_task(session: Session, *, name: str) -> Task:
-    task = session.scalars(select(Task).where(Task.name == name)).first()
+def get_task(session: Session, *, tenant_id: int, name: str) -> Task:
+    """Names are looked up among the tenant's own tasks: another tenant's is simply not there."""
+    task = session.scalars(select(Task).where(Task.tenant_id == tenant_id, Task.name == name)).first()
     if task is None:
         raise NotFound(f"No task named {name!r}.", param="task")
     return task
 
 
 def get_version(
-    session: Session, *, name: str, version: int | None, with_vectors: bool = False
+    session: Session, *, tenant_id: int, name: str, version: int | None, with_vectors: bool = False
 ) -> PromptVersion:
     """The pinned version, or the newest one when ``version`` is None."""
-    query = select(PromptVersion).join(Task).where(Task.name == name)
+    query = select(PromptVersion).join(Task).where(Task.tenant_id == tenant_id, Task.name == name)
     if with_vectors:
         query = query.options(undefer(PromptVersion.vectors))
     if version is None:
@@ -103,16 +107,16 @@ def get_version(
     else:
         found = session.scalars(query.where(PromptVersion.version == version)).first()
     if found is None:
-        get_task(session, name=name)
+        get_task(session, tenant_id=tenant_id, name=name)
         which = "any version" if version is None else f"version {version}"
         raise NotFound(f"Task {name!r} has no {which}.", param="task")
     return found
 
 
-def resolve(session: Session, *, ref: str, with_vectors: bool = True) -> PromptVersion:
+def resolve(session: Session, *, tenant_id: int, ref: str, with_vectors: bool = True) -> PromptVersion:
     name, version = parse_task_ref(ref)
-    return get_version(session, name=name, version=version, with_vectors=with_vectors)
+    return get_version(session, tenant_id=tenant_id, name=name, version=version, with_vectors=with_vectors)
 
 
-def delete_version(session: Session, *, name: str, version: int) -> None:
-    session.delete(get_version(session, name=name, version=version))
+def delete_version(session: Session, *, tenant_id: int, name: str, version: int) -> None:
+    session.delete(get_version(session, tenant_id=tenant_id, name=name, version=version))

@@ -81,14 +81,16 @@ class Serving:
         self.settings = settings
         self.backbone = backbone
         self.prompts = PromptTensors(settings.prompt_cache_bytes)
-        # ref -> (resolved, when): a task without a version follows new versions within the TTL.
-        self._refs: OrderedDict[str, tuple[ResolvedPrompt, float]] = OrderedDict()
+        # (tenant id, ref) -> (resolved, when): a task without a version follows new versions within the
+        # TTL. The tenant is part of the key: a name resolved for one tenant means nothing for another.
+        self._refs: OrderedDict[tuple[int, str], tuple[ResolvedPrompt, float]] = OrderedDict()
         self.engine: Engine | None = None
         if backbone is not None:
             self.engine = Engine(
                 backbone,
                 max_batch_rows=settings.engine_max_batch_rows,
                 max_queued_rows=settings.engine_max_queued_rows,
+                max_tenant_rows=settings.engine_max_tenant_rows,
                 prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,
             ).start()
 
@@ -109,14 +111,14 @@ class Serving:
             )
         return self.engine
 
-    def resolve(self, session: Session, ref: str | None) -> ResolvedPrompt:
+    def resolve(self, session: Session, *, tenant_id: int, ref: str | None) -> ResolvedPrompt:
         engine = self._require_engine()
         if ref is None:
             return BARE
-        cached = self._refs.get(ref)
+        cached = self._refs.get((tenant_id, ref))
         if cached is not None and time.monotonic() - cached[1] < self.settings.task_resolve_ttl_s:
             return cached[0]
-        row = prompts_service.resolve(session, ref=ref, with_vectors=False)
+        row = prompts_service.resolve(session, tenant_id=tenant_id, ref=ref, with_vectors=False)
         if row.base_model != engine.backbone.name:
             raise InvalidRequest(
                 f"Task {ref!r} was trained on {row.base_model!r}, but this server serves "
@@ -139,7 +141,7 @@ class Serving:
             prompt=prompt,
             key=key,
         )
-        self._refs[ref] = (resolved, time.monotonic())
+        self._refs[(tenant_id, ref)] = (resolved, time.monotonic())
         while len(self._refs) > RESOLVED_REFS:
             self._refs.popitem(last=False)  # the oldest resolution; it costs one query to redo
         return resolved
@@ -183,12 +185,13 @@ class Serving:
         return texts, lengths
 
     def generation_requests(
-        self, resolved: ResolvedPrompt, texts: list[str], **options
+        self, resolved: ResolvedPrompt, texts: list[str], *, tenant_id: int, **options
     ) -> list[GenerationRequest]:
         """Tokenised and checked against the window here, in the request's thread, before anything queues."""
         engine = self._require_engine()
         return inference.generation_requests(
             engine.backbone,
+            tenant=tenant_id,
             prompts=[resolved.prompt] * len(texts),
             prompt_keys=[resolved.key] * len(texts),
             texts=texts,
@@ -199,7 +202,9 @@ class Serving:
         """Queue the rows now (Overloaded at once when full); read them from the handle."""
         return GenerationHandle(self._require_engine(), requests)
 
-    async def classify(self, resolved: ResolvedPrompt, texts: list[str], labels: list[str]) -> list[dict]:
+    async def classify(
+        self, resolved: ResolvedPrompt, texts: list[str], labels: list[str], *, tenant_id: int
+    ) -> list[dict]:
         engine = self._require_engine()
         prompts = [resolved.prompt] * len(texts)
         future = engine.call(
@@ -212,6 +217,7 @@ class Serving:
                 kv_cache=engine.prompt_kv_cache,
             ),
             rows=len(texts),
+            tenant=tenant_id,
         )
         return await asyncio.wrap_future(future)
 

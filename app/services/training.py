@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.db.models import TuningJob, utcnow
 from app.db.session import session_scope
-from app.errors import DomainError
+from app.errors import DomainError, NotFound
 from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
@@ -100,14 +100,17 @@ HANDBACK = threading.Event()
 
 def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
     with session_scope(db_url) as session:
-        job = jobs_service.get_job(session, job_id=job_id)
+        job = session.get(TuningJob, job_id)
+        if job is None:
+            raise NotFound(f"No tuning job with id {job_id}.")
         if job.training_dataset_id is None:
             raise DomainError("The training dataset was deleted.", code="dataset_missing")
-        train_records = load_records(session, dataset_id=job.training_dataset_id)
-        dataset = get_dataset(session, dataset_id=job.training_dataset_id)
+        owned = {"tenant_id": job.tenant_id}
+        train_records = load_records(session, **owned, dataset_id=job.training_dataset_id)
+        dataset = get_dataset(session, **owned, dataset_id=job.training_dataset_id)
         kind, labels = dataset.kind, dataset.labels
         if job.validation_dataset_id is not None:
-            validation_records = load_records(session, dataset_id=job.validation_dataset_id)
+            validation_records = load_records(session, **owned, dataset_id=job.validation_dataset_id)
         else:
             train_records, validation_records = split_holdout(train_records, seed=job.hyperparameters["seed"])
         session.expunge(job)

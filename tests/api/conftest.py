@@ -5,7 +5,9 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.db.migrate import upgrade
+from app.db.session import session_scope
 from app.main import create_app
+from app.services.api_keys import create_key
 from tests.stacks import STACK_PARAMS, make_stack
 
 
@@ -24,6 +26,8 @@ def settings(stack, tmp_path, tiny_backbone_dir) -> Settings:
         broker_url=stack.broker_url,
         queue_name=stack.queue_name,
         broker_key_prefix=stack.broker_key_prefix,
+        # With PostgreSQL and Redis, tenants' request counts are shared through Redis, as across replicas.
+        rate_limit_url=stack.broker_url if stack.broker_url.startswith("redis") else "",
         backbones={"tiny": str(tiny_backbone_dir)},
         default_backbone="tiny",
         device="cpu",
@@ -32,7 +36,22 @@ def settings(stack, tmp_path, tiny_backbone_dir) -> Settings:
     )
 
 
+def new_key(stack, tenant: str) -> str:
+    with session_scope(stack.database_url) as session:
+        return create_key(session, tenant=tenant).key
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 @pytest.fixture
-def client(settings):
-    with TestClient(create_app(settings)) as client:
+def api_key(stack) -> str:
+    return new_key(stack, "acme")
+
+
+@pytest.fixture
+def client(settings, api_key):
+    """The API as the tenant "acme" sees it."""
+    with TestClient(create_app(settings), headers=bearer(api_key)) as client:
         yield client

@@ -13,8 +13,8 @@ def jsonl(records) -> bytes:
     return "\n".join(json.dumps(r) for r in records).encode()
 
 
-def upload(client, content: bytes, filename: str = "train.jsonl", **form):
-    return client.post("/v1/datasets", files={"file": (filename, content)}, data=form)
+def upload(client, content: bytes, filename: str = "train.jsonl", headers: dict | None = None, **form):
+    return client.post("/v1/datasets", files={"file": (filename, content)}, data=form, headers=headers)
 
 
 def sentiment_file() -> bytes:

@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 
+from app.api.auth import CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import DatasetPublic, Page
@@ -14,10 +15,13 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 READ_CHUNK = 1024 * 1024
 
 
-@router.post("", status_code=201, response_model=DatasetPublic, responses=errors(409, 413, 415, 422))
+@router.post(
+    "", status_code=201, response_model=DatasetPublic, responses=errors(401, 409, 413, 415, 422, 429)
+)
 async def upload_dataset(
     request: Request,
     response: Response,
+    caller: CallerDep,
     session: SessionDep,
     settings: SettingsDep,
     serving: ServingDep,
@@ -37,6 +41,7 @@ async def upload_dataset(
     )
     dataset, created = service.create_dataset(
         session,
+        caller=caller,
         data=data,
         filename=file.filename or "",
         name=name,
@@ -65,24 +70,24 @@ async def _read_limited(file: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.get("", response_model=Page[DatasetPublic], responses=errors(422))
+@router.get("", response_model=Page[DatasetPublic], responses=errors(401, 422))
 def list_datasets(
-    session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None
+    caller: CallerDep, session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None
 ) -> Page[DatasetPublic]:
-    """List datasets, newest first."""
-    rows, has_more = service.list_datasets(session, limit=limit, after=after)
+    """List your datasets, newest first."""
+    rows, has_more = service.list_datasets(session, tenant_id=caller.tenant_id, limit=limit, after=after)
     return Page[DatasetPublic](data=[DatasetPublic.of(r) for r in rows], has_more=has_more)
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic, responses=errors(404))
-def get_dataset(dataset_id: IdPath, session: SessionDep) -> DatasetPublic:
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=errors(401, 404))
+def get_dataset(dataset_id: IdPath, caller: CallerDep, session: SessionDep) -> DatasetPublic:
     """Get one dataset's description and statistics."""
-    return DatasetPublic.of(service.get_dataset(session, dataset_id=dataset_id))
+    return DatasetPublic.of(service.get_dataset(session, tenant_id=caller.tenant_id, dataset_id=dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=204, responses=errors(404, 409))
-def delete_dataset(dataset_id: IdPath, session: SessionDep) -> Response:
+@router.delete("/{dataset_id}", status_code=204, responses=errors(401, 404, 409))
+def delete_dataset(dataset_id: IdPath, caller: CallerDep, session: SessionDep) -> Response:
     """Delete a dataset; refused while a queued or running job uses it."""
-    service.delete_dataset(session, dataset_id=dataset_id)
+    service.delete_dataset(session, tenant_id=caller.tenant_id, dataset_id=dataset_id)
     session.commit()
     return Response(status_code=204)

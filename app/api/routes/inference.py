@@ -5,6 +5,7 @@ import json
 from fastapi import APIRouter
 from sse_starlette.sse import EventSourceResponse
 
+from app.api.auth import InferenceCallerDep
 from app.api.deps import ServingDep, SessionDep, SettingsDep
 from app.api.errors import error_body
 from app.api.responses import errors
@@ -50,9 +51,15 @@ STREAM_RESPONSE = {
 
 
 @router.post(
-    "/generate", response_model=GenerateResponse, responses={**STREAM_RESPONSE, **errors(404, 422, 429)}
+    "/generate", response_model=GenerateResponse, responses={**STREAM_RESPONSE, **errors(401, 404, 422, 429)}
 )
-async def generate(body: GenerateRequest, session: SessionDep, settings: SettingsDep, serving: ServingDep):
+async def generate(
+    body: GenerateRequest,
+    caller: InferenceCallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    serving: ServingDep,
+):
     """Generate text with a task's prompt (or the bare backbone); `stream: true` sends tokens as they come."""
     if body.max_new_tokens > settings.max_new_tokens:
         raise InvalidRequest(
@@ -61,12 +68,13 @@ async def generate(body: GenerateRequest, session: SessionDep, settings: Setting
         )
     if body.stop and any(not s for s in body.stop):
         raise InvalidRequest("stop strings must not be empty.", param="stop")
-    resolved = serving.resolve(session, body.task)
+    resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
     texts, _ = serving.render_inputs(resolved, _as_list(body.input))
     session.close()  # nothing more to read; don't hold a connection while the model runs
     requests = serving.generation_requests(
         resolved,
         texts,
+        tenant_id=caller.tenant_id,
         max_new_tokens=body.max_new_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -116,10 +124,12 @@ async def _stream(handle: GenerationHandle, resolved: ResolvedPrompt):
     yield {"event": "done", "data": response.model_dump_json()}
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=errors(404, 422, 429))
-async def classify(body: ClassifyRequest, session: SessionDep, serving: ServingDep) -> ClassifyResponse:
+@router.post("/classify", response_model=ClassifyResponse, responses=errors(401, 404, 422, 429))
+async def classify(
+    body: ClassifyRequest, caller: InferenceCallerDep, session: SessionDep, serving: ServingDep
+) -> ClassifyResponse:
     """Score each candidate label by its likelihood after the input; returns probabilities over labels."""
-    resolved = serving.resolve(session, body.task)
+    resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
     labels = body.labels or resolved.labels
     if not labels:
         raise InvalidRequest("This task has no label set; pass labels.", param="labels")
@@ -127,7 +137,7 @@ async def classify(body: ClassifyRequest, session: SessionDep, serving: ServingD
         raise InvalidRequest("labels must be distinct, non-empty strings.", param="labels")
     texts, token_counts = serving.render_inputs(resolved, _as_list(body.input))
     session.close()
-    scores = await serving.classify(resolved, texts, labels)
+    scores = await serving.classify(resolved, texts, labels, tenant_id=caller.tenant_id)
     return ClassifyResponse(
         task=resolved.task,
         version=resolved.version,

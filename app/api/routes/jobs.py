@@ -10,6 +10,7 @@ import anyio.from_thread
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette.sse import EventSourceResponse
 
+from app.api.auth import CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import JobCreate, JobEventPublic, JobPublic, Page
@@ -25,10 +26,11 @@ EVENT_POLL_S = 0.5
 SHUTDOWN_GRACE_S = 2.0
 
 
-@router.post("", status_code=201, response_model=JobPublic, responses=errors(404, 409, 422))
+@router.post("", status_code=201, response_model=JobPublic, responses=errors(401, 404, 409, 422, 429))
 def create_job(
     body: JobCreate,
     response: Response,
+    caller: CallerDep,
     session: SessionDep,
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
@@ -45,7 +47,7 @@ def create_job(
         hyperparameters=body.hyperparameters.model_dump(exclude_none=True),
     )
     job, created = service.create_job(
-        session, request=request, settings=settings, idempotency_key=idempotency_key
+        session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
     )
     session.commit()
     if not created:
@@ -65,23 +67,25 @@ def create_job(
     return JobPublic.of(job)
 
 
-@router.get("", response_model=Page[JobPublic], responses=errors(422))
-def list_jobs(session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None) -> Page[JobPublic]:
-    """List tuning jobs, newest first."""
-    rows, has_more = service.list_jobs(session, limit=limit, after=after)
+@router.get("", response_model=Page[JobPublic], responses=errors(401, 422))
+def list_jobs(
+    caller: CallerDep, session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None
+) -> Page[JobPublic]:
+    """List your tuning jobs, newest first."""
+    rows, has_more = service.list_jobs(session, tenant_id=caller.tenant_id, limit=limit, after=after)
     return Page[JobPublic](data=[JobPublic.of(r) for r in rows], has_more=has_more)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=errors(404))
-def get_job(job_id: IdPath, session: SessionDep) -> JobPublic:
+@router.get("/{job_id}", response_model=JobPublic, responses=errors(401, 404))
+def get_job(job_id: IdPath, caller: CallerDep, session: SessionDep) -> JobPublic:
     """Get a job's status, progress, metrics and result."""
-    return JobPublic.of(service.get_job(session, job_id=job_id))
+    return JobPublic.of(service.get_job(session, tenant_id=caller.tenant_id, job_id=job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409))
-def cancel_job(job_id: IdPath, session: SessionDep) -> JobPublic:
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(401, 404, 409))
+def cancel_job(job_id: IdPath, caller: CallerDep, session: SessionDep) -> JobPublic:
     """Cancel a queued job (it never starts) or a running one (it stops at the next step, writing nothing)."""
-    job = service.cancel_job(session, job_id=job_id)
+    job = service.cancel_job(session, tenant_id=caller.tenant_id, job_id=job_id)
     session.commit()
     return JobPublic.of(job)
 
@@ -90,7 +94,7 @@ def cancel_job(job_id: IdPath, session: SessionDep) -> JobPublic:
     "/{job_id}/events",
     response_model=list[JobEventPublic],
     responses={
-        **errors(404),
+        **errors(401, 404),
         200: {
             "content": {"text/event-stream": {}},
             "description": "JSON list, or a live stream with Accept: text/event-stream.",
@@ -98,16 +102,21 @@ def cancel_job(job_id: IdPath, session: SessionDep) -> JobPublic:
     },
 )
 def job_events(
-    job_id: IdPath, request: Request, session: SessionDep, settings: SettingsDep, after: AfterQuery = None
+    job_id: IdPath,
+    request: Request,
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    after: AfterQuery = None,
 ):
     """The job's events; with `Accept: text/event-stream`, a live stream that ends when the job does."""
-    events = service.list_events(session, job_id=job_id, after=after)
+    events = service.list_events(session, tenant_id=caller.tenant_id, job_id=job_id, after=after)
     if "text/event-stream" not in request.headers.get("accept", ""):
         return [_event(e) for e in events]
     # This handler runs in a worker thread; the shutdown event belongs to the server's event loop.
     shutdown = anyio.from_thread.run_sync(anyio.Event)
     return EventSourceResponse(
-        _stream(settings.registry_url, job_id, after, request, shutdown),
+        _stream(settings.registry_url, caller.tenant_id, job_id, after, request, shutdown),
         shutdown_event=shutdown,
         shutdown_grace_period=SHUTDOWN_GRACE_S,
     )
@@ -119,7 +128,9 @@ def _event(row) -> JobEventPublic:
     )
 
 
-async def _stream(db_url: str, job_id: int, after: int | None, request: Request, shutdown: anyio.Event):
+async def _stream(
+    db_url: str, tenant_id: int, job_id: int, after: int | None, request: Request, shutdown: anyio.Event
+):
     last = after
     while True:
         if shutdown.is_set():
@@ -127,7 +138,7 @@ async def _stream(db_url: str, job_id: int, after: int | None, request: Request,
             # (to another replica, or this one once it is back) with `after` and loses no event.
             yield {"event": "shutdown", "data": json.dumps({"after": last})}
             return
-        events, status = await asyncio.to_thread(_poll, db_url, job_id, last)
+        events, status = await asyncio.to_thread(_poll, db_url, tenant_id, job_id, last)
         for event in events:
             last = event.id
             yield {
@@ -143,7 +154,8 @@ async def _stream(db_url: str, job_id: int, after: int | None, request: Request,
         await asyncio.sleep(EVENT_POLL_S)
 
 
-def _poll(db_url: str, job_id: int, after: int | None) -> tuple[list[JobEventPublic], str]:
+def _poll(db_url: str, tenant_id: int, job_id: int, after: int | None) -> tuple[list[JobEventPublic], str]:
     with session_scope(db_url) as session:
-        events = [_event(e) for e in service.list_events(session, job_id=job_id, after=after)]
-        return events, service.get_job(session, job_id=job_id).status
+        owned = {"tenant_id": tenant_id, "job_id": job_id}
+        events = [_event(e) for e in service.list_events(session, **owned, after=after)]
+        return events, service.get_job(session, **owned).status

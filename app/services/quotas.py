@@ -1,0 +1,103 @@
+"""Each tenant's quotas: jobs queued or running at once, bytes uploaded per hour, inference requests per
+second. Past one, QuotaExceeded: a 429 whose Retry-After says when the request can succeed."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import timedelta
+
+from limits import RateLimitItemPerSecond
+from limits.storage import storage_from_string
+from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db.models import Dataset, Tenant, TuningJob, utcnow
+from app.errors import PayloadTooLarge, QuotaExceeded
+from app.services.tenants import Caller
+
+log = logging.getLogger(__name__)
+ACTIVE_JOB_STATUSES = ("queued", "running")
+UPLOAD_WINDOW = timedelta(hours=1)
+JOB_RETRY_AFTER_S = 30
+
+
+def check_active_jobs(session: Session, *, caller: Caller) -> None:
+    # On PostgreSQL the tenant's row is locked until the caller commits, so two requests racing for the
+    # last place take turns; SQLite lets one writer in at a time anyway.
+    session.execute(select(Tenant.id).where(Tenant.id == caller.tenant_id).with_for_update())
+    active = session.scalar(
+        select(func.count())
+        .select_from(TuningJob)
+        .where(TuningJob.tenant_id == caller.tenant_id, TuningJob.status.in_(ACTIVE_JOB_STATUSES))
+    )
+    if active >= caller.max_active_jobs:
+        raise QuotaExceeded(
+            f"Your tenant has {active} jobs queued or running; its limit is {caller.max_active_jobs}. "
+            "Wait for one to finish, or cancel one.",
+            code="job_quota_exceeded",
+            headers={"Retry-After": str(JOB_RETRY_AFTER_S)},
+        )
+
+
+def check_upload(session: Session, *, caller: Caller, size: int) -> None:
+    """Bytes of the datasets the tenant uploaded in the last hour (and still keeps), plus this file."""
+    limit = caller.upload_bytes_per_hour
+    if size > limit:
+        raise PayloadTooLarge(
+            f"The file is {size} bytes; your tenant may upload {limit} bytes per hour.",
+            param="file",
+            code="upload_quota_exceeded",
+        )
+    now = utcnow()
+    recent = session.execute(
+        select(Dataset.created_at, Dataset.size_bytes)
+        .where(Dataset.tenant_id == caller.tenant_id, Dataset.created_at > now - UPLOAD_WINDOW)
+        .order_by(Dataset.created_at)
+    ).all()
+    used = sum(nbytes for _, nbytes in recent)
+    if used + size <= limit:
+        return
+    # The file fits once enough of the oldest uploads have left the window.
+    to_free, freed, wait_s = used + size - limit, 0, UPLOAD_WINDOW.total_seconds()
+    for created_at, nbytes in recent:
+        freed += nbytes
+        if freed >= to_free:
+            wait_s = (created_at + UPLOAD_WINDOW - now).total_seconds()
+            break
+    raise QuotaExceeded(
+        f"Your tenant uploaded {used} bytes in the last hour; this file's {size} more would pass its limit "
+        f"of {limit} bytes per hour.",
+        param="file",
+        code="upload_quota_exceeded",
+        headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+    )
+
+
+class InferenceRateLimiter:
+    """Requests per second per tenant over a moving one-second window, counted in this process or, with
+    Settings.rate_limit_url, in Redis for all replicas together."""
+
+    def __init__(self, settings: Settings):
+        url = settings.rate_limit_url or "memory://"
+        options = {"key_prefix": f"{settings.broker_key_prefix}softprompt-rate"} if "redis" in url else {}
+        self._limiter = MovingWindowRateLimiter(storage_from_string(url, **options))
+
+    def hit(self, caller: Caller) -> None:
+        item = RateLimitItemPerSecond(caller.inference_rps)
+        try:
+            if self._limiter.hit(item, "inference", str(caller.tenant_id)):
+                return
+            reset_at, _ = self._limiter.get_window_stats(item, "inference", str(caller.tenant_id))
+        except Exception as error:
+            # The counter's store is away: serving without the limit beats refusing everyone.
+            log.warning("rate limit store unreachable, request let through: %s", error)
+            return
+        raise QuotaExceeded(
+            f"Your tenant may send {caller.inference_rps} inference requests per second; retry shortly.",
+            code="rate_limited",
+            headers={"Retry-After": str(max(1, math.ceil(reset_at - time.time())))},
+        )
