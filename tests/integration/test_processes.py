@@ -28,6 +28,8 @@ pytestmark = pytest.mark.worker
 class Service:
     api: httpx.Client
     worker_log: Path
+    api_log: Path
+    env: dict[str, str]
 
 
 @pytest.fixture(params=STACK_PARAMS)
@@ -48,7 +50,7 @@ def service(request, tmp_path, tiny_backbone_dir):
             stack.enter_context(running(["worker"], env, worker_log))
         client = wait_ready(f"http://127.0.0.1:{port}", process, log)
         stack.callback(client.close)
-        yield Service(client, worker_log)
+        yield Service(client, worker_log, log, env)
 
 
 def test_upload_tune_and_serve(service):
@@ -99,3 +101,27 @@ def test_cancel_a_running_job(service):
     assert done["status"] == "cancelled" and done["result"] is None
     assert time.monotonic() - asked < 10
     assert service.api.get("/v1/prompts/long").status_code == 404
+
+
+def test_the_first_key_ends_the_open_mode_and_no_key_reaches_the_logs(service):
+    assert service.api.get("/v1/datasets").status_code == 200  # no key yet: loopback is served
+    made = subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "default"],
+        env=service.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = made.stdout.splitlines()[-1]
+    deadline = time.monotonic() + 10  # the API remembers "no keys" for 2 s
+    while (answer := service.api.get("/v1/datasets")).status_code != 401:
+        assert time.monotonic() < deadline, answer.text
+        time.sleep(0.2)
+    assert answer.headers["www-authenticate"].startswith("Bearer")
+    assert service.api.get("/v1/datasets", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    wrong = key[:-2] + "xy"
+    assert service.api.get("/v1/datasets", headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+    logs = service.api_log.read_text() + service.worker_log.read_text()
+    assert "GET /v1/datasets" in logs  # the access log is there, and it holds no key
+    assert key not in logs and wrong not in logs and key[3:20] not in logs

@@ -31,6 +31,8 @@ SOAK_ENV = {
     "SOFTPROMPT_CHECKPOINT_EVERY_STEPS": "20",
     # Kills are random, so one job may be hit several times; the attempt cap has its own test.
     "SOFTPROMPT_JOB_MAX_ATTEMPTS": str(KILLS + 1),
+    # All twenty are queued at once by one tenant, past the default quota of 4.
+    "SOFTPROMPT_TENANT_MAX_ACTIVE_JOBS": str(JOBS),
 }
 # The worker's own log lines, "job N claimed by host:pid:thread" and "job N released by host:pid:thread".
 _RUN_LINE = re.compile(
