@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     # The inference engine. Rows are single inputs; a request with a list of inputs takes several.
     engine_max_batch_rows: int = 32  # rows decoded together in one step
     engine_max_queued_rows: int = 256  # rows waiting for a place in the batch; past it, 429 at once
+    engine_admit_every_steps: int = 4  # while rows run, newcomers join every this many decoder steps
     engine_max_tenant_rows: int = 128  # of those, rows one tenant may hold, so nobody fills the queue alone
     prompt_cache_bytes: int = 256 * 1024 * 1024  # decoded prompt tensors (20 x 576 floats: 46 KB each)
     prompt_kv_cache_bytes: int = 128 * 1024 * 1024  # prompts' per-layer keys and values (0.9 MB each)

@@ -167,6 +167,9 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured requests as A before the phases")
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument(
+        "--b-limit", type=int, help="tenant B's own limit (default: --limit); B still floods at 4 x --limit"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="softprompt-fairness-") as data_dir:
@@ -179,6 +182,8 @@ def main() -> int:
         }
         cli(env, "db", "upgrade")
         keys = {tenant: cli(env, "keys", "create", "--tenant", tenant) for tenant in ("a", "b")}
+        if args.b_limit is not None:  # B's own limit, e.g. 0: every flood request refused, none served
+            cli(env, "tenants", "quota", "b", "--inference-rps", str(args.b_limit))
         log(
             f"limit {args.limit} req/s per tenant; A: {args.requests} requests per phase at "
             f"{args.a_rps:g}/s; B: {4 * args.limit} req/s; {args.max_new_tokens} new tokens each"

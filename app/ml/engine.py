@@ -36,10 +36,22 @@ _NOBODY = object()  # no tenant served yet (None is a tenant: the anonymous one)
 class Scheduler:
     """Forms batches across requests; no threads, so tests and offline callers can step it by hand."""
 
-    def __init__(self, backbone: Backbone, *, max_batch_rows: int, prompt_kv_cache: PromptKVCache | None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        max_batch_rows: int,
+        prompt_kv_cache: PromptKVCache | None,
+        admit_every_steps: int = 1,
+    ):
         self.backbone = backbone
         self.max_batch_rows = max_batch_rows
         self.prompt_kv_cache = prompt_kv_cache
+        # While rows are running, newcomers join at most every this many decoder steps. Each admission is a
+        # prefill that pauses every running row, and it costs nearly as much for one newcomer as for eight:
+        # grouping arrivals keeps a steady trickle of requests from spending the engine's time on prefills.
+        self.admit_every_steps = admit_every_steps
+        self._steps_since_admission = 0
         # Each tenant's waiting rows in FIFO order. The dict's order is the turn order: the front tenant
         # is served next and then goes to the back, so a tenant with one row waits for at most one row of
         # each other tenant, however many those have queued. A tenant leaves when its queue is empty.
@@ -65,14 +77,18 @@ class Scheduler:
     def step(self) -> None:
         """Admit waiting rows (one prefill) if there is room, else advance the running rows by a token."""
         room = self.max_batch_rows - (len(self.running) if self.running else 0)
+        if self.running is not None and self._steps_since_admission < self.admit_every_steps:
+            room = 0
         joining: list[Sequence] = []
         while self.waiting and len(joining) < room:
             sequence = self._next_waiting()
             if not (sequence.cancelled and self._notify(sequence)):
                 joining.append(sequence)
         if joining:
+            self._steps_since_admission = 0
             self._guarded(joining, lambda: self._admit(joining))
         elif self.running is not None:
+            self._steps_since_admission += 1
             running = self.running
             self._guarded(running.sequences, lambda: self._advance(running))
 
@@ -170,6 +186,7 @@ class Engine:
         max_queued_rows: int,
         prompt_kv_cache_bytes: int,
         max_tenant_rows: int | None = None,
+        admit_every_steps: int = 1,
     ):
         self.backbone = backbone
         self.max_batch_rows = max_batch_rows
@@ -177,7 +194,10 @@ class Engine:
         self.max_tenant_rows = max_tenant_rows
         self.prompt_kv_cache = PromptKVCache(backbone, prompt_kv_cache_bytes)
         self.scheduler = Scheduler(
-            backbone, max_batch_rows=max_batch_rows, prompt_kv_cache=self.prompt_kv_cache
+            backbone,
+            max_batch_rows=max_batch_rows,
+            prompt_kv_cache=self.prompt_kv_cache,
+            admit_every_steps=admit_every_steps,
         )
         self._cv = threading.Condition()
         self._incoming: deque[tuple[Sequence, Listener]] = deque()

@@ -91,6 +91,7 @@ class Serving:
                 max_batch_rows=settings.engine_max_batch_rows,
                 max_queued_rows=settings.engine_max_queued_rows,
                 max_tenant_rows=settings.engine_max_tenant_rows,
+                admit_every_steps=settings.engine_admit_every_steps,
                 prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,
             ).start()
 

@@ -252,3 +252,26 @@ def test_a_failing_step_fails_its_rows_and_the_engine_keeps_serving(tiny_backbon
 def test_classification_calls_run_between_steps_and_return_their_value(engine):
     future: Future = engine.call(lambda backbone: backbone.name, rows=1)
     assert future.result(timeout=30) == "tiny" and engine.outstanding_rows == 0
+
+
+def test_newcomers_join_a_running_batch_together_every_few_steps(tiny_backbone):
+    """Each admission is a prefill that pauses the running rows: arrivals are grouped, but an idle engine
+    takes a row at once. Rows still compute what they would alone."""
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, admit_every_steps=3)
+    texts = [input_text(i) for i in range(4)]
+    requests = generation_requests(tiny_backbone, prompts=[None] * 4, texts=texts, max_new_tokens=12)
+    rows = [Sequence(request=r) for r in requests]
+    scheduler.add(rows[0], lambda *_: None)
+    scheduler.step()
+    assert len(scheduler.running) == 1
+    for row in rows[1:]:  # three arrivals, one per decoder step: none joins yet
+        scheduler.add(row, lambda *_: None)
+        scheduler.step()
+        assert len(scheduler.running) == 1
+    scheduler.step()  # three steps since the last admission: all three join in one prefill
+    assert len(scheduler.running) == 4
+    while not scheduler.idle:
+        scheduler.step()
+    for row, text in zip(rows, texts, strict=True):
+        expected = generate_reference(tiny_backbone, prompt=None, text=text, max_new_tokens=12)
+        assert row.result().token_ids == expected
