@@ -26,13 +26,14 @@ from pathlib import Path
 
 import httpx
 import torch
+from sqlalchemy import select
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
 from app.db.migrate import upgrade  # noqa: E402
-from app.db.models import PromptVersion, Task  # noqa: E402
+from app.db.models import DEFAULT_TENANT, PromptVersion, Task, Tenant  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone  # noqa: E402
 from app.ml.engine import Engine  # noqa: E402
@@ -154,11 +155,13 @@ def peft_generate(backbone: Backbone, new_tokens: int, rows: int) -> int:
 def seed_registry(
     db_url: str, backbone: Backbone, prompts: list[torch.Tensor], versions_of_task0: int
 ) -> None:
-    """16 tasks t0..t15 with one version each, and more versions of t0 for the memory figure."""
+    """16 tasks t0..t15 with one version each, and more versions of t0 for the memory figure, owned by the
+    tenant "default" that the API serves on loopback while no key exists."""
     upgrade(db_url)
     with session_scope(db_url) as session:
+        owner = session.scalars(select(Tenant.id).where(Tenant.name == DEFAULT_TENANT)).one()
         for i, prompt in enumerate(prompts):
-            task = Task(name=f"t{i}", last_version=0)
+            task = Task(tenant_id=owner, name=f"t{i}", last_version=0)
             session.add(task)
             session.flush()
             count = versions_of_task0 if i == 0 else 1
@@ -303,6 +306,8 @@ def main() -> int:
             "SOFTPROMPT_DATA_DIR": data_dir,
             "SOFTPROMPT_BACKBONE_DIR": str(ROOT / ".cache/backbones"),
             "SOFTPROMPT_ENGINE_MAX_BATCH_ROWS": "64",
+            # One tenant ("default", open on loopback) sends everything here: its quotas are not measured.
+            "SOFTPROMPT_TENANT_INFERENCE_RPS": "100000",
         }
         db_url = Settings(data_dir=Path(data_dir)).registry_url
         seed_registry(db_url, backbone, prompts, versions_of_task0=args.versions)

@@ -42,20 +42,54 @@ def publish_version(
 ) -> PromptVersion:
     """Adds the job's version. The caller commits it together with the job's success, and the unique key
     on source_job_id makes a second write for the same job fail instead of adding a duplicate."""
-    task_id, number = _next_version_number(session, tenant_id=job.tenant_id, name=job.task)
-    version = PromptVersion(
-        task_id=task_id,
-        version=number,
+    return add_version(
+        session,
+        tenant_id=job.tenant_id,
+        name=job.task,
+        vectors=vectors,
         base_model=job.base_model,
         num_virtual_tokens=job.num_virtual_tokens,
         embedding_dim=embedding_dim,
         template=job.template,
         labels=labels,
         kind=kind,
-        vectors=vectors,
-        sha256=hashlib.sha256(vectors).hexdigest(),
+        metrics=metrics,
         source_job_id=job.id,
         source_dataset_id=job.training_dataset_id,
+    )
+
+
+def add_version(
+    session: Session,
+    *,
+    tenant_id: int,
+    name: str,
+    vectors: bytes,
+    base_model: str,
+    num_virtual_tokens: int,
+    embedding_dim: int,
+    template: str,
+    labels: list[str] | None,
+    kind: str,
+    metrics: dict[str, Any],
+    source_job_id: int | None = None,
+    source_dataset_id: int | None = None,
+) -> PromptVersion:
+    """The task's next version (the task made if it is new), from a job or an imported adapter."""
+    task_id, number = _next_version_number(session, tenant_id=tenant_id, name=name)
+    version = PromptVersion(
+        task_id=task_id,
+        version=number,
+        base_model=base_model,
+        num_virtual_tokens=num_virtual_tokens,
+        embedding_dim=embedding_dim,
+        template=template,
+        labels=labels,
+        kind=kind,
+        vectors=vectors,
+        sha256=hashlib.sha256(vectors).hexdigest(),
+        source_job_id=source_job_id,
+        source_dataset_id=source_dataset_id,
         metrics=metrics,
     )
     session.add(version)

@@ -103,6 +103,9 @@ class Serving:
         if self.engine is not None:
             self.engine.stop()
 
+    def require_backbone(self) -> Backbone:
+        return self._require_engine().backbone
+
     def _require_engine(self) -> Engine:
         if self.engine is None:
             raise Unavailable(

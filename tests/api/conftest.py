@@ -55,3 +55,27 @@ def client(settings, api_key):
     """The API as the tenant "acme" sees it."""
     with TestClient(create_app(settings), headers=bearer(api_key)) as client:
         yield client
+
+
+TEMPLATE = "Review: {input}\nSentiment:"
+
+
+@pytest.fixture
+def trained(client, settings, tiny_backbone):
+    """A task 'sst2' of the tenant "acme" with one version trained for a few steps, in this process."""
+    from app.services.training import run_job
+    from tests.api.test_datasets import sentiment_file, upload
+
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    job = client.post(
+        "/v1/tuning/jobs",
+        json={
+            "task": "sst2",
+            "training_dataset": dataset_id,
+            "template": TEMPLATE,
+            "num_virtual_tokens": 4,
+            "hyperparameters": {"steps": 3, "batch_size": 4},
+        },
+    ).json()
+    assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
+    return job

@@ -15,27 +15,8 @@ from app.ml import inference
 from app.ml.soft_prompt import prompt_from_bytes
 from app.services import training
 from app.services.training import run_job
+from tests.api.conftest import TEMPLATE
 from tests.api.test_datasets import sentiment_file, upload
-
-TEMPLATE = "Review: {input}\nSentiment:"
-
-
-@pytest.fixture
-def trained(client, settings, tiny_backbone):
-    """A task 'sst2' with one version trained for a few steps."""
-    dataset_id = upload(client, sentiment_file()).json()["id"]
-    job = client.post(
-        "/v1/tuning/jobs",
-        json={
-            "task": "sst2",
-            "training_dataset": dataset_id,
-            "template": TEMPLATE,
-            "num_virtual_tokens": 4,
-            "hyperparameters": {"steps": 3, "batch_size": 4},
-        },
-    ).json()
-    assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
-    return job
 
 
 def test_finished_job_reports_its_version(client, trained):

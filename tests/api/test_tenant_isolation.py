@@ -28,8 +28,11 @@ BODIES: dict[str, tuple[dict, dict[str, str]]] = {
     "GenerateRequest": ({"task": "own:task", "input": "a fine film", "max_new_tokens": 2}, {"task": "task"}),
     "ClassifyRequest": ({"task": "own:task", "input": "a fine film"}, {"task": "task"}),
 }
-# Bodies that name no object (the upload is a file).
-NO_REFERENCES = {"Body_upload_dataset_v1_datasets_post"}
+# Bodies that name no object (the uploads are files).
+NO_REFERENCES = {"Body_upload_dataset_v1_datasets_post", "Body_import_peft_v1_prompts__task__versions_post"}
+# Routes whose task name is where the caller's new object goes, not an object it reads: another tenant's
+# name there makes the caller's own task (test_importing_into_a_name_another_tenant_uses_makes_your_own).
+CREATES_IN = {("POST", "/v1/prompts/{task}/versions")}
 
 
 @dataclass
@@ -97,6 +100,8 @@ def cross_tenant_cases(app, *, victim: Owned, caller: Owned) -> list[Case]:
             f"{route.path}: add an example body for {body} to BODIES so tenants' isolation is tested"
         )
         for method in route.methods:
+            if (method, route.path) in CREATES_IN:
+                continue
             example, references = BODIES.get(body, (None, {}))
             filled = _fill(example, caller) if example is not None else None
             if params:
@@ -195,3 +200,17 @@ def test_every_v1_route_needs_a_key_once_keys_exist(client, method):
         response = client.request(method, path, headers={"Authorization": ""})
         assert response.status_code == 401, (method, path, response.text)
         assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_importing_into_a_name_another_tenant_uses_makes_your_own(
+    client, api_key, settings, stack, tiny_backbone
+):
+    acme = make_objects(client, settings, tiny_backbone, api_key, "sentiment")
+    globex = bearer(new_key(stack, "globex"))
+    exported = client.get(f"/v1/prompts/{acme.task}/versions/1/peft").content
+    imported = client.post(
+        "/v1/prompts/sentiment/versions", files={"file": ("a.zip", exported)}, headers=globex
+    )
+    assert imported.status_code == 201 and imported.json()["version"] == 1  # globex's own first version
+    assert [v["version"] for v in client.get("/v1/prompts/sentiment").json()["versions"]] == [1]
+    assert client.get("/v1/prompts/sentiment/versions/1").json()["source_job"] == acme.job

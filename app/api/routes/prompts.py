@@ -1,11 +1,16 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.auth import CallerDep
-from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep
+from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep
 from app.api.responses import errors
 from app.api.schemas import Page, TaskPublic, VersionPublic
+from app.errors import InvalidRequest
+from app.services import adapters
 from app.services import prompts as service
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"])
@@ -39,3 +44,67 @@ def delete_version(task: str, version: IdPath, caller: CallerDep, session: Sessi
     service.delete_version(session, tenant_id=caller.tenant_id, name=task, version=version)
     session.commit()
     return Response(status_code=204)
+
+
+@router.get(
+    "/{task}/versions/{version}/peft",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "A PEFT prompt-tuning adapter, zipped."},
+        **errors(401, 404, 422),
+    },
+)
+def export_peft(task: str, version: IdPath, caller: CallerDep, session: SessionDep, serving: ServingDep):
+    """Download a version as a PEFT prompt-tuning adapter: `adapter_config.json` and
+    `adapter_model.safetensors` (`prompt_embeddings`), plus `softprompt.json` with the template and labels."""
+    found = adapters.export_version(
+        session, tenant_id=caller.tenant_id, name=task, version=version, backbone=serving.backbone
+    )
+    disposition = f'attachment; filename="{found.filename}"'
+    return Response(found.data, media_type="application/zip", headers={"Content-Disposition": disposition})
+
+
+@router.post(
+    "/{task}/versions", status_code=201, response_model=VersionPublic, responses=errors(401, 413, 422)
+)
+async def import_peft(
+    task: str,
+    caller: CallerDep,
+    session: SessionDep,
+    serving: ServingDep,
+    file: Annotated[UploadFile, File(description="A zip of a PEFT prompt-tuning adapter (safetensors).")],
+    template: Annotated[
+        str | None, Form(description="The text around each input, with {input}; default: the zip's own.")
+    ] = None,
+    labels: Annotated[
+        str | None,
+        Form(description='A JSON list of labels for classification, e.g. ["negative", "positive"].'),
+    ] = None,
+) -> VersionPublic:
+    """Import a PEFT prompt-tuning adapter as the task's next version (the task is made if it is new)."""
+    backbone = serving.require_backbone()
+    row = adapters.import_version(
+        session,
+        tenant_id=caller.tenant_id,
+        name=task,
+        data=await file.read(),
+        template=template,
+        labels=_labels(labels),
+        backbone=backbone,
+    )
+    session.commit()
+    return VersionPublic.of(row, task)
+
+
+def _labels(text: str | None) -> list | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        labels = json.loads(text)
+    except json.JSONDecodeError:
+        raise InvalidRequest(
+            'labels must be a JSON list, e.g. ["negative", "positive"].', param="labels"
+        ) from None
+    if not isinstance(labels, list):
+        raise InvalidRequest('labels must be a JSON list, e.g. ["negative", "positive"].', param="labels")
+    return labels

@@ -1,0 +1,132 @@
+"""PEFT interoperability: a version we export loads in `peft` with the same numbers, and an adapter `peft`
+made serves here."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import pytest
+import torch
+from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from app.ml import inference
+from app.ml.batching import build_batch, context_ids
+from app.ml.text import render
+from tests.api.conftest import TEMPLATE
+from tests.api.test_prompts_and_inference import _stored_prompt
+
+SENTENCE = "a gorgeous, witty, seductive movie."
+
+
+def unzip(data: bytes, into) -> None:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        archive.extractall(into)
+
+
+def zipped(folder) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.iterdir()):
+            archive.write(path, f"adapter/{path.name}")  # as a zipped folder usually comes
+    return buffer.getvalue()
+
+
+def our_logits(backbone, prompt: torch.Tensor, text: str) -> torch.Tensor:
+    """Our forward pass: the prompt's vectors before the input's embeddings. [n, V] for the input's tokens."""
+    ids = context_ids(backbone, text)
+    batch = build_batch(backbone, [prompt], [ids], left_pad=False)
+    with torch.inference_mode():
+        hidden = backbone.model.get_decoder()(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        return backbone.model.get_output_embeddings()(hidden[0, len(prompt) :]).float()
+
+
+def test_an_exported_version_loads_in_peft_with_identical_logits(
+    client, trained, tiny_backbone, tiny_backbone_dir, tmp_path
+):
+    response = client.get("/v1/prompts/sst2/versions/1/peft")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
+    assert 'filename="sst2-v1-peft.zip"' in response.headers["content-disposition"]
+    unzip(response.content, tmp_path / "adapter")
+    about = json.loads((tmp_path / "adapter/softprompt.json").read_text())
+    assert about["template"] == TEMPLATE and about["labels"] == ["negative", "positive"]
+
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_backbone_dir), tmp_path / "adapter"
+    )
+    model.eval()
+    theirs = model.get_prompt_embedding_to_save("default")  # [k, d]
+    ours = _stored_prompt(client.app.state.settings)
+    assert torch.equal(theirs.float(), ours)
+
+    text = render(TEMPLATE, SENTENCE)
+    ids = torch.tensor([context_ids(tiny_backbone, text)])
+    with torch.inference_mode():
+        peft_logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, len(ours) :]
+    assert torch.allclose(peft_logits.float(), our_logits(tiny_backbone, ours, text), atol=1e-5)
+
+
+def test_an_adapter_made_by_peft_is_imported_and_served(client, tiny_backbone, tiny_backbone_dir, tmp_path):
+    torch.manual_seed(0)
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_backbone_dir), config)
+    with (
+        torch.no_grad()
+    ):  # PEFT starts from random vectors; make them the backbone's scale, as training would
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "made", safe_serialization=True)
+    prompt = model.get_prompt_embedding_to_save("default").float()
+
+    imported = client.post(
+        "/v1/prompts/from-peft/versions",
+        files={"file": ("adapter.zip", zipped(tmp_path / "made"))},
+        data={"template": "Q: {input}\nA:"},
+    )
+    assert imported.status_code == 201, imported.text
+    assert imported.json()["version"] == 1 and imported.json()["num_virtual_tokens"] == 5
+
+    served = client.post("/v1/generate", json={"task": "from-peft", "input": "hello", "max_new_tokens": 6})
+    assert served.status_code == 200, served.text
+    expected = inference.generate_reference(
+        tiny_backbone, prompt=prompt, text=render("Q: {input}\nA:", "hello"), max_new_tokens=6
+    )
+    assert served.json()["outputs"][0]["tokens"] == len(expected)
+    assert served.json()["outputs"][0]["text"] == tiny_backbone.tokenizer.decode(expected)
+
+
+@pytest.mark.parametrize(
+    ("files", "fault"),
+    [
+        ({"adapter_config.json": "{}"}, "peft_type is None"),
+        ({"adapter_config.json": json.dumps({"peft_type": "LORA"})}, "peft_type is 'LORA'"),
+        (
+            {"adapter_config.json": json.dumps({"peft_type": "PROMPT_TUNING"}), "adapter_model.bin": "x"},
+            "pickled",
+        ),
+        (
+            {
+                "adapter_config.json": json.dumps({"peft_type": "PROMPT_TUNING"}),
+                "adapter_model.safetensors": "x",
+            },
+            "not a readable safetensors",
+        ),
+        ({"readme.txt": "hi"}, "no adapter_config.json"),
+    ],
+)
+def test_a_broken_adapter_is_refused_with_the_reason(client, files, fault):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    refused = client.post(
+        "/v1/prompts/x/versions", files={"file": ("a.zip", buffer.getvalue())}, data={"template": "{input}"}
+    )
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_adapter"
+    assert fault in refused.json()["error"]["message"]
+    assert client.get("/v1/prompts/x").status_code == 404  # nothing stored
+    not_zip = client.post("/v1/prompts/x/versions", files={"file": ("a.zip", b"PK not really")})
+    assert not_zip.status_code == 422 and "not a zip" in not_zip.json()["error"]["message"]
