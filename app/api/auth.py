@@ -30,6 +30,9 @@ bearer = HTTPBearer(
 LOOPBACK_HOSTS = ("127.0.0.1", "::1")
 # A request relayed by a proxy on this machine arrives from the loopback address but comes from elsewhere.
 PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+# The names a person's own browser or curl uses for this machine. Any other Host means a page on another
+# site reached us through DNS rebinding; any other Origin means a page on another site sent the request.
+LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # Lookups remembered, known and unknown keys alike; bounded so random keys cannot fill the memory.
 CACHED_KEYS = 10_000
 CHALLENGE = 'Bearer realm="softprompt"'
@@ -100,8 +103,26 @@ class Authenticator:
 
 
 def _from_loopback(request: Request) -> bool:
+    """A request from a program on this machine, on its own behalf: not relayed by a proxy, and not sent by
+    a web page from another site through the user's browser."""
     client = request.client.host if request.client else ""
-    return client in LOOPBACK_HOSTS and not any(h in request.headers for h in PROXY_HEADERS)
+    if client not in LOOPBACK_HOSTS or any(h in request.headers for h in PROXY_HEADERS):
+        return False
+    if _name(request.headers.get("host", "")) not in LOCAL_NAMES:
+        return False
+    origin = request.headers.get("origin")
+    if origin is not None and _name(origin.split("://", 1)[-1]) not in LOCAL_NAMES:
+        return False
+    return request.headers.get("sec-fetch-site", "same-origin") != "cross-site"
+
+
+def _name(host: str) -> str:
+    """The host of a Host header or of an origin, without its port: "127.0.0.1:8000" -> "127.0.0.1",
+    "[::1]:8000" -> "[::1]"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.split(":", 1)[0]
 
 
 def _caller(

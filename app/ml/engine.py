@@ -267,8 +267,7 @@ class Engine:
         capacity = self.max_batch_rows + self.max_queued_rows
         if self._outstanding + rows > capacity:
             raise Overloaded(
-                f"The inference queue is full ({self._outstanding} of {capacity} rows taken, {rows} asked); "
-                "retry shortly.",
+                f"The inference queue is full ({rows} rows asked); retry shortly.",
                 headers={"Retry-After": "1"},
             )
         self._outstanding += rows

@@ -124,7 +124,8 @@ def _read_zip(data: bytes) -> dict[str, bytes]:
             if name in (CONFIG_FILE, WEIGHTS_FILE, ABOUT_FILE, "adapter_model.bin"):
                 try:
                     files[name] = archive.read(entry)
-                except (zipfile.BadZipFile, OSError, EOFError) as error:
+                # Encrypted entries raise RuntimeError, unknown compression NotImplementedError.
+                except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as error:
                     raise _invalid(f"{entry.filename} cannot be read: {error}") from None
         return files
 

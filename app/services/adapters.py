@@ -52,6 +52,7 @@ def import_version(
     template: str | None,
     labels: list[str] | None,
     backbone: Backbone,
+    max_virtual_tokens: int,
 ) -> PromptVersion:
     """A new version of ``name`` (made if new) from a PEFT adapter zip, for the served backbone. The
     template and labels come from the request, else from our own export's softprompt.json."""
@@ -62,6 +63,12 @@ def import_version(
             param="task",
         )
     adapter = import_zip(data, backbone=backbone)
+    if adapter.prompt.shape[0] > max_virtual_tokens:
+        raise InvalidRequest(
+            f"The adapter has {adapter.prompt.shape[0]} virtual tokens; the limit is {max_virtual_tokens}.",
+            param="file",
+            code="invalid_adapter",
+        )
     template = template if template is not None else adapter.about.get("template")
     if not isinstance(template, str):
         raise InvalidRequest(

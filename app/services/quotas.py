@@ -11,7 +11,7 @@ from datetime import timedelta
 from limits import RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -26,9 +26,10 @@ JOB_RETRY_AFTER_S = 30
 
 
 def check_active_jobs(session: Session, *, caller: Caller) -> None:
-    # On PostgreSQL the tenant's row is locked until the caller commits, so two requests racing for the
-    # last place take turns; SQLite lets one writer in at a time anyway.
-    session.execute(select(Tenant.id).where(Tenant.id == caller.tenant_id).with_for_update())
+    # A write that changes nothing, before counting: it locks the tenant's row on PostgreSQL and takes the
+    # database's write lock on SQLite until the caller commits, so requests racing for the last place take
+    # turns instead of all counting the same jobs.
+    session.execute(update(Tenant).where(Tenant.id == caller.tenant_id).values(id=Tenant.id))
     active = session.scalar(
         select(func.count())
         .select_from(TuningJob)
@@ -83,7 +84,11 @@ class InferenceRateLimiter:
 
     def __init__(self, settings: Settings):
         url = settings.rate_limit_url or "memory://"
-        options = {"key_prefix": f"{settings.broker_key_prefix}softprompt-rate"} if "redis" in url else {}
+        options = {}
+        if "redis" in url:
+            # Short timeouts: an unresponsive Redis must let requests through quickly, not hang them.
+            prefix = f"{settings.broker_key_prefix}softprompt-rate"
+            options = {"key_prefix": prefix, "socket_timeout": 1.0, "socket_connect_timeout": 1.0}
         self._limiter = MovingWindowRateLimiter(storage_from_string(url, **options))
 
     def hit(self, caller: Caller) -> None:

@@ -2,7 +2,7 @@
 
 Rows made before tenants existed go to the tenant "default", which owns what is made while the service runs
 open on the loopback interface (docs/operations.md). Task names and Idempotency-Keys become unique per
-tenant. Downgrading fails if two tenants have a task of the same name.
+tenant. Downgrading fails if two tenants have a task of the same name or used the same Idempotency-Key.
 
 Revision ID: 0004
 Revises: 0003

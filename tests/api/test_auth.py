@@ -45,15 +45,21 @@ def test_missing_wrong_and_revoked_keys_get_401_with_a_challenge(settings, stack
 
 def test_without_any_key_only_the_loopback_interface_is_served(settings, stack, caplog):
     app = create_app(uncached(settings))
-    with TestClient(app, client=("127.0.0.1", 50000)) as local:
+    with TestClient(app, base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000)) as local:
         assert "NO API KEYS EXIST" in caplog.text  # the loud notice at start-up
         made = upload(local, sentiment_file())
         assert made.status_code == 201
         assert local.get("/v1/datasets").json()["data"][0]["id"] == made.json()["id"]
 
+        same_site = {"Origin": "http://127.0.0.1:8000", "Sec-Fetch-Site": "same-origin"}
+        assert local.get("/v1/datasets", headers=same_site).status_code == 200  # the /docs page itself
         for refused in (
             TestClient(app, client=("192.0.2.10", 50000)).get("/v1/datasets"),
             local.get("/v1/datasets", headers={"X-Forwarded-For": "192.0.2.10"}),  # relayed by a proxy
+            # A page on another site, through the user's own browser: by name (DNS rebinding) or by origin.
+            local.get("/v1/datasets", headers={"Host": "evil.example:8000"}),
+            local.post("/v1/tuning/jobs/1/cancel", headers={"Origin": "http://evil.example"}),
+            local.get("/v1/datasets", headers={"Sec-Fetch-Site": "cross-site"}),
         ):
             assert refused.status_code == 401
             assert refused.headers["www-authenticate"] == CHALLENGE

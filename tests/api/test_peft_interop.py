@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from app.ml import inference
 from app.ml.batching import build_batch, context_ids
+from app.ml.soft_prompt import prompt_to_bytes
 from app.ml.text import render
 from tests.api.conftest import TEMPLATE
 from tests.api.test_prompts_and_inference import _stored_prompt
@@ -96,6 +97,18 @@ def test_an_adapter_made_by_peft_is_imported_and_served(client, tiny_backbone, t
     )
     assert served.json()["outputs"][0]["tokens"] == len(expected)
     assert served.json()["outputs"][0]["text"] == tiny_backbone.tokenizer.decode(expected)
+
+
+def test_an_adapter_longer_than_a_job_may_train_is_refused(client, settings):
+    too_long = settings.max_virtual_tokens + 1
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("adapter_config.json", json.dumps({"peft_type": "PROMPT_TUNING"}))
+        archive.writestr("adapter_model.safetensors", prompt_to_bytes(torch.zeros(too_long, 64)))
+    refused = client.post(
+        "/v1/prompts/x/versions", files={"file": ("a.zip", buffer.getvalue())}, data={"template": "{input}"}
+    )
+    assert refused.status_code == 422 and f"{too_long} virtual tokens" in refused.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi.testclient import TestClient
 
@@ -41,6 +42,14 @@ def test_jobs_past_the_concurrent_quota_get_429_until_one_ends(settings, stack, 
 
         client.post(f"/v1/tuning/jobs/{first.json()['id']}/cancel")
         assert create_job(client, dataset).status_code == 201
+
+
+def test_racing_requests_cannot_both_take_the_last_job_place(settings, api_key):
+    with quota_client(settings, api_key, tenant_max_active_jobs=2) as client:
+        dataset = upload(client, sentiment_file()).json()["id"]
+        with ThreadPoolExecutor(6) as pool:
+            statuses = sorted(pool.map(lambda _: create_job(client, dataset).status_code, range(6)))
+        assert statuses == [201, 201, 429, 429, 429, 429]
 
 
 def test_uploads_past_the_hourly_bytes_get_429_with_the_wait(settings, stack, api_key):

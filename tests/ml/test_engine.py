@@ -146,7 +146,10 @@ def test_a_full_queue_refuses_at_once_and_counts_rows(tiny_backbone):
     engine.submit(requests, lambda *_: None)  # not started: nothing drains the queue
     with pytest.raises(Overloaded) as refused:
         engine.submit(requests, lambda *_: None)
-    assert refused.value.headers == {"Retry-After": "1"} and "3 rows" in refused.value.message
+    assert refused.value.headers == {"Retry-After": "1"} and "(2 rows asked)" in refused.value.message
+    assert engine.outstanding_rows == 2  # the refused rows took no place
+    # Other tenants' load is not the caller's business: the message gives no count of the rows taken.
+    assert "taken" not in refused.value.message
 
 
 def test_a_tenant_with_one_row_is_not_queued_behind_another_tenants_flood(tiny_backbone):

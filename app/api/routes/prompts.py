@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.auth import CallerDep
-from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep
+from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import Page, TaskPublic, VersionPublic
 from app.errors import InvalidRequest
@@ -67,10 +67,11 @@ def export_peft(task: str, version: IdPath, caller: CallerDep, session: SessionD
 @router.post(
     "/{task}/versions", status_code=201, response_model=VersionPublic, responses=errors(401, 413, 422)
 )
-async def import_peft(
+def import_peft(
     task: str,
     caller: CallerDep,
     session: SessionDep,
+    settings: SettingsDep,
     serving: ServingDep,
     file: Annotated[UploadFile, File(description="A zip of a PEFT prompt-tuning adapter (safetensors).")],
     template: Annotated[
@@ -87,10 +88,11 @@ async def import_peft(
         session,
         tenant_id=caller.tenant_id,
         name=task,
-        data=await file.read(),
+        data=file.file.read(),  # a plain function: FastAPI runs it, unzipping included, off the event loop
         template=template,
         labels=_labels(labels),
         backbone=backbone,
+        max_virtual_tokens=settings.max_virtual_tokens,
     )
     session.commit()
     return VersionPublic.of(row, task)
