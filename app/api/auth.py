@@ -139,5 +139,7 @@ def _inference_caller(request: Request, caller: Annotated[Caller, Depends(_calle
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
+# The credentials themselves, for a long response that checks them again as it goes.
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 # The caller of an inference route, after its tenant's requests-per-second limit (429 past it).
 InferenceCallerDep = Annotated[Caller, Depends(_inference_caller)]

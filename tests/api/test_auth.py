@@ -81,3 +81,19 @@ def test_the_openapi_page_declares_bearer_keys_on_every_v1_route(client):
             assert operation.get("security") == expected, (method, path)
             if path.startswith("/v1"):
                 assert "401" in operation["responses"], (method, path)
+
+
+def test_an_open_event_stream_ends_when_its_key_is_revoked(settings, stack):
+    key = new_key(stack, "acme")
+    with TestClient(create_app(uncached(settings)), headers=bearer(key)) as client:
+        dataset = upload(client, sentiment_file()).json()["id"]
+        body = {"task": "t", "training_dataset": dataset, "template": "{input}"}
+        job = client.post("/v1/tuning/jobs", json=body).json()["id"]  # stays queued: no worker here
+        accept = {"Accept": "text/event-stream"}
+        with client.stream("GET", f"/v1/tuning/jobs/{job}/events", headers=accept) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("event:")) == "event: status"
+            with session_scope(stack.database_url) as session:
+                revoke_key(session, key_id=1)
+            rest = list(lines)  # the stream ends: the queued job alone would keep it open
+    assert "event: error" in rest and any('"unauthorized"' in line for line in rest)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Annotated
 
 import anyio
@@ -10,12 +11,13 @@ import anyio.from_thread
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette.sse import EventSourceResponse
 
-from app.api.auth import CallerDep
+from app.api.auth import BearerDep, CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
+from app.api.errors import error_body
 from app.api.responses import errors
 from app.api.schemas import JobCreate, JobEventPublic, JobPublic, Page
 from app.db.session import session_scope
-from app.errors import Unavailable
+from app.errors import DomainError, Unavailable
 from app.services import jobs as service
 from app.services.queue import enqueue_training
 
@@ -105,6 +107,7 @@ def job_events(
     job_id: IdPath,
     request: Request,
     caller: CallerDep,
+    credentials: BearerDep,
     session: SessionDep,
     settings: SettingsDep,
     after: AfterQuery = None,
@@ -115,8 +118,15 @@ def job_events(
         return [_event(e) for e in events]
     # This handler runs in a worker thread; the shutdown event belongs to the server's event loop.
     shutdown = anyio.from_thread.run_sync(anyio.Event)
+    authenticator = request.app.state.authenticator
+
+    def recheck() -> None:
+        """A stream outlives its request: a key revoked meanwhile (or a first key ending the open mode)
+        ends it at the next poll, not when the job does."""
+        authenticator.authenticate(request, credentials)
+
     return EventSourceResponse(
-        _stream(settings.registry_url, caller.tenant_id, job_id, after, request, shutdown),
+        _stream(settings.registry_url, caller.tenant_id, job_id, after, request, shutdown, recheck),
         shutdown_event=shutdown,
         shutdown_grace_period=SHUTDOWN_GRACE_S,
     )
@@ -129,7 +139,13 @@ def _event(row) -> JobEventPublic:
 
 
 async def _stream(
-    db_url: str, tenant_id: int, job_id: int, after: int | None, request: Request, shutdown: anyio.Event
+    db_url: str,
+    tenant_id: int,
+    job_id: int,
+    after: int | None,
+    request: Request,
+    shutdown: anyio.Event,
+    recheck: Callable[[], None],
 ):
     last = after
     while True:
@@ -137,6 +153,11 @@ async def _stream(
             # The server is stopping: say so and end the response cleanly, so a client knows to reconnect
             # (to another replica, or this one once it is back) with `after` and loses no event.
             yield {"event": "shutdown", "data": json.dumps({"after": last})}
+            return
+        try:
+            await asyncio.to_thread(recheck)
+        except DomainError as error:
+            yield {"event": "error", "data": json.dumps(error_body(error))}
             return
         events, status = await asyncio.to_thread(_poll, db_url, tenant_id, job_id, last)
         for event in events:
