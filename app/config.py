@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     # key exists, every /v1 request needs one. Key lookups are cached this long: a revoked key stops
     # working within it.
     auth_cache_ttl_s: float = 2.0
+    # GET /metrics answers loopback clients, and others sending this as a Bearer token (empty: none).
+    metrics_token: str = ""
 
     # Each tenant's quotas; `softprompt tenants quota` overrides them for one tenant.
     tenant_max_active_jobs: int = 4  # queued or running at once

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api import metrics as metrics_api
 from app.api.auth import Authenticator
 from app.api.body_limit import BodyLimit
 from app.api.errors import install_error_handlers
@@ -15,6 +16,7 @@ from app.api.routes import datasets, health, inference, jobs, prompts
 from app.config import Settings, get_settings
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone
 from app.services import leases
+from app.services.metrics import Metrics
 from app.services.quotas import InferenceRateLimiter
 from app.services.serving import Serving
 
@@ -70,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as error:  # the database away at start-up: /readyz says so; requests get 503
             log.warning("could not check for API keys: %s", error)
         backbone = _load_default_backbone(settings) if settings.load_engine else None
-        app.state.serving = Serving(settings, backbone)
+        app.state.serving = Serving(settings, backbone, observer=app.state.metrics)
         reaper = asyncio.create_task(_reap_forever(settings)) if settings.reaper_interval_s > 0 else None
         log.info("softprompt API ready (backbone: %s)", backbone.name if backbone else "not loaded")
         yield
@@ -82,8 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.authenticator = Authenticator(settings)
     app.state.inference_limiter = InferenceRateLimiter(settings)
+    app.state.metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
-    for module in (datasets, jobs, prompts, inference, health):
+    app.add_middleware(metrics_api.RequestMetrics, metrics=app.state.metrics)
+    for module in (datasets, jobs, prompts, inference, health, metrics_api):
         app.include_router(module.router)
     return app

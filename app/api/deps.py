@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.models import MAX_ID
 from app.db.session import session_scope
+from app.services.metrics import Metrics
 from app.services.serving import Serving
 
 
@@ -27,13 +28,18 @@ def _serving(request: Request) -> Serving:
     return request.app.state.serving
 
 
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
 SessionDep = Annotated[Session, Depends(_session)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ServingDep = Annotated[Serving, Depends(_serving)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
 LimitQuery = Annotated[int, Query(ge=1, le=100, description="Page size.")]
 AfterQuery = Annotated[
     int | None, Query(ge=0, le=MAX_ID, description="Id of the last item of the previous page.")
 ]
 IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
 
-__all__ = ["SessionDep", "SettingsDep", "ServingDep", "LimitQuery", "AfterQuery", "IdPath"]
+__all__ = ["SessionDep", "SettingsDep", "ServingDep", "MetricsDep", "LimitQuery", "AfterQuery", "IdPath"]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from typing import Protocol
 
 import torch
 
@@ -24,6 +26,15 @@ from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
 from app.ml.sequence import GenerationRequest, Sequence, choose_tokens
 
 log = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """What the engine reports as it works (the API turns it into metrics); called on the engine thread."""
+
+    def admitted(self, waited_seconds: list[float]) -> None: ...
+
+    def stepped(self, rows: int, seconds: float) -> None: ...
+
 
 # Called on the engine thread when a row has news: (row, text that became final, whether the row is over:
 # finished, cancelled or failed). The last call for a row is the only one with True.
@@ -43,10 +54,12 @@ class Scheduler:
         max_batch_rows: int,
         prompt_kv_cache: PromptKVCache | None,
         admit_every_steps: int = 1,
+        observer: Observer | None = None,
     ):
         self.backbone = backbone
         self.max_batch_rows = max_batch_rows
         self.prompt_kv_cache = prompt_kv_cache
+        self.observer = observer
         # While rows are running, newcomers join at most every this many decoder steps. Each admission is a
         # prefill that pauses every running row, and it costs nearly as much for one newcomer as for eight:
         # grouping arrivals keeps a steady trickle of requests from spending the engine's time on prefills.
@@ -86,11 +99,17 @@ class Scheduler:
                 joining.append(sequence)
         if joining:
             self._steps_since_admission = 0
+            if self.observer is not None:
+                now = time.monotonic()
+                self.observer.admitted([now - s.queued_at for s in joining])
             self._guarded(joining, lambda: self._admit(joining))
         elif self.running is not None:
             self._steps_since_admission += 1
             running = self.running
+            started = time.perf_counter()
             self._guarded(running.sequences, lambda: self._advance(running))
+            if self.observer is not None:
+                self.observer.stepped(len(running), time.perf_counter() - started)
 
     def _next_waiting(self) -> Sequence:
         """The oldest row of the tenant whose turn it is; that tenant goes to the back of the turn order."""
@@ -187,6 +206,7 @@ class Engine:
         prompt_kv_cache_bytes: int,
         max_tenant_rows: int | None = None,
         admit_every_steps: int = 1,
+        observer: Observer | None = None,
     ):
         self.backbone = backbone
         self.max_batch_rows = max_batch_rows
@@ -198,6 +218,7 @@ class Engine:
             max_batch_rows=max_batch_rows,
             prompt_kv_cache=self.prompt_kv_cache,
             admit_every_steps=admit_every_steps,
+            observer=observer,
         )
         self._cv = threading.Condition()
         self._incoming: deque[tuple[Sequence, Listener]] = deque()

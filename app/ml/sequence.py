@@ -3,6 +3,7 @@ part of its text is safe to stream."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ class Sequence:
     cancelled: bool = False  # set by the caller's thread (client gone); the engine drops the row
     error: Exception | None = None  # why the engine gave up on the row
     generator: torch.Generator | None = None
+    queued_at: float = field(default_factory=time.monotonic)  # for the queue-time metric
 
     def __post_init__(self):
         if self.request.temperature > 0:

@@ -19,7 +19,7 @@ from app.db.models import PromptVersion
 from app.errors import DomainError, InferenceFailed, InvalidRequest, PromptCorrupt, Unavailable
 from app.ml import inference
 from app.ml.backbone import Backbone
-from app.ml.engine import Engine
+from app.ml.engine import Engine, Observer
 from app.ml.sequence import Generation, GenerationRequest, Sequence
 from app.ml.soft_prompt import prompt_from_bytes
 from app.ml.text import render
@@ -77,7 +77,7 @@ class PromptTensors:
 
 
 class Serving:
-    def __init__(self, settings: Settings, backbone: Backbone | None):
+    def __init__(self, settings: Settings, backbone: Backbone | None, observer: Observer | None = None):
         self.settings = settings
         self.backbone = backbone
         self.prompts = PromptTensors(settings.prompt_cache_bytes)
@@ -92,6 +92,7 @@ class Serving:
                 max_queued_rows=settings.engine_max_queued_rows,
                 max_tenant_rows=settings.engine_max_tenant_rows,
                 admit_every_steps=settings.engine_admit_every_steps,
+                observer=observer,
                 prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,
             ).start()
 

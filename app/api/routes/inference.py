@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from fastapi import APIRouter
 from sse_starlette.sse import EventSourceResponse
 
 from app.api.auth import InferenceCallerDep
-from app.api.deps import ServingDep, SessionDep, SettingsDep
+from app.api.deps import MetricsDep, ServingDep, SessionDep, SettingsDep
 from app.api.errors import error_body
 from app.api.responses import errors
 from app.api.schemas import (
@@ -59,6 +60,7 @@ async def generate(
     session: SessionDep,
     settings: SettingsDep,
     serving: ServingDep,
+    metrics: MetricsDep,
 ):
     """Generate text with a task's prompt (or the bare backbone); `stream: true` sends tokens as they come."""
     if body.max_new_tokens > settings.max_new_tokens:
@@ -82,9 +84,18 @@ async def generate(
         seed=body.seed,
     )
     handle = serving.start_generation(requests)  # a full queue answers 429 here, before any byte is sent
+
+    def served(generations: list[Generation]) -> None:
+        tokens = sum(g.tokens for g in generations)
+        metrics.served(
+            tenant=caller.tenant, task=resolved.task, route="generate", inputs=len(texts), tokens=tokens
+        )
+
     if body.stream:
-        return EventSourceResponse(_stream(handle, resolved))
-    return _response(resolved, await handle.results())
+        return EventSourceResponse(_stream(handle, resolved, served))
+    generations = await handle.results()
+    served(generations)
+    return _response(resolved, generations)
 
 
 def _response(resolved: ResolvedPrompt, generations: list[Generation]) -> GenerateResponse:
@@ -101,7 +112,9 @@ def _response(resolved: ResolvedPrompt, generations: list[Generation]) -> Genera
     )
 
 
-async def _stream(handle: GenerationHandle, resolved: ResolvedPrompt):
+async def _stream(
+    handle: GenerationHandle, resolved: ResolvedPrompt, served: Callable[[list[Generation]], None]
+):
     """`token` events as text becomes final, `output` when an input is done, `done` with the whole
     response last; a failure ends the stream with an `error` event carrying the usual error body."""
     results: dict[int, Generation] = {}
@@ -120,13 +133,18 @@ async def _stream(handle: GenerationHandle, resolved: ResolvedPrompt):
     except DomainError as error:
         yield {"event": "error", "data": json.dumps(error_body(error))}
         return
-    response = _response(resolved, [results[i] for i in sorted(results)])
-    yield {"event": "done", "data": response.model_dump_json()}
+    generations = [results[i] for i in sorted(results)]
+    served(generations)
+    yield {"event": "done", "data": _response(resolved, generations).model_dump_json()}
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=errors(401, 404, 422, 429))
 async def classify(
-    body: ClassifyRequest, caller: InferenceCallerDep, session: SessionDep, serving: ServingDep
+    body: ClassifyRequest,
+    caller: InferenceCallerDep,
+    session: SessionDep,
+    serving: ServingDep,
+    metrics: MetricsDep,
 ) -> ClassifyResponse:
     """Score each candidate label by its likelihood after the input; returns probabilities over labels."""
     resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
@@ -138,6 +156,7 @@ async def classify(
     texts, token_counts = serving.render_inputs(resolved, _as_list(body.input))
     session.close()
     scores = await serving.classify(resolved, texts, labels, tenant_id=caller.tenant_id)
+    metrics.served(tenant=caller.tenant, task=resolved.task, route="classify", inputs=len(texts), tokens=0)
     return ClassifyResponse(
         task=resolved.task,
         version=resolved.version,

@@ -1,0 +1,65 @@
+"""Prometheus: every request counted and timed by its route template, and `GET /metrics` to scrape.
+
+`/metrics` names tenants and tasks, so it is not public: it answers clients on the loopback interface,
+and others that send `Authorization: Bearer <SOFTPROMPT_METRICS_TOKEN>` when that is set."""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.auth import LOOPBACK_HOSTS, PROXY_HEADERS
+from app.errors import Unauthorized
+from app.services.metrics import Metrics
+
+router = APIRouter(tags=["health"])
+
+
+class RequestMetrics:
+    """Counts and times each HTTP request by method, route template (not the raw path: ids would make a
+    label per object) and status; the time runs to the response's last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - started)
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    token = request.app.state.settings.metrics_token
+    sent = request.headers.get("authorization", "")
+    allowed = bool(token) and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
+    client = request.client.host if request.client else ""
+    local = client in LOOPBACK_HOSTS and not any(h in request.headers for h in PROXY_HEADERS)
+    if not (allowed or local):
+        raise Unauthorized(
+            "Metrics are served on the loopback interface, or with SOFTPROMPT_METRICS_TOKEN as Bearer token.",
+            headers={"WWW-Authenticate": 'Bearer realm="softprompt-metrics"'},
+        )
+    registry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,73 @@
+"""The API process's Prometheus metrics. Each app has its own registry, so several apps in one process (the
+tests) never share counts."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+# Seconds: from a quick classification to a long generation on a busy CPU.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "softprompt_http_requests",
+            "HTTP requests answered, by route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "softprompt_http_request_duration_seconds",
+            "Time to answer an HTTP request (to its last byte for a stream).",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "softprompt_inference_queue_seconds",
+            "Time a generation row waited before joining the decoding batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "softprompt_engine_batch_rows",
+            "Rows advanced together by one decoder step.",
+            buckets=ROWS_BUCKETS,
+            registry=self.registry,
+        )
+        self.step_time = Histogram(
+            "softprompt_engine_step_seconds",
+            "Time of one decoder step.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # Per task: rate() of these gives inputs and generated tokens per second.
+        self.inputs = Counter(
+            "softprompt_inference_inputs",
+            "Inputs served, by tenant, task (empty: the bare backbone) and route.",
+            ["tenant", "task", "route"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "softprompt_generated_tokens",
+            "Tokens generated, by tenant and task (empty: the bare backbone).",
+            ["tenant", "task"],
+            registry=self.registry,
+        )
+
+    # The engine's Observer: called on the engine thread.
+    def admitted(self, waited_seconds: list[float]) -> None:
+        for seconds in waited_seconds:
+            self.queue_time.observe(seconds)
+
+    def stepped(self, rows: int, seconds: float) -> None:
+        self.batch_rows.observe(rows)
+        self.step_time.observe(seconds)
+
+    def served(self, *, tenant: str, task: str | None, route: str, inputs: int, tokens: int) -> None:
+        self.inputs.labels(tenant, task or "", route).inc(inputs)
+        if tokens:
+            self.tokens.labels(tenant, task or "").inc(tokens)
