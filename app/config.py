@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_steps: int = 100_000
     max_virtual_tokens: int = 200
 
+    # The worker serves Prometheus metrics on this port (0: not at all). One worker process per port.
+    worker_metrics_port: int = 0
+
     # A running job saves its full state this often, so a job handed to another worker loses at most
     # this many steps. Files live in <data_dir>/checkpoints, which every worker must share.
     checkpoint_every_steps: int = 50

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from celery import signals
 from celery.exceptions import Reject
+from prometheus_client import start_http_server
 
 from app.config import get_settings
 from app.db.models import TuningJob
 from app.db.session import session_scope
+from app.services import worker_metrics
 from app.services.queue import TRAIN_TASK
 from app.services.training import HANDBACK, run_job
 from workers.backbones import get_backbone
@@ -25,6 +27,9 @@ def _load_default_backbone_solo(sender=None, **_: object) -> None:
     # Solo and thread pools run jobs in this process, which never sees worker_process_init.
     if sender is not None and "prefork" not in type(sender.pool).__module__:
         get_backbone(get_settings().default_backbone)
+        port = get_settings().worker_metrics_port
+        if port:
+            start_http_server(port)  # a daemon thread; its counts are this process's jobs
 
 
 @signals.worker_shutting_down.connect
@@ -44,7 +49,7 @@ def train_prompt(job_id: int) -> str:
         base_model = job.base_model if job else None
     if base_model is None:
         return "missing"
-    return run_job(
+    outcome = run_job(
         db_url=settings.registry_url,
         job_id=job_id,
         backbone=get_backbone(base_model),
@@ -52,3 +57,5 @@ def train_prompt(job_id: int) -> str:
         checkpoint_every=settings.checkpoint_every_steps,
         lease_s=settings.job_lease_s,
     )
+    worker_metrics.JOBS.labels(outcome).inc()
+    return outcome

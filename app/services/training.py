@@ -25,7 +25,7 @@ from app.ml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
 from app.ml.trainer import Example, Progress, TrainConfig, TrainResult, train_prompt
 from app.services import jobs as jobs_service
-from app.services import leases
+from app.services import leases, worker_metrics
 from app.services.datasets import get_dataset, load_records
 from app.services.prompts import publish_version
 
@@ -330,11 +330,16 @@ class _Reporter:
     def __init__(self, *, db_url: str, job_id: int, lost: threading.Event):
         self.db_url, self.job_id, self.lost = db_url, job_id, lost
         self._last_progress = 0.0
+        self._last_step: tuple[int, float] | None = None  # (step, when): the step-time metric
         self._last_cancel_check = 0.0
         self._cancelled = False
 
     def progress(self, p: Progress) -> None:
         now = time.monotonic()
+        if self._last_step is not None and p.step > self._last_step[0]:
+            per_step = (now - self._last_step[1]) / (p.step - self._last_step[0])
+            worker_metrics.STEP_SECONDS.observe(per_step)
+        self._last_step = (p.step, now)
         if self.lost.is_set():
             return  # the job is another worker's now
         if now - self._last_progress < PROGRESS_INTERVAL_S and p.step not in (1, p.total_steps):

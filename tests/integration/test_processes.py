@@ -30,19 +30,21 @@ class Service:
     worker_log: Path
     api_log: Path
     env: dict[str, str]
+    worker_metrics: str  # the worker's Prometheus endpoint
 
 
 @pytest.fixture(params=STACK_PARAMS)
 def service(request, tmp_path, tiny_backbone_dir):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
+    metrics = {"SOFTPROMPT_WORKER_METRICS_PORT": str(metrics_port)}
     with ExitStack() as stack:
         if request.param == "embedded":
-            env = service_env(tmp_path / "data", tiny_backbone_dir, None)
+            env = service_env(tmp_path / "data", tiny_backbone_dir, None, **metrics)
             log = worker_log = tmp_path / "up.log"  # `up` runs its worker as a child with the same output
             process = stack.enter_context(running(["up", "--port", str(port)], env, log))
         else:
             servers = stack.enter_context(server_stack())
-            env = service_env(tmp_path / "data", tiny_backbone_dir, servers)
+            env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **metrics)
             subprocess.run([sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, cwd=REPO, check=True)
             log = tmp_path / "api.log"
             process = stack.enter_context(running(["api", "--port", str(port)], env, log))
@@ -50,7 +52,7 @@ def service(request, tmp_path, tiny_backbone_dir):
             stack.enter_context(running(["worker"], env, worker_log))
         client = wait_ready(f"http://127.0.0.1:{port}", process, log)
         stack.callback(client.close)
-        yield Service(client, worker_log, log, env)
+        yield Service(client, worker_log, log, env, f"http://127.0.0.1:{metrics_port}/metrics")
 
 
 def test_upload_tune_and_serve(service):
@@ -86,6 +88,13 @@ def test_upload_tune_and_serve(service):
     assert wait_for_job(service.api, second["id"], ("succeeded", "failed"))["result"]["version"] == 2
     # The worker loaded its backbone once, not once per job.
     assert service.worker_log.read_text().count("loaded backbone tiny") == 1
+    # Its metrics count both jobs and their 22 steps (a step's time is known from the second on).
+    scraped = httpx.get(service.worker_metrics).text
+    assert 'softprompt_worker_jobs_total{outcome="succeeded"} 2.0' in scraped
+    steps = next(
+        line for line in scraped.splitlines() if line.startswith("softprompt_worker_step_seconds_count")
+    )
+    assert float(steps.split()[-1]) >= 19
 
 
 def test_cancel_a_running_job(service):
