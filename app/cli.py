@@ -24,7 +24,9 @@ PortOption = Annotated[int, typer.Option(help="Port to listen on.")]
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from app.logs import configure_logging
+
+    configure_logging(logging.INFO)
 
 
 @db_cli.command("upgrade")
@@ -133,6 +135,8 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
         host=host,
         port=port,
         log_level="info",
+        log_config=None,  # uvicorn's own lines go to the root logger: JSON like everything else
+        access_log=False,  # app/api/request_id.py logs each request, with its id
         timeout_graceful_shutdown=get_settings().shutdown_timeout_s,
     )
 

@@ -12,6 +12,7 @@ from app.api import metrics as metrics_api
 from app.api.auth import Authenticator
 from app.api.body_limit import BodyLimit
 from app.api.errors import install_error_handlers
+from app.api.request_id import RequestId
 from app.api.routes import datasets, health, inference, jobs, prompts
 from app.config import Settings, get_settings
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(metrics_api.RequestMetrics, metrics=app.state.metrics)
+    app.add_middleware(RequestId)  # outermost: every line the request logs carries its id
     for module in (datasets, jobs, prompts, inference, health, metrics_api):
         app.include_router(module.router)
     return app

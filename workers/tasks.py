@@ -6,6 +6,7 @@ from celery import signals
 from celery.exceptions import Reject
 from prometheus_client import start_http_server
 
+from app import logs
 from app.config import get_settings
 from app.db.models import TuningJob
 from app.db.session import session_scope
@@ -43,10 +44,22 @@ def train_prompt(job_id: int) -> str:
     if HANDBACK.is_set():
         # Shutting down: a message fetched now goes back to the broker for another worker, untouched.
         raise Reject("worker shutting down", requeue=True)
+    # Every line logged about this job carries its id and task; the worker's own lines between jobs do not.
+    job_token = logs.job_id.set(job_id)
+    task_token = logs.task.set(None)
+    try:
+        return _train(job_id)
+    finally:
+        logs.job_id.reset(job_token)
+        logs.task.reset(task_token)
+
+
+def _train(job_id: int) -> str:
     settings = get_settings()
     with session_scope(settings.registry_url) as session:
         job = session.get(TuningJob, job_id)
         base_model = job.base_model if job else None
+        logs.task.set(job.task if job else None)
     if base_model is None:
         return "missing"
     outcome = run_job(

@@ -68,3 +68,12 @@ def test_a_full_inference_queue_answers_429_at_once(client):
     finally:
         gate.set()
         busy.result(timeout=30)
+
+
+def test_every_answer_carries_a_request_id(client):
+    mine = client.get("/healthz", headers={"X-Request-ID": "checkout-42"})
+    assert mine.headers["x-request-id"] == "checkout-42"  # the caller's own, to follow it through the logs
+    made = client.get("/v1/datasets/999")
+    assert len(made.headers["x-request-id"]) == 32 and made.status_code == 404
+    odd = client.get("/healthz", headers={"X-Request-ID": "no spaces\tor tabs please"})
+    assert odd.headers["x-request-id"] != "no spaces\tor tabs please"  # replaced, never logged as sent

@@ -6,6 +6,7 @@ PostgreSQL and Redis servers."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -86,6 +87,20 @@ def test_upload_tune_and_serve(service):
         json={"task": "reviews", "training_dataset": dataset["id"], "hyperparameters": {"steps": 2}},
     ).json()
     assert wait_for_job(service.api, second["id"], ("succeeded", "failed"))["result"]["version"] == 2
+    # One JSON line per event in both processes, carrying the request's or the job's ids.
+    api_lines = [
+        json.loads(line) for line in service.api_log.read_text().splitlines() if line.startswith("{")
+    ]
+    access = [
+        r for r in api_lines if r["logger"] == "softprompt.access" and "/v1/tuning/jobs" in r["message"]
+    ]
+    assert access and all(len(r["request_id"]) == 32 for r in access)
+    worker_lines = [
+        json.loads(line) for line in service.worker_log.read_text().splitlines() if line.startswith("{")
+    ]
+    claimed = [r for r in worker_lines if r["message"].startswith(f"job {job['id']} claimed")]
+    assert claimed and claimed[0]["job_id"] == job["id"] and claimed[0]["task"] == "reviews"
+    assert {"time", "level", "logger", "message"} <= set(claimed[0])
     # The worker loaded its backbone once, not once per job.
     assert service.worker_log.read_text().count("loaded backbone tiny") == 1
     # Its metrics count both jobs and their 22 steps (a step's time is known from the second on).
@@ -132,5 +147,5 @@ def test_the_first_key_ends_the_open_mode_and_no_key_reaches_the_logs(service):
     wrong = key[:-2] + "xy"
     assert service.api.get("/v1/datasets", headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
     logs = service.api_log.read_text() + service.worker_log.read_text()
-    assert "GET /v1/datasets" in logs  # the access log is there, and it holds no key
+    assert "GET /v1/datasets 401" in logs  # the access log is there, and it holds no key
     assert key not in logs and wrong not in logs and key[3:20] not in logs

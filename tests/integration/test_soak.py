@@ -3,6 +3,7 @@ succeeds, the task gets exactly twenty versions, and no job is ever trained by t
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -34,10 +35,8 @@ SOAK_ENV = {
     # All twenty are queued at once by one tenant, past the default quota of 4.
     "SOFTPROMPT_TENANT_MAX_ACTIVE_JOBS": str(JOBS),
 }
-# The worker's own log lines, "job N claimed by host:pid:thread" and "job N released by host:pid:thread".
-_RUN_LINE = re.compile(
-    r"^(\S+ \S+) INFO app\.services\.training: job (\d+) (claimed|released) by [^:]+:(\d+):"
-)
+# The worker's own log lines (JSON), "job N claimed by host:pid:thread" and "job N released by ...".
+_RUN_MESSAGE = re.compile(r"job (\d+) (claimed|released) by [^:]+:(\d+):")
 
 
 @pytest.mark.parametrize("stack_kind", STACK_PARAMS)
@@ -108,9 +107,13 @@ def _runs(logs: list[Path], killed_at: dict[int, float]) -> list[tuple[int, int,
     runs, open_runs = [], {}
     for log in logs:
         for line in log.read_text(errors="replace").splitlines():
-            if match := _RUN_LINE.match(line):
-                stamp, job, what, pid = match.groups()
-                at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("logger") == "app.services.training" and (
+                match := _RUN_MESSAGE.match(record["message"])
+            ):
+                job, what, pid = match.groups()
+                assert record["job_id"] == int(job)  # the line carries the job it is about
+                at = datetime.strptime(record["time"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 if what == "claimed":
                     open_runs[int(job), int(pid)] = at
                 else:
