@@ -19,13 +19,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.serving import start_api  # noqa: E402
+
 PYTHON = str(ROOT / ".venv/bin/python")
 INPUTS = [
     "The weather today is",
@@ -53,29 +56,6 @@ def cli(env: dict, *args: str) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"`softprompt {' '.join(args)}` failed:\n{done.stderr}")
     return done.stdout.strip().splitlines()[-1]
-
-
-def start_api(env: dict, port: int, log_path: Path) -> subprocess.Popen:
-    with log_path.open("wb") as out:
-        server = subprocess.Popen(
-            [PYTHON, "-m", "app.cli", "api", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 600  # the first run converts the backbone once
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    server.kill()
-    server.wait()
-    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-    raise RuntimeError(f"the API did not become ready; the end of its log:\n{tail}")
 
 
 def client(url: str, key: str) -> httpx.AsyncClient:
@@ -188,7 +168,7 @@ def main() -> int:
             f"limit {args.limit} req/s per tenant; A: {args.requests} requests per phase at "
             f"{args.a_rps:g}/s; B: {4 * args.limit} req/s; {args.max_new_tokens} new tokens each"
         )
-        server = start_api(env, args.port, Path(data_dir) / "api.log")
+        server = start_api(env, args.port, Path(data_dir) / "api.log", timeout=600)  # first run converts
         try:
             asyncio.run(measure(f"http://127.0.0.1:{args.port}", keys, args))
         finally:

@@ -223,15 +223,18 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def start_api(env: dict, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [str(ROOT / ".venv/bin/softprompt"), "api", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+def start_api(env: dict, port: int, log_path: Path | None = None, timeout: float = 300) -> subprocess.Popen:
+    """`softprompt api` on ``port``, once /readyz answers; its output goes to ``log_path`` (or nowhere),
+    whose end is shown if it never becomes ready."""
+    with log_path.open("wb") if log_path else open(os.devnull, "wb") as out:
+        server = subprocess.Popen(
+            [str(ROOT / ".venv/bin/softprompt"), "api", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return server
@@ -239,7 +242,9 @@ def start_api(env: dict, port: int) -> subprocess.Popen:
             pass
         time.sleep(1)
     server.kill()
-    raise RuntimeError("the API did not become ready")
+    server.wait()
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]) if log_path else ""
+    raise RuntimeError(f"the API did not become ready; the end of its log:\n{tail}")
 
 
 def main() -> int:

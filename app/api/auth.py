@@ -102,11 +102,16 @@ class Authenticator:
         return self._default[0]
 
 
+def direct_from_this_machine(request: Request) -> bool:
+    """The connection comes from the loopback interface and no proxy says it relays someone else."""
+    client = request.client.host if request.client else ""
+    return client in LOOPBACK_HOSTS and not any(h in request.headers for h in PROXY_HEADERS)
+
+
 def _from_loopback(request: Request) -> bool:
     """A request from a program on this machine, on its own behalf: not relayed by a proxy, and not sent by
     a web page from another site through the user's browser."""
-    client = request.client.host if request.client else ""
-    if client not in LOOPBACK_HOSTS or any(h in request.headers for h in PROXY_HEADERS):
+    if not direct_from_this_machine(request):
         return False
     if _name(request.headers.get("host", "")) not in LOCAL_NAMES:
         return False

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.auth import LOOPBACK_HOSTS, PROXY_HEADERS
+from app.api.auth import direct_from_this_machine
 from app.errors import Unauthorized
 from app.services.metrics import Metrics
 
@@ -54,9 +54,7 @@ def metrics(request: Request) -> Response:
     token = request.app.state.settings.metrics_token
     sent = request.headers.get("authorization", "")
     allowed = bool(token) and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
-    client = request.client.host if request.client else ""
-    local = client in LOOPBACK_HOSTS and not any(h in request.headers for h in PROXY_HEADERS)
-    if not (allowed or local):
+    if not (allowed or direct_from_this_machine(request)):
         raise Unauthorized(
             "Metrics are served on the loopback interface, or with SOFTPROMPT_METRICS_TOKEN as Bearer token.",
             headers={"WWW-Authenticate": 'Bearer realm="softprompt-metrics"'},
