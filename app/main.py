@@ -12,6 +12,8 @@ from app.api import metrics as metrics_api
 from app.api.auth import Authenticator
 from app.api.body_limit import BodyLimit
 from app.api.errors import install_error_handlers
+from app.api.openai import completions, files, fine_tuning
+from app.api.openai import models as openai_models
 from app.api.request_id import RequestId
 from app.api.routes import datasets, health, inference, jobs, prompts
 from app.config import Settings, get_settings
@@ -90,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(metrics_api.RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(RequestId)  # outermost: every line the request logs carries its id
-    for module in (datasets, jobs, prompts, inference, health, metrics_api):
+    native = (datasets, jobs, prompts, inference, health, metrics_api)
+    for module in (*native, files, fine_tuning, openai_models, completions):
         app.include_router(module.router)
     return app

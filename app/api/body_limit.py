@@ -11,7 +11,8 @@ from app.api.errors import error_response
 from app.config import Settings
 from app.errors import PayloadTooLarge
 
-UPLOAD_PATH = "/v1/datasets"
+# The native upload and its OpenAI-shaped twin.
+UPLOAD_PATHS = ("/v1/datasets", "/v1/files")
 # Room for the multipart framing and the form's other fields around an upload's file.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -54,7 +55,7 @@ class BodyLimit:
 
     def _limit(self, path: str) -> tuple[int, PayloadTooLarge]:
         """(bytes allowed, the error past them) for a request to ``path``."""
-        if path.rstrip("/") == UPLOAD_PATH:
+        if path.rstrip("/") in UPLOAD_PATHS:
             limit = self.settings.max_upload_bytes
             message = f"The file is larger than the upload limit of {limit} bytes."
             return limit + MULTIPART_OVERHEAD, PayloadTooLarge(message, param="file", code="file_too_large")

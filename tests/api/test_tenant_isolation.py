@@ -18,7 +18,16 @@ from tests.api.test_datasets import sentiment_file, upload
 
 TEMPLATE = "Review: {input}\nSentiment:"
 # Path parameters that name a tenant's object, and which of the objects below fills each.
-PATH_REFERENCES = {"dataset_id": "dataset", "job_id": "job", "task": "task", "version": "version"}
+PATH_REFERENCES = {
+    "dataset_id": "dataset",
+    "job_id": "job",
+    "task": "task",
+    "version": "version",
+    # The OpenAI-compatible routes name the same objects their own way.
+    "file_id": "file",
+    "fine_tuning_job_id": "ftjob",
+    "model": "model",
+}
 # Each JSON body a /v1 route takes: an example the caller could send, and its fields that name objects.
 BODIES: dict[str, tuple[dict, dict[str, str]]] = {
     "JobCreate": (
@@ -27,9 +36,25 @@ BODIES: dict[str, tuple[dict, dict[str, str]]] = {
     ),
     "GenerateRequest": ({"task": "own:task", "input": "a fine film", "max_new_tokens": 2}, {"task": "task"}),
     "ClassifyRequest": ({"task": "own:task", "input": "a fine film"}, {"task": "task"}),
+    "FineTuningJobCreate": (
+        {"model": "tiny", "training_file": "own:file", "suffix": "mine"},
+        {"training_file": "file", "validation_file": "file"},
+    ),
+    "CompletionCreate": (
+        {"model": "own:model", "prompt": "a fine film", "max_tokens": 2},
+        {"model": "model"},
+    ),
+    "ChatCompletionCreate": (
+        {"model": "own:model", "messages": [{"role": "user", "content": "a fine film"}], "max_tokens": 2},
+        {"model": "model"},
+    ),
 }
 # Bodies that name no object (the uploads are files).
-NO_REFERENCES = {"Body_upload_dataset_v1_datasets_post", "Body_import_peft_v1_prompts__task__versions_post"}
+NO_REFERENCES = {
+    "Body_upload_dataset_v1_datasets_post",
+    "Body_import_peft_v1_prompts__task__versions_post",
+    "Body_create_file_v1_files_post",
+}
 # Routes whose task name is where the caller's new object goes, not an object it reads: another tenant's
 # name there makes the caller's own task (test_importing_into_a_name_another_tenant_uses_makes_your_own).
 CREATES_IN = {("POST", "/v1/prompts/{task}/versions")}
@@ -42,6 +67,18 @@ class Owned:
     job: int
     task: str
     version: int = 1
+
+    @property
+    def file(self) -> str:
+        return f"file-{self.dataset}"
+
+    @property
+    def ftjob(self) -> str:
+        return f"ftjob-{self.job}"
+
+    @property
+    def model(self) -> str:
+        return f"ft:tiny:{self.task}:{self.version}"
 
 
 def make_objects(client, settings, backbone, key: str, task: str) -> Owned:
@@ -173,10 +210,17 @@ def test_lists_show_only_the_callers_objects(client, api_key, settings, stack, t
     acme = make_objects(client, settings, tiny_backbone, api_key, "shared")
     globex = make_objects(client, settings, tiny_backbone, new_key(stack, "globex"), "shared")
     lists = [r for r in v1_routes(client.app) if "GET" in r.methods and not path_params(r)]
-    assert {r.path for r in lists} >= {"/v1/datasets", "/v1/tuning/jobs", "/v1/prompts"}
+    assert {r.path for r in lists} >= {"/v1/datasets", "/v1/tuning/jobs", "/v1/prompts", "/v1/models"}
     for route in lists:
-        mine = client.get(route.path, headers=bearer(acme.key)).json()["data"]
-        theirs = client.get(route.path, headers=bearer(globex.key)).json()["data"]
+        mine, theirs = (
+            # /v1/models also lists the backbones, which every tenant shares.
+            [
+                d
+                for d in client.get(route.path, headers=bearer(t.key)).json()["data"]
+                if d.get("owned_by") != "softprompt"
+            ]
+            for t in (acme, globex)
+        )
         assert len(mine) == len(theirs) == 1, route.path
         assert mine != theirs, route.path  # same task name, different objects
     # Both tenants own a task named "shared", each with its own version 1.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
@@ -10,6 +11,7 @@ from app.api.responses import errors
 from app.api.schemas import DatasetPublic, Page
 from app.errors import PayloadTooLarge
 from app.services import datasets as service
+from app.services.serving import Serving
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 READ_CHUNK = 1024 * 1024
@@ -34,20 +36,15 @@ async def upload_dataset(
 ) -> DatasetPublic:
     """Upload a labeled dataset; it is validated whole before anything is stored. A repeated
     Idempotency-Key with the same file and name returns the dataset the first upload made (200)."""
-    data = await _read_limited(file, settings.max_upload_bytes)
-    tokenizer = serving.backbone.tokenizer if serving.backbone is not None else None
-    count_tokens = (
-        (lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])) if tokenizer else None
-    )
     dataset, created = service.create_dataset(
         session,
         caller=caller,
-        data=data,
+        data=await read_limited(file, settings.max_upload_bytes),
         filename=file.filename or "",
         name=name,
         min_examples=settings.min_examples,
         max_examples=settings.max_examples,
-        count_tokens=count_tokens,
+        count_tokens=token_counter(serving),
         idempotency_key=idempotency_key,
     )
     session.commit()
@@ -56,7 +53,15 @@ async def upload_dataset(
     return DatasetPublic.of(dataset)
 
 
-async def _read_limited(file: UploadFile, limit: int) -> bytes:
+def token_counter(serving: Serving) -> Callable[[str], int] | None:
+    """Counts tokens for the dataset's statistics, when this process has the backbone loaded."""
+    tokenizer = serving.backbone.tokenizer if serving.backbone is not None else None
+    if tokenizer is None:
+        return None
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+async def read_limited(file: UploadFile, limit: int) -> bytes:
     chunks, size = [], 0
     while chunk := await file.read(READ_CHUNK):
         size += len(chunk)

@@ -16,6 +16,8 @@ from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
 from app.api.errors import error_body
 from app.api.responses import errors
 from app.api.schemas import JobCreate, JobEventPublic, JobPublic, Page
+from app.config import Settings
+from app.db.models import TuningJob
 from app.db.session import session_scope
 from app.errors import DomainError, Unavailable
 from app.services import jobs as service
@@ -54,19 +56,24 @@ def create_job(
     session.commit()
     if not created:
         response.status_code = 200
-    if job.status == "queued":
-        # After the commit, so the worker always finds the row; a second delivery is harmless.
-        try:
-            enqueue_training(settings, job.id)
-        except Exception as error:
-            log.error("could not enqueue job %s: %s", job.id, error)
-            raise Unavailable(
-                f"Job {job.id} is saved but the broker is unreachable; retry the request with "
-                "the same Idempotency-Key.",
-                code="broker_unavailable",
-                headers={"Retry-After": "5"},
-            ) from None
+    send_to_workers(settings, job)
     return JobPublic.of(job)
+
+
+def send_to_workers(settings: Settings, job: TuningJob) -> None:
+    """After the commit, so the worker always finds the row; a second delivery is harmless."""
+    if job.status != "queued":
+        return
+    try:
+        enqueue_training(settings, job.id)
+    except Exception as error:
+        log.error("could not enqueue job %s: %s", job.id, error)
+        raise Unavailable(
+            f"Job {job.id} is saved but the broker is unreachable; retry the request with "
+            "the same Idempotency-Key.",
+            code="broker_unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
 
 
 @router.get("", response_model=Page[JobPublic], responses=errors(401, 422))

@@ -1,0 +1,237 @@
+"""/v1/fine_tuning/jobs: the OpenAI shape of /v1/tuning/jobs. A job is prompt tuning whatever `method`
+says; `suffix` names the task, and the finished model is ft:<backbone>:<task>:<version>."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query
+
+from app.api.auth import CallerDep
+from app.api.deps import LimitQuery, SessionDep, SettingsDep
+from app.api.openai import ids
+from app.api.openai.params import speaking_as
+from app.api.openai.schemas import (
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCreate,
+    FineTuningJobEvent,
+    JobErrorObject,
+    ListOf,
+)
+from app.api.responses import errors
+from app.api.routes.jobs import send_to_workers
+from app.db.models import JobEvent, TuningJob
+from app.errors import InvalidRequest
+from app.ml.text import DEFAULT_TEMPLATE
+from app.services import jobs as service
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible"])
+# Our names for what the client called otherwise, for errors raised by the shared job service.
+PARAMS = {
+    "task": "suffix",
+    "base_model": "model",
+    "training_dataset": "training_file",
+    "validation_dataset": "validation_file",
+    "num_virtual_tokens": "method.prompt_tuning.num_virtual_tokens",
+    "template": "method.prompt_tuning.template",
+}
+
+
+@router.post("", response_model=FineTuningJob, responses=errors(401, 404, 409, 422, 429))
+def create_fine_tuning_job(
+    body: FineTuningJobCreate,
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> FineTuningJob:
+    """Queue a prompt-tuning job on a base model."""
+    if body.model not in settings.backbones:
+        raise InvalidRequest(
+            f"model {body.model!r} is not a base model of this service; tune one of: "
+            f"{', '.join(sorted(settings.backbones))}.",
+            param="model",
+        )
+    training = ids.from_id(ids.FILE, body.training_file, what="file", param="training_file")
+    validation = (
+        ids.from_id(ids.FILE, body.validation_file, what="file", param="validation_file")
+        if body.validation_file is not None
+        else None
+    )
+    tuning = body.method.prompt_tuning if body.method else None
+    request = service.JobRequest(
+        task=body.suffix if body.suffix is not None else f"ft-{training}",
+        training_dataset=training,
+        validation_dataset=validation,
+        base_model=body.model,
+        num_virtual_tokens=tuning.num_virtual_tokens if tuning else 20,
+        template=tuning.template if tuning else DEFAULT_TEMPLATE,
+        init=tuning.init.model_dump(exclude_none=True) if tuning and tuning.init else None,
+        hyperparameters=_hyperparameters(
+            body, tuning.hyperparameters.model_dump(exclude_none=True) if tuning else {}
+        ),
+    )
+    with speaking_as(PARAMS):
+        job, _ = service.create_job(
+            session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
+        )
+    session.commit()
+    send_to_workers(settings, job)
+    return fine_tuning_job(job, caller.tenant)
+
+
+def _hyperparameters(body: FineTuningJobCreate, native: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's knobs in our terms; each may be given once, in either place."""
+    given: dict[str, Any] = {}
+    openai = body.hyperparameters
+    if openai is not None:
+        if openai.n_epochs not in (None, "auto"):
+            given["epochs"] = openai.n_epochs
+        if openai.batch_size not in (None, "auto"):
+            given["batch_size"] = openai.batch_size
+        if openai.learning_rate_multiplier not in (None, "auto"):
+            given["learning_rate"] = (
+                service.DEFAULT_HYPERPARAMETERS["learning_rate"] * openai.learning_rate_multiplier
+            )
+    if body.seed is not None:
+        given["seed"] = body.seed
+    twice = sorted(set(given) & set(native))
+    if twice:
+        raise InvalidRequest(
+            f"{twice[0]} is given both at the top level and in "
+            "method.prompt_tuning.hyperparameters; give it once.",
+            param="hyperparameters",
+        )
+    return {**native, **given}
+
+
+@router.get("", response_model=ListOf, responses=errors(401, 404, 422))
+def list_fine_tuning_jobs(
+    caller: CallerDep, session: SessionDep, limit: LimitQuery = 20, after: str | None = None
+) -> ListOf:
+    """List your jobs, newest first."""
+    rows, has_more = service.list_jobs(
+        session, tenant_id=caller.tenant_id, limit=limit, after=ids.cursor(ids.JOB, after)
+    )
+    return ListOf(data=[fine_tuning_job(r, caller.tenant) for r in rows], has_more=has_more)
+
+
+def _job(session, caller, job_id: str) -> TuningJob:
+    number = ids.from_id(ids.JOB, job_id, what="fine-tuning job", param="fine_tuning_job_id")
+    return service.get_job(session, tenant_id=caller.tenant_id, job_id=number)
+
+
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=errors(401, 404))
+def retrieve_fine_tuning_job(
+    fine_tuning_job_id: str, caller: CallerDep, session: SessionDep
+) -> FineTuningJob:
+    """Get a job's status; `fine_tuned_model` is set once it has succeeded."""
+    return fine_tuning_job(_job(session, caller, fine_tuning_job_id), caller.tenant)
+
+
+@router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=errors(401, 404, 409))
+def cancel_fine_tuning_job(fine_tuning_job_id: str, caller: CallerDep, session: SessionDep) -> FineTuningJob:
+    """Cancel a queued or running job."""
+    job = service.cancel_job(
+        session, tenant_id=caller.tenant_id, job_id=_job(session, caller, fine_tuning_job_id).id
+    )
+    session.commit()
+    return fine_tuning_job(job, caller.tenant)
+
+
+@router.get("/{fine_tuning_job_id}/events", response_model=ListOf, responses=errors(401, 404, 422))
+def list_fine_tuning_events(
+    fine_tuning_job_id: str,
+    caller: CallerDep,
+    session: SessionDep,
+    limit: LimitQuery = 20,
+    after: Annotated[str | None, Query(description="The last event id of the previous page.")] = None,
+) -> ListOf:
+    """The job's events, oldest first, so that `after` pages forward as the job goes on."""
+    job = _job(session, caller, fine_tuning_job_id)
+    rows = service.list_events(
+        session, tenant_id=caller.tenant_id, job_id=job.id, after=ids.cursor(ids.EVENT, after)
+    )
+    return ListOf(data=[_event(r) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=ListOf, responses=errors(401, 404))
+def list_fine_tuning_checkpoints(fine_tuning_job_id: str, caller: CallerDep, session: SessionDep) -> ListOf:
+    """A succeeded job has one checkpoint: the version it published (its best evaluated step)."""
+    job = _job(session, caller, fine_tuning_job_id)
+    if job.result_version is None:
+        return ListOf(data=[])
+    metrics = job.metrics or {}
+    checkpoint = FineTuningJobCheckpoint(
+        id=ids.to_id(ids.CHECKPOINT, job.id),
+        created_at=ids.unix(job.finished_at),
+        fine_tuned_model_checkpoint=ids.fine_tuned_model(job.base_model, job.task, job.result_version),
+        fine_tuning_job_id=ids.to_id(ids.JOB, job.id),
+        step_number=metrics.get("best_step") or job.progress.get("step", 0),
+        metrics={
+            "step": metrics.get("best_step"),
+            "train_loss": metrics.get("train_loss"),
+            "valid_loss": metrics.get("val_loss"),
+            "full_valid_loss": metrics.get("val_loss"),
+        },
+    )
+    return ListOf(data=[checkpoint])
+
+
+def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
+    hp = row.hyperparameters
+    eta = row.progress.get("eta_seconds")
+    return FineTuningJob(
+        id=ids.to_id(ids.JOB, row.id),
+        created_at=ids.unix(row.created_at),
+        finished_at=ids.unix(row.finished_at) if row.finished_at else None,
+        estimated_finish=ids.unix(row.started_at + timedelta(seconds=eta))
+        if row.status == "running" and eta and row.started_at
+        else None,
+        model=row.base_model,
+        fine_tuned_model=ids.fine_tuned_model(row.base_model, row.task, row.result_version)
+        if row.result_version
+        else None,
+        organization_id=tenant,
+        status=row.status,
+        training_file=_file(row.training_dataset_id),
+        validation_file=_file(row.validation_dataset_id),
+        hyperparameters={
+            "n_epochs": hp.get("epochs", "auto"),
+            "batch_size": hp.get("batch_size"),
+            "learning_rate_multiplier": hp["learning_rate"] / service.DEFAULT_HYPERPARAMETERS["learning_rate"]
+            if hp.get("learning_rate")
+            else "auto",
+        },
+        method={
+            "type": "prompt_tuning",
+            "prompt_tuning": {
+                "num_virtual_tokens": row.num_virtual_tokens,
+                "template": row.template,
+                "init": row.init,
+                "hyperparameters": hp,
+            },
+        },
+        seed=hp.get("seed", 0),
+        error=JobErrorObject(code=row.error_code, message=row.error_message or "")
+        if row.error_code
+        else None,
+        user_provided_suffix=row.task,
+    )
+
+
+def _event(row: JobEvent) -> FineTuningJobEvent:
+    return FineTuningJobEvent(
+        id=ids.to_id(ids.EVENT, row.id),
+        created_at=ids.unix(row.created_at),
+        level="error" if row.type == "error" else "info",
+        message=row.message,
+        type="metrics" if row.type in ("progress", "metrics") else "message",
+        data=row.data,
+    )
+
+
+def _file(dataset_id: int | None) -> str | None:
+    return ids.to_id(ids.FILE, dataset_id) if dataset_id is not None else None
