@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint
+.PHONY: up test lint chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,14 @@ $(STAMP): pyproject.toml
 up: $(STAMP)
 	$(VENV)/bin/softprompt up
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check app workers migrations tests bench
 	$(VENV)/bin/pytest
+
+# The dashboard test drives Debian's Chromium (tests/api/test_dashboard.py); installed once, as root.
+chromium:
+	@command -v chromium >/dev/null || apt-get install -y -q chromium || \
+		(apt-get update -q && apt-get install -y -q chromium)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check app workers migrations tests bench

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from app.api import dashboard
 from app.api import metrics as metrics_api
 from app.api.auth import Authenticator
 from app.api.body_limit import BodyLimit
@@ -92,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(metrics_api.RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(RequestId)  # outermost: every line the request logs carries its id
-    native = (datasets, jobs, prompts, inference, health, metrics_api)
+    native = (datasets, jobs, prompts, inference, health, metrics_api, dashboard)
     for module in (*native, files, fine_tuning, openai_models, completions):
         app.include_router(module.router)
     return app

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from app.config import Settings
@@ -79,3 +84,23 @@ def trained(client, settings, tiny_backbone):
     ).json()
     assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
     return job
+
+
+@pytest.fixture
+def server(settings):
+    """The API over real HTTP on a free loopback port, in this process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the API did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)

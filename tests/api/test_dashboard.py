@@ -1,0 +1,106 @@
+"""The dashboard in a real headless browser (Debian's Chromium, driven by Playwright), over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from app.services import training
+from app.services.training import run_job
+from tests.api.conftest import TEMPLATE
+from tests.api.test_datasets import sentiment_file, upload
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As root, with no network beyond this machine: no sandbox, and no background calls home.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+STEPS = 24
+# Where to keep the screenshot of the finished job (docs/images/dashboard.png for the docs).
+SCREENSHOT = os.environ.get("SOFTPROMPT_DASHBOARD_SCREENSHOT")
+
+
+@pytest.fixture
+def finished_job(client, settings, tiny_backbone, monkeypatch):
+    """A succeeded job that reported its loss at every step (the worker reports at most once a second)."""
+    monkeypatch.setattr(training, "PROGRESS_INTERVAL_S", 0.0)
+    dataset = upload(client, sentiment_file()).json()["id"]
+    body = {
+        "task": "sst2",
+        "training_dataset": dataset,
+        "template": TEMPLATE,
+        "num_virtual_tokens": 4,
+        "hyperparameters": {"steps": STEPS, "batch_size": 4, "learning_rate": 0.3},
+    }
+    job = client.post("/v1/tuning/jobs", json=body).json()
+    assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
+    return job
+
+
+@pytest.fixture
+def page():
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed: `make test` installs it"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        errors: list[str] = []
+
+        def console(message) -> None:
+            # Before a key is typed, the first poll is refused; the browser logs that 401 as an error.
+            if message.type == "error" and "status of 401" not in message.text:
+                errors.append(message.text)
+
+        page.on("console", console)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.errors = errors
+        yield page
+        browser.close()
+
+
+def test_dashboard_shows_tasks_jobs_and_the_loss_curve_and_tries_a_task(server, page, finished_job, api_key):
+    page.goto(f"{server}/dashboard")
+    page.fill("#key", api_key)
+    page.click("#save-key")
+
+    expect(page.locator("#tasks tbody tr")).to_have_count(1)
+    expect(page.locator("#tasks tbody tr td").first).to_have_text("sst2")
+    job_row = page.locator(f'#jobs tr[data-job-id="{finished_job["id"]}"]')
+    expect(job_row).to_contain_text("succeeded")
+    expect(job_row).to_contain_text(f"{STEPS} / {STEPS}")
+    expect(job_row).to_contain_text("sst2@1")
+
+    # The newest job is shown: one point per reported step.
+    expect(page.locator("#curve-title")).to_contain_text(f"Job {finished_job['id']} (sst2), succeeded")
+    points = page.locator("#curve polyline").get_attribute("points").split()
+    assert len(points) == STEPS
+    heights = [float(p.split(",")[1]) for p in points]
+    assert max(heights) > min(heights)  # a curve, not a flat line
+
+    page.select_option("#try-task", "sst2")
+    page.fill("#try-input", "a gorgeous, witty, seductive movie.")
+    page.click("#try-generate")
+    expect(page.locator("#try-output")).not_to_have_text("…")
+    page.click("#try-classify")
+    expect(page.locator("#try-output")).to_contain_text(r'"positive"')
+
+    if SCREENSHOT:
+        page.screenshot(path=SCREENSHOT, full_page=True)
+    assert page.errors == []  # no script errors, no refused resources (the page's CSP)
+
+
+def test_a_wrong_key_is_named_on_the_page(server, page, finished_job):
+    page.goto(f"{server}/dashboard")
+    page.fill("#key", "sp-wrong")
+    page.click("#save-key")
+    expect(page.locator("#status")).to_contain_text("The API key is not valid")
+    expect(page.locator("#tasks tbody tr")).to_have_count(0)
