@@ -1,4 +1,5 @@
-"""The `softprompt` command: `up` (the embedded default), `api`, `worker`, `db upgrade`, `keys`, `tenants`."""
+"""The `softprompt` command. To run the service: `up` (the embedded default), `api`, `worker`, `db upgrade`,
+`keys`, `tenants`. To use it: the commands of app.client_cli (`datasets`, `tune`, `jobs`, ...)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from app import client_cli
 from app.config import get_settings
 
 cli = typer.Typer(help="softprompt: prompt tuning as a service.", no_args_is_help=True)
@@ -18,6 +20,8 @@ keys_cli = typer.Typer(help="Tenants' API keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
 tenants_cli = typer.Typer(help="Tenants and their quotas.", no_args_is_help=True)
 cli.add_typer(tenants_cli, name="tenants")
+
+client_cli.register(cli)
 
 HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
 PortOption = Annotated[int, typer.Option(help="Port to listen on.")]

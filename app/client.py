@@ -1,0 +1,173 @@
+"""A typed Python client for the native API (httpx), returning the same models the server answers with.
+
+client = Client("http://127.0.0.1:8000", key="sp-...")
+dataset = client.upload_dataset("train.jsonl")
+job = client.create_job(task="sst2", training_dataset=dataset.id, template="Review: {input}\\nSentiment:")
+for event in client.follow_job(job.id):
+    print(event.type, event.data)
+print(client.classify("sst2", "a gorgeous movie").results[0].label)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from httpx_sse import connect_sse
+
+from app.api.schemas import (
+    ClassifyResponse,
+    DatasetPublic,
+    GenerateResponse,
+    JobEventPublic,
+    JobPublic,
+    TaskPublic,
+    VersionPublic,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TIMEOUT_S = 120.0
+
+
+class ApiError(Exception):
+    """An error the service answered with: its HTTP status and the body's code, message and param."""
+
+    def __init__(
+        self, status: int, code: str, message: str, param: str | None = None, line: int | None = None
+    ):
+        super().__init__(f"{code}: {message}")
+        self.status, self.code, self.message, self.param, self.line = status, code, message, param, line
+
+    @classmethod
+    def of(cls, status: int, body: Any) -> ApiError:
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, dict):
+            return cls(status, "http_error", f"HTTP {status}")
+        return cls(
+            status,
+            error.get("code", "error"),
+            error.get("message", ""),
+            error.get("param"),
+            error.get("line"),
+        )
+
+
+class Client:
+    def __init__(self, url: str = DEFAULT_URL, key: str | None = None, *, http: httpx.Client | None = None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = http or httpx.Client(base_url=url, timeout=TIMEOUT_S)
+        self.http.headers.update(headers)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        response = self.http.request(method, path, **kwargs)
+        if response.is_error:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            raise ApiError.of(response.status_code, body)
+        return response
+
+    # -- datasets -----------------------------------------------------------------------------------------
+
+    def upload_dataset(self, path: str | Path, *, name: str | None = None) -> DatasetPublic:
+        path = Path(path)
+        with path.open("rb") as file:
+            data = {"name": name} if name else {}
+            response = self._call("POST", "/v1/datasets", files={"file": (path.name, file)}, data=data)
+        return DatasetPublic.model_validate(response.json())
+
+    def list_datasets(self, *, limit: int = 20) -> list[DatasetPublic]:
+        page = self._call("GET", "/v1/datasets", params={"limit": limit}).json()
+        return [DatasetPublic.model_validate(d) for d in page["data"]]
+
+    # -- tuning jobs --------------------------------------------------------------------------------------
+
+    def create_job(self, *, task: str, training_dataset: int, **fields: Any) -> JobPublic:
+        """Fields as POST /v1/tuning/jobs takes them (template, num_virtual_tokens, hyperparameters...)."""
+        body = {"task": task, "training_dataset": training_dataset, **fields}
+        return JobPublic.model_validate(self._call("POST", "/v1/tuning/jobs", json=body).json())
+
+    def get_job(self, job_id: int) -> JobPublic:
+        return JobPublic.model_validate(self._call("GET", f"/v1/tuning/jobs/{job_id}").json())
+
+    def list_jobs(self, *, limit: int = 20) -> list[JobPublic]:
+        page = self._call("GET", "/v1/tuning/jobs", params={"limit": limit}).json()
+        return [JobPublic.model_validate(j) for j in page["data"]]
+
+    def cancel_job(self, job_id: int) -> JobPublic:
+        return JobPublic.model_validate(self._call("POST", f"/v1/tuning/jobs/{job_id}/cancel").json())
+
+    def follow_job(self, job_id: int, *, after: int | None = None) -> Iterator[JobEventPublic]:
+        """The job's events as they happen, until it ends; a dropped or server-ended stream is resumed from
+        the last event seen, so none is lost or repeated."""
+        while True:
+            params = {"after": after} if after is not None else {}
+            with connect_sse(
+                self.http, "GET", f"/v1/tuning/jobs/{job_id}/events", params=params, timeout=None
+            ) as source:
+                if source.response.is_error:
+                    source.response.read()
+                    raise ApiError.of(source.response.status_code, source.response.json())
+                for sse in source.iter_sse():
+                    if sse.event == "end":
+                        return
+                    if sse.event == "error":
+                        raise ApiError.of(401, json.loads(sse.data))
+                    if sse.event == "shutdown":
+                        break  # the server is stopping: reconnect from the last event
+                    event = JobEventPublic.model_validate_json(sse.data)
+                    after = event.id
+                    yield event
+
+    # -- prompts ------------------------------------------------------------------------------------------
+
+    def list_tasks(self, *, limit: int = 100) -> list[TaskPublic]:
+        page = self._call("GET", "/v1/prompts", params={"limit": limit}).json()
+        return [TaskPublic.model_validate(t) for t in page["data"]]
+
+    def get_task(self, task: str) -> TaskPublic:
+        return TaskPublic.model_validate(self._call("GET", f"/v1/prompts/{task}").json())
+
+    def export_peft(self, task: str, version: int) -> bytes:
+        return self._call("GET", f"/v1/prompts/{task}/versions/{version}/peft").content
+
+    def import_peft(
+        self, task: str, path: str | Path, *, template: str | None = None, labels: list[str] | None = None
+    ) -> VersionPublic:
+        path = Path(path)
+        form = {
+            k: v
+            for k, v in {"template": template, "labels": json.dumps(labels) if labels else None}.items()
+            if v
+        }
+        with path.open("rb") as file:
+            response = self._call(
+                "POST", f"/v1/prompts/{task}/versions", files={"file": (path.name, file)}, data=form
+            )
+        return VersionPublic.model_validate(response.json())
+
+    # -- inference ----------------------------------------------------------------------------------------
+
+    def generate(self, task: str | None, input: str | list[str], **options: Any) -> GenerateResponse:
+        """Options as POST /v1/generate takes them (max_new_tokens, temperature, top_p, stop, seed)."""
+        body = {"task": task, "input": input, **options}
+        return GenerateResponse.model_validate(self._call("POST", "/v1/generate", json=body).json())
+
+    def classify(
+        self, task: str | None, input: str | list[str], *, labels: list[str] | None = None
+    ) -> ClassifyResponse:
+        body = {"task": task, "input": input, "labels": labels}
+        return ClassifyResponse.model_validate(self._call("POST", "/v1/classify", json=body).json())

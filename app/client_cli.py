@@ -1,0 +1,273 @@
+"""The `softprompt` commands for people using a running service, built on app.client: `datasets`, `tune`,
+`jobs`, `prompts`, `generate`, `classify`, `export`, `import`. The server is SOFTPROMPT_URL (or --url) and
+the key SOFTPROMPT_API_KEY (or --key)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+
+from app.client import DEFAULT_URL, ApiError, Client
+
+UrlOption = Annotated[str, typer.Option("--url", envvar="SOFTPROMPT_URL", help="The service's address.")]
+KeyOption = Annotated[
+    str | None, typer.Option("--key", envvar="SOFTPROMPT_API_KEY", help="API key.", show_default=False)
+]
+TaskOption = Annotated[
+    str | None, typer.Option("--task", help="name or name@version; none: the bare backbone.")
+]
+console = Console(stderr=True)
+
+datasets_cli = typer.Typer(help="Labeled datasets.", no_args_is_help=True)
+jobs_cli = typer.Typer(help="Tuning jobs.", no_args_is_help=True)
+prompts_cli = typer.Typer(help="Tasks and their prompt versions.", no_args_is_help=True)
+
+
+@contextmanager
+def _client(url: str, key: str | None) -> Iterator[Client]:
+    """A client whose service errors end the command with the service's own words, exit status 1."""
+    try:
+        with Client(url, key) as client:
+            yield client
+    except ApiError as error:
+        where = f" (line {error.line})" if error.line else f" ({error.param})" if error.param else ""
+        typer.echo(f"error: {error.code}{where}: {error.message}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as error:  # httpx's connection errors: name the address that did not answer
+        if type(error).__module__.startswith("httpx"):
+            typer.echo(f"error: cannot reach {url}: {error}", err=True)
+            raise typer.Exit(1) from None
+        raise
+
+
+def _json(model: BaseModel | list[BaseModel] | dict[str, Any]) -> None:
+    if isinstance(model, list):
+        typer.echo(json.dumps([m.model_dump(mode="json") for m in model], indent=2))
+    elif isinstance(model, BaseModel):
+        typer.echo(model.model_dump_json(indent=2))
+    else:
+        typer.echo(json.dumps(model, indent=2))
+
+
+# -- datasets ---------------------------------------------------------------------------------------------
+
+
+@datasets_cli.command("upload")
+def datasets_upload(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help=".jsonl or .csv")],
+    name: Annotated[str | None, typer.Option(help="Default: the file's name.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Upload a dataset; prints its id, size and labels."""
+    with _client(url, key) as client:
+        dataset = client.upload_dataset(file, name=name)
+    labels = f", labels {', '.join(dataset.labels)}" if dataset.labels else ""
+    typer.echo(f"dataset {dataset.id}: {dataset.num_examples} {dataset.kind} examples{labels}")
+
+
+@datasets_cli.command("list")
+def datasets_list(url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """Your datasets, newest first: id, name, examples, kind."""
+    with _client(url, key) as client:
+        for d in client.list_datasets(limit=100):
+            typer.echo(f"{d.id}\t{d.name}\t{d.num_examples}\t{d.kind}")
+
+
+# -- tuning -----------------------------------------------------------------------------------------------
+
+
+def tune(
+    task: Annotated[str, typer.Option(help="The task to train a new version of.")],
+    dataset: Annotated[int, typer.Option(help="Training dataset id.")],
+    template: Annotated[str | None, typer.Option(help="Text around each input, with {input}.")] = None,
+    validation_dataset: Annotated[int | None, typer.Option()] = None,
+    virtual_tokens: Annotated[int | None, typer.Option(help="Soft prompt length.")] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Show live progress until the job ends.")] = False,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Start a tuning job; with --follow, a progress bar (step, loss, ETA) until it ends."""
+    hyperparameters = {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate}
+    fields = {
+        "template": template,
+        "validation_dataset": validation_dataset,
+        "num_virtual_tokens": virtual_tokens,
+        "hyperparameters": {k: v for k, v in hyperparameters.items() if v is not None},
+    }
+    with _client(url, key) as client:
+        job = client.create_job(
+            task=task, training_dataset=dataset, **{k: v for k, v in fields.items() if v is not None}
+        )
+        typer.echo(f"job {job.id} queued for task {job.task}")
+        if follow:
+            _follow(client, job.id)
+
+
+def _follow(client: Client, job_id: int) -> None:
+    """Step, loss and the server's ETA from the job's event stream, then the outcome; exit 1 unless it
+    succeeded."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("step {task.fields[step]}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("ETA {task.fields[eta]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(f"job {job_id}", total=None, step="-", loss="-", eta="-")
+        for event in client.follow_job(job_id):
+            data = event.data
+            if event.type == "progress":
+                eta = data.get("eta_seconds")
+                progress.update(
+                    bar,
+                    completed=data["step"],
+                    total=data["total_steps"],
+                    step=f"{data['step']}/{data['total_steps']}",
+                    loss=f"{data['loss']:.4f}" if data.get("loss") is not None else "-",
+                    eta=f"{eta:.0f}s" if eta is not None else "-",
+                )
+            elif event.type == "status":
+                progress.update(bar, description=f"job {job_id} {data.get('status', '')}")
+            else:
+                progress.console.print(f"{event.type}: {event.message}")
+    job = client.get_job(job_id)
+    if job.status != "succeeded":
+        reason = f": {job.error.code}: {job.error.message}" if job.error else ""
+        typer.echo(f"job {job.id} {job.status}{reason}", err=True)
+        raise typer.Exit(1)
+    accuracy = job.metrics.val_accuracy
+    summary = f", validation accuracy {accuracy:.3f}" if accuracy is not None else ""
+    typer.echo(f"job {job.id} succeeded: {job.result.task}@{job.result.version}{summary}")
+
+
+@jobs_cli.command("list")
+def jobs_list(url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """Your jobs, newest first: id, task, status, step."""
+    with _client(url, key) as client:
+        for j in client.list_jobs(limit=100):
+            typer.echo(f"{j.id}\t{j.task}\t{j.status}\t{j.progress.step}/{j.progress.total_steps}")
+
+
+@jobs_cli.command("show")
+def jobs_show(job_id: int, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """A job as JSON."""
+    with _client(url, key) as client:
+        _json(client.get_job(job_id))
+
+
+@jobs_cli.command("follow")
+def jobs_follow(job_id: int, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """Live progress of a job until it ends."""
+    with _client(url, key) as client:
+        _follow(client, job_id)
+
+
+@jobs_cli.command("cancel")
+def jobs_cancel(job_id: int, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """Cancel a queued or running job."""
+    with _client(url, key) as client:
+        typer.echo(f"job {job_id} {client.cancel_job(job_id).status}")
+
+
+# -- prompts and inference --------------------------------------------------------------------------------
+
+
+@prompts_cli.command("list")
+def prompts_list(url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """Your tasks: name, newest version, its validation accuracy."""
+    with _client(url, key) as client:
+        for t in client.list_tasks():
+            newest = t.versions[-1] if t.versions else None
+            accuracy = newest.metrics.get("val_accuracy") if newest else None
+            typer.echo(f"{t.name}\t{t.latest_version or '-'}\t{accuracy if accuracy is not None else '-'}")
+
+
+@prompts_cli.command("show")
+def prompts_show(task: str, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """A task and its versions as JSON."""
+    with _client(url, key) as client:
+        _json(client.get_task(task))
+
+
+def generate(
+    text: Annotated[list[str], typer.Argument(help="One or more inputs, run as one batch.")],
+    task: TaskOption = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 64,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Generate with a task's prompt; one output per line."""
+    with _client(url, key) as client:
+        answer = client.generate(task, text, max_new_tokens=max_new_tokens, temperature=temperature)
+    for output in answer.outputs:
+        typer.echo(output.text)
+
+
+def classify(
+    text: Annotated[list[str], typer.Argument(help="One or more inputs, run as one batch.")],
+    task: TaskOption = None,
+    labels: Annotated[str | None, typer.Option(help="Comma-separated; default: the task's.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Classify each input: label, then its probability, per line."""
+    with _client(url, key) as client:
+        answer = client.classify(task, text, labels=labels.split(",") if labels else None)
+    for result in answer.results:
+        typer.echo(f"{result.label}\t{result.scores[result.label]:.4f}")
+
+
+def export(
+    task: str,
+    version: int,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Default: TASK-vVERSION-peft.zip")] = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Save a version as a PEFT prompt-tuning adapter (zip)."""
+    with _client(url, key) as client:
+        data = client.export_peft(task, version)
+    target = output or Path(f"{task}-v{version}-peft.zip")
+    target.write_bytes(data)
+    typer.echo(f"wrote {target} ({len(data)} bytes)")
+
+
+def import_(
+    task: str,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A PEFT adapter zip.")],
+    template: Annotated[str | None, typer.Option(help="Default: the zip's own.")] = None,
+    labels: Annotated[str | None, typer.Option(help="Comma-separated labels, for classification.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Add a PEFT prompt-tuning adapter as the task's next version."""
+    with _client(url, key) as client:
+        version = client.import_peft(
+            task, file, template=template, labels=labels.split(",") if labels else None
+        )
+    typer.echo(f"imported {task}@{version.version}")
+
+
+def register(cli: typer.Typer) -> None:
+    cli.add_typer(datasets_cli, name="datasets")
+    cli.add_typer(jobs_cli, name="jobs")
+    cli.add_typer(prompts_cli, name="prompts")
+    cli.command()(tune)
+    cli.command()(generate)
+    cli.command()(classify)
+    cli.command()(export)
+    cli.command("import")(import_)
