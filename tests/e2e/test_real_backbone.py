@@ -69,3 +69,18 @@ def test_upload_tune_classify(real_service):
     accuracy = sum(r["label"] == row["label"] for r, row in zip(results, dev, strict=True)) / len(dev)
     # Zero-shot with this template is about 0.79; a broken prompt or template lands near 0.5.
     assert accuracy >= 0.65, accuracy
+
+
+def test_chat_with_the_bare_backbone_uses_its_chat_template(real_service):
+    backbone = real_service.get("/v1/models").json()["data"][0]["id"]
+    body = real_service.post(
+        "/v1/chat/completions",
+        json={
+            "model": backbone,
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+            "max_tokens": 8,
+            "temperature": 0,
+        },
+    ).json()
+    answer = body["choices"][0]["message"]
+    assert answer["role"] == "assistant" and "Paris" in answer["content"], body

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.api.test_datasets import sentiment_file
@@ -149,3 +150,44 @@ def test_the_first_key_ends_the_open_mode_and_no_key_reaches_the_logs(service):
     logs = service.api_log.read_text() + service.worker_log.read_text()
     assert "GET /v1/datasets 401" in logs  # the access log is there, and it holds no key
     assert key not in logs and wrong not in logs and key[3:20] not in logs
+
+
+def test_the_openai_sdk_end_to_end(service):
+    """What a product backend on the OpenAI SDK does, against the real processes and a real worker."""
+    made = subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "product"],
+        env=service.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    sdk = openai.OpenAI(base_url=f"{service.api.base_url}/v1", api_key=made.stdout.splitlines()[-1])
+    uploaded = sdk.files.create(file=("reviews.jsonl", sentiment_file()), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        suffix="reviews",
+        hyperparameters={"batch_size": 4, "n_epochs": 2},
+        extra_body={"method": {"type": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 4}}},
+    )
+    deadline = time.monotonic() + 180
+    while (job := sdk.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job.status == "succeeded" and job.fine_tuned_model == "ft:tiny:reviews:1", job
+
+    completion = sdk.completions.create(
+        model=job.fine_tuned_model, prompt="a wonderful, moving film", max_tokens=4, temperature=0
+    )
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens >= 1
+    stream = sdk.chat.completions.create(
+        model="reviews",
+        messages=[{"role": "user", "content": "a wonderful, moving film"}],
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == completion.choices[0].text  # one template, one engine, greedy: the same text
