@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint chromium
+.PHONY: up test lint test-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,18 @@ $(STAMP): pyproject.toml
 up: $(STAMP)
 	$(VENV)/bin/softprompt up
 
-test: $(STAMP) chromium
+test: $(STAMP) test-tools
 	$(VENV)/bin/ruff check app workers migrations tests bench
 	$(VENV)/bin/pytest
 
-# The dashboard test drives Debian's Chromium (tests/api/test_dashboard.py); installed once, as root.
-chromium:
-	@command -v chromium >/dev/null || apt-get install -y -q chromium || \
-		(apt-get update -q && apt-get install -y -q chromium)
+# Debian's Chromium for the dashboard test (tests/api/test_dashboard.py) and docker-compose to validate
+# docker-compose.yml (tests/test_deploy_files.py); installed once, as root.
+TEST_TOOLS := chromium docker-compose
+test-tools:
+	@for tool in $(TEST_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing); \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check app workers migrations tests bench

@@ -1,10 +1,13 @@
 """The Dockerfile and compose file name commands the `softprompt` CLI really has (no Docker engine runs in
-CI, so their commands are checked against the CLI instead of by starting containers)."""
+CI, so their commands are checked against the CLI instead of by starting containers), and the compose file
+passes `docker compose config` (which needs no engine)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 
 import yaml
 from typer.testing import CliRunner
@@ -35,3 +38,21 @@ def test_dockerfile_entrypoint_is_the_cli():
     text = (REPO / "Dockerfile").read_text()
     assert json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1)) == ["softprompt"]
     assert _accepts(json.loads(re.search(r"^CMD (.+)$", text, re.M).group(1)))
+
+
+def test_compose_file_passes_docker_compose_config():
+    """Compose's own validation: unknown keys, bad depends_on conditions, malformed GPU reservations."""
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        command = ["docker", "compose"]
+    else:
+        assert shutil.which("docker-compose"), (
+            "docker compose or docker-compose is needed: `make test` installs it"
+        )
+        command = ["docker-compose"]
+    checked = subprocess.run(
+        [*command, "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr
