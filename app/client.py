@@ -122,6 +122,10 @@ class Client:
                     source.response.read()
                     raise ApiError.of(source.response.status_code, source.response.json())
                 for sse in source.iter_sse():
+                    if not sse.data:
+                        # A keep-alive comment: the decoder reports it as an empty event once an id was
+                        # seen (the last id carries over, as the SSE spec says).
+                        continue
                     if sse.event == "end":
                         return
                     if sse.event == "error":

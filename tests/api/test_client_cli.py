@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -108,3 +110,28 @@ def test_the_client_raises_the_services_error(server):
     with Client(server, key="sp-wrong") as client, pytest.raises(ApiError) as refused:
         client.list_tasks()
     assert refused.value.status == 401 and refused.value.code == "unauthorized"
+
+
+def test_following_a_job_skips_keep_alive_pings():
+    """The server pings every 15 s, between events; the client must not take a ping for an event."""
+    event = json.dumps(
+        {
+            "id": 1,
+            "type": "status",
+            "message": "Job queued.",
+            "data": {},
+            "created_at": "2026-01-01T00:00:00Z",
+        }
+    )
+    stream = "\r\n".join(
+        [
+            f"id: 1\r\nevent: status\r\ndata: {event}\r\n",
+            ": ping - 2026-01-01\r\n",
+            "event: end\r\ndata: {}\r\n\r\n",
+        ]
+    )
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
+    )
+    with Client(http=httpx.Client(base_url="http://service", transport=transport)) as client:
+        assert [e.message for e in client.follow_job(1)] == ["Job queued."]
