@@ -19,12 +19,12 @@ from app.api.openai.schemas import (
     FineTuningJobEvent,
     JobErrorObject,
     ListOf,
+    PromptTuning,
 )
 from app.api.responses import errors
 from app.api.routes.jobs import send_to_workers
 from app.db.models import JobEvent, TuningJob
 from app.errors import InvalidRequest
-from app.ml.text import DEFAULT_TEMPLATE
 from app.services import jobs as service
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible"])
@@ -60,18 +60,16 @@ def create_fine_tuning_job(
         if body.validation_file is not None
         else None
     )
-    tuning = body.method.prompt_tuning if body.method else None
+    tuning = body.method.prompt_tuning if body.method else PromptTuning()
     request = service.JobRequest(
         task=body.suffix if body.suffix is not None else f"ft-{training}",
         training_dataset=training,
         validation_dataset=validation,
         base_model=body.model,
-        num_virtual_tokens=tuning.num_virtual_tokens if tuning else 20,
-        template=tuning.template if tuning else DEFAULT_TEMPLATE,
-        init=tuning.init.model_dump(exclude_none=True) if tuning and tuning.init else None,
-        hyperparameters=_hyperparameters(
-            body, tuning.hyperparameters.model_dump(exclude_none=True) if tuning else {}
-        ),
+        num_virtual_tokens=tuning.num_virtual_tokens,
+        template=tuning.template,
+        init=tuning.init.model_dump(exclude_none=True) if tuning.init else None,
+        hyperparameters=_hyperparameters(body, tuning.hyperparameters.model_dump(exclude_none=True)),
     )
     with speaking_as(PARAMS):
         job, _ = service.create_job(
