@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import time
+from datetime import timedelta
 
 import openai
 import pytest
@@ -208,3 +210,52 @@ def test_a_file_over_the_upload_limit_is_refused_before_it_is_read(settings, api
         with pytest.raises(openai.APIStatusError) as refused:
             sdk.files.create(file=("big.jsonl", io.BytesIO(b"x" * 100_000)), purpose="fine-tune")
     assert refused.value.status_code == 413 and refused.value.code == "file_too_large"
+
+
+def test_auto_hyperparameters_keep_the_defaults(sdk):
+    uploaded = sdk.files.create(file=("reviews.jsonl", io.BytesIO(sentiment_file())), purpose="fine-tune")
+    auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    job = sdk.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, hyperparameters=auto)
+    assert job.hyperparameters.batch_size == 32 and job.hyperparameters.learning_rate_multiplier == 1.0
+    with pytest.raises(openai.UnprocessableEntityError) as zero:
+        sdk.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, hyperparameters={"n_epochs": 0})
+    assert zero.value.param == "hyperparameters.n_epochs"
+
+
+def test_a_running_jobs_estimated_finish_is_ahead(sdk, client, settings):
+    from app.db.models import TuningJob
+    from app.db.session import session_scope
+
+    uploaded = sdk.files.create(file=("reviews.jsonl", io.BytesIO(sentiment_file())), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id)
+    with session_scope(settings.registry_url) as session:  # as a worker 10 minutes into it reports
+        row = session.get(TuningJob, int(job.id.removeprefix("ftjob-")))
+        row.status, row.started_at = "running", row.created_at - timedelta(minutes=10)
+        row.progress = {"step": 50, "total_steps": 100, "eta_seconds": 60.0}
+    running = sdk.fine_tuning.jobs.retrieve(job.id)
+    assert 55 <= running.estimated_finish - time.time() <= 61
+
+
+def test_a_model_name_no_task_could_have_is_not_found(sdk):
+    for model in ("gpt-3.5-turbo", "ft:tiny:Sst2:1", "gpt-4o"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            sdk.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "x"}], max_tokens=1
+            )
+        assert missing.value.code == "model_not_found", model
+
+
+def test_inference_errors_name_the_openai_fields(sdk, settings, tiny_backbone):
+    with pytest.raises(openai.UnprocessableEntityError) as empty:
+        sdk.completions.create(model="tiny", prompt=[], max_tokens=1)
+    assert empty.value.param == "prompt"
+    too_many = settings.max_batch_inputs // 2 + 1
+    with pytest.raises(openai.UnprocessableEntityError) as many:
+        sdk.completions.create(model="tiny", prompt=["x"] * too_many, n=2, max_tokens=1)
+    assert many.value.param == "n" and f"make {2 * too_many} completions" in many.value.message
+    model = tune(sdk, settings, tiny_backbone).fine_tuned_model
+    with pytest.raises(openai.UnprocessableEntityError) as long:
+        sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "word " * 400}], max_tokens=1
+        )
+    assert long.value.param == "messages"

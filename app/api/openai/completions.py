@@ -19,7 +19,7 @@ from app.api.auth import InferenceCallerDep
 from app.api.deps import MetricsDep, ServingDep, SessionDep, SettingsDep
 from app.api.errors import error_body
 from app.api.openai.models import resolve_model
-from app.api.openai.params import neutral_only
+from app.api.openai.params import neutral_only, speaking_as
 from app.api.openai.schemas import NEUTRAL, ChatCompletionCreate, CompletionCreate, CompletionUsage, Sampling
 from app.api.responses import errors
 from app.config import Settings
@@ -116,9 +116,17 @@ class _Run:
         stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(stop) > MAX_STOP or any(not s for s in stop):
             raise InvalidRequest(f"stop takes up to {MAX_STOP} non-empty strings.", param="stop")
+        if len(inputs) * body.n > settings.max_batch_inputs:
+            raise InvalidRequest(
+                f"{len(inputs)} prompts with n={body.n} make {len(inputs) * body.n} completions; the limit "
+                f"is {settings.max_batch_inputs} per request.",
+                param="n",
+            )
+        with speaking_as({"input": "messages" if kind == "chat" else "prompt"}):
+            texts, _ = serving.render_inputs(resolved, inputs)
         # Each input n times, adjacent: choice i is input i // n. Row j samples with seed + j, so the n
         # choices differ even with a seed.
-        texts, _ = serving.render_inputs(resolved, [text for text in inputs for _ in range(body.n)])
+        texts = [text for text in texts for _ in range(body.n)]
         requests = serving.generation_requests(
             resolved,
             texts,

@@ -3,7 +3,7 @@ says; `suffix` names the task, and the finished model is ft:<backbone>:<task>:<v
 
 from __future__ import annotations
 
-from datetime import timedelta
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
@@ -85,11 +85,11 @@ def _hyperparameters(body: FineTuningJobCreate, native: dict[str, Any]) -> dict[
     given: dict[str, Any] = {}
     openai = body.hyperparameters
     if openai is not None:
-        if openai.n_epochs not in (None, "auto"):
+        if openai.n_epochs is not None:
             given["epochs"] = openai.n_epochs
-        if openai.batch_size not in (None, "auto"):
+        if openai.batch_size is not None:
             given["batch_size"] = openai.batch_size
-        if openai.learning_rate_multiplier not in (None, "auto"):
+        if openai.learning_rate_multiplier is not None:
             given["learning_rate"] = (
                 service.DEFAULT_HYPERPARAMETERS["learning_rate"] * openai.learning_rate_multiplier
             )
@@ -185,9 +185,8 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
         id=ids.to_id(ids.JOB, row.id),
         created_at=ids.unix(row.created_at),
         finished_at=ids.unix(row.finished_at) if row.finished_at else None,
-        estimated_finish=ids.unix(row.started_at + timedelta(seconds=eta))
-        if row.status == "running" and eta and row.started_at
-        else None,
+        # The ETA is the time left at the last progress report, at most a second or so ago.
+        estimated_finish=int(time.time() + eta) if row.status == "running" and eta is not None else None,
         model=row.base_model,
         fine_tuned_model=ids.fine_tuned_model(row.base_model, row.task, row.result_version)
         if row.result_version

@@ -34,10 +34,13 @@ def resolve_model(session: Session, serving: Serving, caller: Caller, model: str
     if ref is None:
         return BARE
     try:
+        prompts.parse_task_ref(ref)
         return serving.resolve(session, tenant_id=caller.tenant_id, ref=ref)
     except NotFound:
         raise _missing(model) from None
     except InvalidRequest as error:
+        if error.code != "base_model_not_served":  # a name no task could have ('gpt-3.5-turbo')
+            raise _missing(model) from None
         error.param = "model"
         raise
 

@@ -4,9 +4,9 @@ neutral value by habit are accepted with that value only (see `neutral_only`).""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.api.schemas import Hyperparameters, InitSpec
 from app.ml.text import DEFAULT_TEMPLATE
@@ -44,12 +44,24 @@ class Deleted(BaseModel):
 # -- fine-tuning ------------------------------------------------------------------------------------------
 
 
-class OpenAIHyperparameters(Strict):
-    """OpenAI's three knobs; "auto" leaves our default."""
+# OpenAI's "auto" means our default, as absent does; it arrives in the handlers as None. (A union with
+# Literal["auto"] would name its branches in a refusal's `param`: "n_epochs.literal['auto']".)
+AUTO_IS_NONE = BeforeValidator(lambda value: None if value == "auto" else value)
+JSON_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum"}
 
-    n_epochs: Literal["auto"] | int | None = Field(default=None, ge=1, le=1000)
-    batch_size: Literal["auto"] | int | None = Field(default=None, ge=1, le=256)
-    learning_rate_multiplier: Literal["auto"] | float | None = Field(default=None, gt=0, le=100)
+
+def auto_or(json_type: str, **bounds: float) -> Any:
+    number = {"type": json_type, **{JSON_BOUNDS[k]: v for k, v in bounds.items()}}
+    schema = {"anyOf": [number, {"const": "auto"}, {"type": "null"}]}
+    return Field(default=None, **bounds, json_schema_extra=schema)
+
+
+class OpenAIHyperparameters(Strict):
+    """OpenAI's three knobs."""
+
+    n_epochs: Annotated[int | None, AUTO_IS_NONE] = auto_or("integer", ge=1, le=1000)
+    batch_size: Annotated[int | None, AUTO_IS_NONE] = auto_or("integer", ge=1, le=256)
+    learning_rate_multiplier: Annotated[float | None, AUTO_IS_NONE] = auto_or("number", gt=0, le=100)
 
 
 class PromptTuning(Strict):
