@@ -11,6 +11,7 @@ print(client.classify("sst2", "a gorgeous movie").results[0].label)
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ from app.api.schemas import (
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 120.0
+# How long follow_job keeps trying to reopen a lost event stream (an API restart takes seconds).
+RECONNECT_FOR_S = 60.0
+RECONNECT_PAUSE_S = 1.0
 
 
 class ApiError(Exception):
@@ -110,31 +114,44 @@ class Client:
     def cancel_job(self, job_id: int) -> JobPublic:
         return JobPublic.model_validate(self._call("POST", f"/v1/tuning/jobs/{job_id}/cancel").json())
 
-    def follow_job(self, job_id: int, *, after: int | None = None) -> Iterator[JobEventPublic]:
-        """The job's events as they happen, until it ends; a dropped or server-ended stream is resumed from
-        the last event seen, so none is lost or repeated."""
+    def follow_job(
+        self, job_id: int, *, after: int | None = None, reconnect_for_s: float = RECONNECT_FOR_S
+    ) -> Iterator[JobEventPublic]:
+        """The job's events as they happen, until it ends. A stream the server ends (a restart, a deploy)
+        or the network drops is reopened after the last event seen, so none is lost or repeated; after
+        ``reconnect_for_s`` without getting through, the last connection error is raised."""
+        lost_since: float | None = None
         while True:
             params = {"after": after} if after is not None else {}
-            with connect_sse(
-                self.http, "GET", f"/v1/tuning/jobs/{job_id}/events", params=params, timeout=None
-            ) as source:
-                if source.response.is_error:
-                    source.response.read()
-                    raise ApiError.of(source.response.status_code, source.response.json())
-                for sse in source.iter_sse():
-                    if not sse.data:
-                        # A keep-alive comment: the decoder reports it as an empty event once an id was
-                        # seen (the last id carries over, as the SSE spec says).
-                        continue
-                    if sse.event == "end":
-                        return
-                    if sse.event == "error":
-                        raise ApiError.of(401, json.loads(sse.data))
-                    if sse.event == "shutdown":
-                        break  # the server is stopping: reconnect from the last event
-                    event = JobEventPublic.model_validate_json(sse.data)
-                    after = event.id
-                    yield event
+            failure: Exception | None = None
+            try:
+                with connect_sse(
+                    self.http, "GET", f"/v1/tuning/jobs/{job_id}/events", params=params, timeout=None
+                ) as source:
+                    if source.response.is_error:
+                        source.response.read()
+                        raise ApiError.of(source.response.status_code, source.response.json())
+                    lost_since = None
+                    for sse in source.iter_sse():
+                        if not sse.data:
+                            # A keep-alive comment: the decoder reports it as an empty event once an id
+                            # was seen (the last id carries over, as the SSE spec says).
+                            continue
+                        if sse.event == "end":
+                            return
+                        if sse.event == "error":
+                            raise ApiError.of(401, json.loads(sse.data))
+                        if sse.event == "shutdown":
+                            break  # the server is stopping: reconnect from the last event
+                        event = JobEventPublic.model_validate_json(sse.data)
+                        after = event.id
+                        yield event
+            except httpx.TransportError as error:
+                failure = error
+            lost_since = lost_since if lost_since is not None else time.monotonic()
+            if time.monotonic() - lost_since > reconnect_for_s:
+                raise failure or ApiError(503, "stream_lost", "The job's event stream kept ending.")
+            time.sleep(RECONNECT_PAUSE_S)
 
     # -- prompts ------------------------------------------------------------------------------------------
 

@@ -112,26 +112,63 @@ def test_the_client_raises_the_services_error(server):
     assert refused.value.status == 401 and refused.value.code == "unauthorized"
 
 
+def sse(event_id: int, message: str) -> str:
+    body = {
+        "id": event_id,
+        "type": "status",
+        "message": message,
+        "data": {},
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    return f"id: {event_id}\r\nevent: status\r\ndata: {json.dumps(body)}\r\n\r\n"
+
+
 def test_following_a_job_skips_keep_alive_pings():
     """The server pings every 15 s, between events; the client must not take a ping for an event."""
-    event = json.dumps(
-        {
-            "id": 1,
-            "type": "status",
-            "message": "Job queued.",
-            "data": {},
-            "created_at": "2026-01-01T00:00:00Z",
-        }
-    )
-    stream = "\r\n".join(
-        [
-            f"id: 1\r\nevent: status\r\ndata: {event}\r\n",
-            ": ping - 2026-01-01\r\n",
-            "event: end\r\ndata: {}\r\n\r\n",
-        ]
-    )
+    stream = sse(1, "Job queued.") + ": ping - 2026-01-01\r\n\r\nevent: end\r\ndata: {}\r\n\r\n"
     transport = httpx.MockTransport(
         lambda request: httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
     )
     with Client(http=httpx.Client(base_url="http://service", transport=transport)) as client:
         assert [e.message for e in client.follow_job(1)] == ["Job queued."]
+
+
+class DroppedAfter(httpx.SyncByteStream):
+    """A stream that delivers some events, then loses the connection."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __iter__(self):
+        yield self.text.encode()
+        raise httpx.ReadError("connection reset by peer")
+
+
+def test_following_a_job_reopens_a_dropped_stream_after_the_last_event(monkeypatch):
+    monkeypatch.setattr("app.client.RECONNECT_PAUSE_S", 0.01)
+    asked: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.params.get("after"))
+        headers = {"content-type": "text/event-stream"}
+        if len(asked) == 1:
+            return httpx.Response(200, headers=headers, stream=DroppedAfter(sse(1, "queued")))
+        if len(asked) == 2:
+            raise httpx.ConnectError("connection refused")  # the API restarting
+        return httpx.Response(200, headers=headers, text=sse(2, "running") + "event: end\r\ndata: {}\r\n\r\n")
+
+    http = httpx.Client(base_url="http://service", transport=httpx.MockTransport(answer))
+    with Client(http=http) as client:
+        assert [e.message for e in client.follow_job(1)] == ["queued", "running"]
+    assert asked == [None, "1", "1"]
+
+
+def test_following_a_job_gives_up_when_the_service_stays_away(monkeypatch):
+    monkeypatch.setattr("app.client.RECONNECT_PAUSE_S", 0.01)
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    http = httpx.Client(base_url="http://service", transport=httpx.MockTransport(refuse))
+    with Client(http=http) as client, pytest.raises(httpx.ConnectError):
+        list(client.follow_job(1, reconnect_for_s=0.1))
