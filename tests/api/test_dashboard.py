@@ -12,7 +12,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from app.services import training
 from app.services.training import run_job
-from tests.api.conftest import TEMPLATE
+from tests.api.conftest import TEMPLATE, new_key
 from tests.api.test_datasets import sentiment_file, upload
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -99,9 +99,23 @@ def test_dashboard_shows_tasks_jobs_and_the_loss_curve_and_tries_a_task(server, 
     assert page.errors == []  # no script errors, no refused resources (the page's CSP)
 
 
-def test_a_wrong_key_is_named_on_the_page(server, page, finished_job):
+def test_another_key_shows_only_its_tenants_objects(server, page, finished_job, api_key, stack):
     page.goto(f"{server}/dashboard")
+    page.fill("#key", api_key)
+    page.click("#save-key")
+    expect(page.locator("#curve polyline")).to_have_count(1)
+
     page.fill("#key", "sp-wrong")
     page.click("#save-key")
     expect(page.locator("#status")).to_contain_text("The API key is not valid")
     expect(page.locator("#tasks tbody tr")).to_have_count(0)
+    expect(page.locator("#curve polyline")).to_have_count(0)
+
+    # Another tenant's key: nothing of acme's, and no error about acme's job that was on show.
+    page.fill("#key", new_key(stack, "globex"))
+    page.click("#save-key")
+    expect(page.locator("#status")).to_have_text("")
+    expect(page.locator("#jobs tbody tr")).to_have_count(0)
+    page.wait_for_timeout(2500)  # one more poll
+    expect(page.locator("#status")).to_have_text("")
+    expect(page.locator("#curve polyline")).to_have_count(0)

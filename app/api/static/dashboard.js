@@ -86,18 +86,30 @@ async function selectJob(id) {
   await refreshCurve();
 }
 
-async function refreshCurve() {
-  if (selectedJob === null) return;
-  if (curve.job !== selectedJob) curve = { job: selectedJob, after: null, points: [] };
+// One curve update at a time, in order: two at once (a poll and a click) would read the same `after` and
+// add the same points twice.
+let curveUpdates = Promise.resolve();
+
+function refreshCurve() {
+  curveUpdates = curveUpdates.then(updateCurve, updateCurve);
+  return curveUpdates;
+}
+
+async function updateCurve() {
+  const id = selectedJob;
+  if (id === null) return;
+  if (curve.job !== id) curve = { job: id, after: null, points: [] };
   const query = curve.after === null ? "" : `?after=${curve.after}`;
-  const events = await api(`/v1/tuning/jobs/${selectedJob}/events${query}`);
+  const events = await api(`/v1/tuning/jobs/${id}/events${query}`);
+  if (selectedJob !== id) return; // another job was picked meanwhile; its own update follows
   for (const event of events) {
     curve.after = event.id;
     if (event.type === "progress" && typeof event.data.loss === "number") {
       curve.points.push([event.data.step, event.data.loss]);
     }
   }
-  const job = await api(`/v1/tuning/jobs/${selectedJob}`);
+  const job = await api(`/v1/tuning/jobs/${id}`);
+  if (selectedJob !== id) return;
   $("#curve-title").textContent = `Job ${job.id} (${job.task}), ${job.status}: training loss by step`;
   drawCurve(curve.points);
 }
@@ -152,6 +164,18 @@ async function tryTask(route) {
   }
 }
 
+// Another key may be another tenant: nothing read with the last one stays on the page.
+function forgetShown() {
+  selectedJob = null;
+  curve = { job: null, after: null, points: [] };
+  $("#tasks tbody").replaceChildren();
+  $("#jobs tbody").replaceChildren();
+  $("#try-task").replaceChildren(new Option("(bare backbone)", ""));
+  $("#try-output").textContent = "";
+  $("#curve-title").textContent = "Pick a job to see its training loss.";
+  $("#curve").replaceChildren();
+}
+
 async function refresh() {
   try {
     const [, jobs] = await Promise.all([refreshTasks(), refreshJobs()]);
@@ -173,6 +197,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     sessionStorage.setItem("softprompt-key", $("#key").value.trim());
+    forgetShown();
     refresh();
   });
   $("#try-classify").addEventListener("click", () => tryTask("classify"));
