@@ -22,10 +22,14 @@ import torch
 from app.errors import Overloaded, Unavailable
 from app.ml.backbone import Backbone
 from app.ml.decode_batch import DecodeBatch, decode_step, prefill
+from app.ml.memory import release_freed_memory
 from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
 from app.ml.sequence import GenerationRequest, Sequence, choose_tokens
 
 log = logging.getLogger(__name__)
+# Prompt keys and values evicted before the idle engine hands freed memory back: about 18 prompts of the
+# default backbone, so a trim (a few milliseconds) is rare even when the cache turns over quickly.
+RELEASE_AFTER_EVICTED_BYTES = 16 << 20
 
 
 class Observer(Protocol):
@@ -226,6 +230,7 @@ class Engine:
         self._outstanding = 0  # rows accepted and not finished, calls counted by their rows
         self._tenant_rows: dict[Hashable | None, int] = {}  # the same, per tenant; no entry at zero
         self._stopping = False
+        self._evicted = 0  # prompt keys and values dropped since memory was last handed back
         self._thread = threading.Thread(target=self._loop, name="softprompt-engine", daemon=True)
 
     @property
@@ -323,3 +328,13 @@ class Engine:
                         future.set_exception(error)
             if not self.scheduler.idle:
                 self.scheduler.step()
+            if self.scheduler.idle:
+                self._release_evicted_memory()
+
+    def _release_evicted_memory(self) -> None:
+        """When the engine goes idle after its prompt cache has turned over, between requests rather than
+        inside one, the freed pages go back to the system (app/ml/memory.py)."""
+        self._evicted += self.prompt_kv_cache.take_evicted_bytes()
+        if self._evicted >= RELEASE_AFTER_EVICTED_BYTES:
+            self._evicted = 0
+            release_freed_memory()

@@ -55,6 +55,7 @@ class PromptKVCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[Hashable, PromptKV] = OrderedDict()
         self._bytes = 0
+        self._evicted = 0  # bytes dropped since take_evicted_bytes() last asked
         self._lock = threading.Lock()
 
     @property
@@ -76,4 +77,11 @@ class PromptKVCache:
             while self._bytes > self.max_bytes and len(self._entries) > 1:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
+                self._evicted += evicted.nbytes
         return kv
+
+    def take_evicted_bytes(self) -> int:
+        """Bytes evicted since the last call: memory the process freed, which it may not have returned."""
+        with self._lock:
+            evicted, self._evicted = self._evicted, 0
+            return evicted

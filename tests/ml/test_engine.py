@@ -278,3 +278,36 @@ def test_newcomers_join_a_running_batch_together_every_few_steps(tiny_backbone):
     for row, text in zip(rows, texts, strict=True):
         expected = generate_reference(tiny_backbone, prompt=None, text=text, max_new_tokens=12)
         assert row.result().token_ids == expected
+
+
+def test_the_idle_engine_hands_back_memory_its_prompt_cache_freed(tiny_backbone, monkeypatch):
+    released = threading.Event()
+    monkeypatch.setattr("app.ml.engine.release_freed_memory", released.set)
+    one = compute_prompt_kv(tiny_backbone, random_prompt(4, 0)).nbytes
+    monkeypatch.setattr("app.ml.engine.RELEASE_AFTER_EVICTED_BYTES", 3 * one)
+    engine = Engine(
+        tiny_backbone, max_batch_rows=4, max_queued_rows=64, prompt_kv_cache_bytes=2 * one
+    ).start()
+    try:
+        for key in range(6):  # six prompts through a cache of two: four evicted
+            collector = _Collector(1)
+            request = generation_requests(
+                tiny_backbone,
+                prompts=[random_prompt(4, key)],
+                texts=["fine"],
+                max_new_tokens=1,
+                prompt_keys=[key],
+            )
+            engine.submit(request, collector)
+            assert collector.all_over.wait(30)
+            if key == 2:
+                assert not released.is_set()  # one eviction so far: under the threshold
+        assert released.wait(5)
+    finally:
+        engine.stop()
+
+
+def test_freed_memory_can_be_handed_back_here():
+    from app.ml.memory import release_freed_memory
+
+    assert release_freed_memory()  # glibc, as on every machine this runs on
