@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy.exc import OperationalError
 
@@ -30,6 +31,7 @@ from app.services.datasets import get_dataset, load_records
 from app.services.prompts import publish_version
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Progress is written at most this often; a fast job would otherwise spend its time in the database.
 PROGRESS_INTERVAL_S = 1.0
@@ -70,7 +72,9 @@ def run_job(
     status = "failed"
     with leases.Heartbeat(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s) as heartbeat:
         try:
-            inputs, job = _load_inputs(db_url=db_url, job_id=job_id)
+            # Claimed, so no other worker will take it: wait out a database that is briefly away rather
+            # than fail a job that has not started.
+            inputs, job = _retrying(lambda: _load_inputs(db_url=db_url, job_id=job_id))
             status = _train_and_publish(
                 owner=owner,
                 job=job,
@@ -265,9 +269,10 @@ def _record_outcome(
 DATABASE_RETRY_S = 120.0
 
 
-def _retrying(write: Callable[[], str]) -> str:
+def _retrying(write: Callable[[], T]) -> T:
     """``write`` again while the database is unreachable, up to DATABASE_RETRY_S: a finished training run
-    is too costly to lose to a short outage. Each try is one transaction, so a failed one left nothing."""
+    is too costly to lose to a short outage, and a claimed job should not fail for one before it starts.
+    Each try is one transaction, so a failed one left nothing."""
     deadline, delay = time.monotonic() + DATABASE_RETRY_S, 0.5
     while True:
         try:

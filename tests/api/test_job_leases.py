@@ -162,3 +162,23 @@ def test_a_worker_shutting_down_hands_its_job_back_and_the_next_run_continues_it
     assert [e["data"]["resumed_from_step"] for e in events if "resumed_from_step" in e["data"]] == [
         handed_back_at
     ]
+
+
+def test_a_database_away_when_the_job_starts_delays_it_and_does_not_fail_it(
+    client, settings, tiny_backbone, monkeypatch
+):
+    from sqlalchemy.exc import OperationalError
+
+    job_id = _job(client)
+    real_load = training.load_records
+    outages = iter([True, True])  # the first two reads of the records find the database away
+
+    def load_records(*args, **kwargs):
+        if next(outages, False):
+            raise OperationalError("SELECT records", {}, Exception("connection refused"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(training, "load_records", load_records)
+    assert run_job(db_url=settings.registry_url, job_id=job_id, backbone=tiny_backbone) == "succeeded"
+    job = client.get(f"/v1/tuning/jobs/{job_id}").json()
+    assert job["attempts"] == 1 and job["error"] is None
