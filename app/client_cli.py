@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 from pydantic import BaseModel
 from rich.console import Console
@@ -41,11 +42,9 @@ def _client(url: str, key: str | None) -> Iterator[Client]:
         where = f" (line {error.line})" if error.line else f" ({error.param})" if error.param else ""
         typer.echo(f"error: {error.code}{where}: {error.message}", err=True)
         raise typer.Exit(1) from None
-    except Exception as error:  # httpx's connection errors: name the address that did not answer
-        if type(error).__module__.startswith("httpx"):
-            typer.echo(f"error: cannot reach {url}: {error}", err=True)
-            raise typer.Exit(1) from None
-        raise
+    except httpx.TransportError as error:  # nothing answered: name the address
+        typer.echo(f"error: cannot reach {url}: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _json(model: BaseModel | list[BaseModel] | dict[str, Any]) -> None:

@@ -57,6 +57,19 @@ def service(request, tmp_path, tiny_backbone_dir):
         yield Service(client, worker_log, log, env, f"http://127.0.0.1:{metrics_port}/metrics")
 
 
+def create_key(service: Service, tenant: str) -> str:
+    """`softprompt keys create`, as an operator runs it; the key is its last line."""
+    made = subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", tenant],
+        env=service.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return made.stdout.splitlines()[-1]
+
+
 def test_upload_tune_and_serve(service):
     dataset = service.api.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
     job = service.api.post(
@@ -130,15 +143,7 @@ def test_cancel_a_running_job(service):
 
 def test_the_first_key_ends_the_open_mode_and_no_key_reaches_the_logs(service):
     assert service.api.get("/v1/datasets").status_code == 200  # no key yet: loopback is served
-    made = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "default"],
-        env=service.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    key = made.stdout.splitlines()[-1]
+    key = create_key(service, "default")
     deadline = time.monotonic() + 10  # the API remembers "no keys" for 2 s
     while (answer := service.api.get("/v1/datasets")).status_code != 401:
         assert time.monotonic() < deadline, answer.text
@@ -154,15 +159,7 @@ def test_the_first_key_ends_the_open_mode_and_no_key_reaches_the_logs(service):
 
 def test_the_openai_sdk_end_to_end(service):
     """What a product backend on the OpenAI SDK does, against the real processes and a real worker."""
-    made = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "product"],
-        env=service.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    sdk = openai.OpenAI(base_url=f"{service.api.base_url}/v1", api_key=made.stdout.splitlines()[-1])
+    sdk = openai.OpenAI(base_url=f"{service.api.base_url}/v1", api_key=create_key(service, "product"))
     uploaded = sdk.files.create(file=("reviews.jsonl", sentiment_file()), purpose="fine-tune")
     job = sdk.fine_tuning.jobs.create(
         model="tiny",

@@ -11,7 +11,7 @@ from app.api.deps import LimitQuery, ServingDep, SessionDep, SettingsDep
 from app.api.openai import ids
 from app.api.openai.schemas import Deleted, FileObject, ListOf
 from app.api.responses import errors
-from app.api.routes.datasets import read_limited, token_counter
+from app.api.routes.datasets import store_upload
 from app.db.models import Dataset
 from app.services import datasets as service
 
@@ -38,18 +38,15 @@ async def create_file(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> FileObject:
     """Upload a fine-tuning file (the OpenAI shape of POST /v1/datasets)."""
-    dataset, _ = service.create_dataset(
+    dataset, _ = await store_upload(
         session,
         caller=caller,
-        data=await read_limited(file, settings.max_upload_bytes),
-        filename=file.filename or "",
+        settings=settings,
+        serving=serving,
+        file=file,
         name=None,
-        min_examples=settings.min_examples,
-        max_examples=settings.max_examples,
-        count_tokens=token_counter(serving),
         idempotency_key=idempotency_key,
     )
-    session.commit()
     return file_object(dataset)
 
 

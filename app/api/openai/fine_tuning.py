@@ -116,9 +116,12 @@ def list_fine_tuning_jobs(
     return ListOf(data=[fine_tuning_job(r, caller.tenant) for r in rows], has_more=has_more)
 
 
+def _number(job_id: str) -> int:
+    return ids.from_id(ids.JOB, job_id, what="fine-tuning job", param="fine_tuning_job_id")
+
+
 def _job(session, caller, job_id: str) -> TuningJob:
-    number = ids.from_id(ids.JOB, job_id, what="fine-tuning job", param="fine_tuning_job_id")
-    return service.get_job(session, tenant_id=caller.tenant_id, job_id=number)
+    return service.get_job(session, tenant_id=caller.tenant_id, job_id=_number(job_id))
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, responses=errors(401, 404))
@@ -132,9 +135,7 @@ def retrieve_fine_tuning_job(
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=errors(401, 404, 409))
 def cancel_fine_tuning_job(fine_tuning_job_id: str, caller: CallerDep, session: SessionDep) -> FineTuningJob:
     """Cancel a queued or running job."""
-    job = service.cancel_job(
-        session, tenant_id=caller.tenant_id, job_id=_job(session, caller, fine_tuning_job_id).id
-    )
+    job = service.cancel_job(session, tenant_id=caller.tenant_id, job_id=_number(fine_tuning_job_id))
     session.commit()
     return fine_tuning_job(job, caller.tenant)
 
@@ -148,9 +149,11 @@ def list_fine_tuning_events(
     after: Annotated[str | None, Query(description="The last event id of the previous page.")] = None,
 ) -> ListOf:
     """The job's events, oldest first, so that `after` pages forward as the job goes on."""
-    job = _job(session, caller, fine_tuning_job_id)
     rows = service.list_events(
-        session, tenant_id=caller.tenant_id, job_id=job.id, after=ids.cursor(ids.EVENT, after)
+        session,
+        tenant_id=caller.tenant_id,
+        job_id=_number(fine_tuning_job_id),
+        after=ids.cursor(ids.EVENT, after),
     )
     return ListOf(data=[_event(r) for r in rows[:limit]], has_more=len(rows) > limit)
 

@@ -4,14 +4,18 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
+from sqlalchemy.orm import Session
 
 from app.api.auth import CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import DatasetPublic, Page
+from app.config import Settings
+from app.db.models import Dataset
 from app.errors import PayloadTooLarge
 from app.services import datasets as service
 from app.services.serving import Serving
+from app.services.tenants import Caller
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 READ_CHUNK = 1024 * 1024
@@ -36,24 +40,47 @@ async def upload_dataset(
 ) -> DatasetPublic:
     """Upload a labeled dataset; it is validated whole before anything is stored. A repeated
     Idempotency-Key with the same file and name returns the dataset the first upload made (200)."""
-    dataset, created = service.create_dataset(
+    dataset, created = await store_upload(
         session,
         caller=caller,
-        data=await read_limited(file, settings.max_upload_bytes),
-        filename=file.filename or "",
+        settings=settings,
+        serving=serving,
+        file=file,
         name=name,
-        min_examples=settings.min_examples,
-        max_examples=settings.max_examples,
-        count_tokens=token_counter(serving),
         idempotency_key=idempotency_key,
     )
-    session.commit()
     if not created:
         response.status_code = 200
     return DatasetPublic.of(dataset)
 
 
-def token_counter(serving: Serving) -> Callable[[str], int] | None:
+async def store_upload(
+    session: Session,
+    *,
+    caller: Caller,
+    settings: Settings,
+    serving: Serving,
+    file: UploadFile,
+    name: str | None,
+    idempotency_key: str | None,
+) -> tuple[Dataset, bool]:
+    """The upload read within its limit, parsed, stored and committed; shared with POST /v1/files."""
+    dataset, created = service.create_dataset(
+        session,
+        caller=caller,
+        data=await _read_limited(file, settings.max_upload_bytes),
+        filename=file.filename or "",
+        name=name,
+        min_examples=settings.min_examples,
+        max_examples=settings.max_examples,
+        count_tokens=_token_counter(serving),
+        idempotency_key=idempotency_key,
+    )
+    session.commit()
+    return dataset, created
+
+
+def _token_counter(serving: Serving) -> Callable[[str], int] | None:
     """Counts tokens for the dataset's statistics, when this process has the backbone loaded."""
     tokenizer = serving.backbone.tokenizer if serving.backbone is not None else None
     if tokenizer is None:
@@ -61,7 +88,7 @@ def token_counter(serving: Serving) -> Callable[[str], int] | None:
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-async def read_limited(file: UploadFile, limit: int) -> bytes:
+async def _read_limited(file: UploadFile, limit: int) -> bytes:
     chunks, size = [], 0
     while chunk := await file.read(READ_CHUNK):
         size += len(chunk)
