@@ -46,6 +46,20 @@ def fit_context(backbone: Backbone, context: list[int], reserved: int, *, trunca
     return context[-budget:]
 
 
+def token_groups(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices of ``sizes`` in groups whose sizes sum to at most ``budget``; an item larger than
+    the budget makes a group of its own."""
+    groups: list[list[int]] = []
+    used = 0
+    for index, size in enumerate(sizes):
+        if not groups or used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(index)
+        used += size
+    return groups
+
+
 @dataclass
 class Batch:
     """Rows of [soft prompt][token ids], padded to a rectangle. Positions count only real entries, so a

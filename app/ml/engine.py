@@ -5,6 +5,13 @@ next step, so a long request never holds short ones back and the batch stays ful
 task share a step, each with its own prompt; a prompt's keys and values are computed once per version.
 Tenants share fairly: free places go round-robin to the tenants with waiting rows, and each tenant may hold
 only its share of the queue, so one tenant's flood neither delays another's rows nor fills the queue.
+
+No piece of work is larger than it must be, and large work takes turns with small. Newcomers are prefilled
+in groups of at most ``prefill_tokens`` tokens, and a tenant with no row running is admitted at once.
+Calls (classification) run in chunks (app/ml/inference.py), one chunk per turn, the calls taking turns;
+the engine's time is shared evenly between calls and decoder steps: after a chunk, steps run until they
+have had as much time. So a small generation waits for at most the rest of one chunk, however large the
+classification another tenant sent.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Generator, Hashable
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -58,12 +65,16 @@ class Scheduler:
         max_batch_rows: int,
         prompt_kv_cache: PromptKVCache | None,
         admit_every_steps: int = 1,
+        prefill_tokens: int | None = None,
         observer: Observer | None = None,
     ):
         self.backbone = backbone
         self.max_batch_rows = max_batch_rows
         self.prompt_kv_cache = prompt_kv_cache
         self.observer = observer
+        # An admission's prefill runs at most this many input tokens (a longer row runs alone): it pauses
+        # every running row, so its length is the delay it adds to everyone else's next token.
+        self.prefill_tokens = prefill_tokens
         # While rows are running, newcomers join at most every this many decoder steps. Each admission is a
         # prefill that pauses every running row, and it costs nearly as much for one newcomer as for eight:
         # grouping arrivals keeps a steady trickle of requests from spending the engine's time on prefills.
@@ -93,14 +104,7 @@ class Scheduler:
 
     def step(self) -> None:
         """Admit waiting rows (one prefill) if there is room, else advance the running rows by a token."""
-        room = self.max_batch_rows - (len(self.running) if self.running else 0)
-        if self.running is not None and self._steps_since_admission < self.admit_every_steps:
-            room = 0
-        joining: list[Sequence] = []
-        while self.waiting and len(joining) < room:
-            sequence = self._next_waiting()
-            if not (sequence.cancelled and self._notify(sequence)):
-                joining.append(sequence)
+        joining = self._joining()
         if joining:
             self._steps_since_admission = 0
             if self.observer is not None:
@@ -115,11 +119,35 @@ class Scheduler:
             if self.observer is not None:
                 self.observer.stepped(len(running), time.perf_counter() - started)
 
-    def _next_waiting(self) -> Sequence:
-        """The oldest row of the tenant whose turn it is; that tenant goes to the back of the turn order."""
-        tenant, queue = next(iter(self.waiting.items()))
+    def _joining(self) -> list[Sequence]:
+        """The rows this step admits, in the tenants' turn order: as many as the batch has room for and
+        ``prefill_tokens`` allows (one row at least). While rows run, newcomers join every
+        ``admit_every_steps`` steps, except a tenant with no row running: its rows join at once, alone, so a
+        small request does not wait for another tenant's cadence (nor share a prefill with its rows)."""
+        room = self.max_batch_rows - (len(self.running) if self.running else 0)
+        tenants = None  # any waiting tenant
+        if self.running is not None and self._steps_since_admission < self.admit_every_steps:
+            running = {s.request.tenant for s in self.running.sequences}
+            tenants = {t for t in self.waiting if t not in running}
+        joining: list[Sequence] = []
+        tokens = 0
+        while len(joining) < room:
+            tenant = next((t for t in self.waiting if tenants is None or t in tenants), _NOBODY)
+            if tenant is _NOBODY:
+                break
+            size = len(self.waiting[tenant][0].request.context)
+            if joining and self.prefill_tokens is not None and tokens + size > self.prefill_tokens:
+                break
+            sequence = self._take(tenant)
+            if not (sequence.cancelled and self._notify(sequence)):
+                joining.append(sequence)
+                tokens += size
+        return joining
+
+    def _take(self, tenant: Hashable | None) -> Sequence:
+        """``tenant``'s oldest waiting row; the tenant goes to the back of the turn order."""
+        queue = self.waiting.pop(tenant)
         sequence = queue.popleft()
-        del self.waiting[tenant]
         if queue:
             self.waiting[tenant] = queue
         self._served_last = tenant
@@ -196,10 +224,55 @@ def generate_all(
     return sequences
 
 
+class Call(Future):
+    """A piece of work run on the engine thread between decoder steps. ``abandon()`` (the caller went away)
+    drops it before its next chunk."""
+
+    def __init__(self, work: Callable[[Backbone], object]):
+        super().__init__()
+        self.work = work
+        self.steps: Generator | None = None  # the work's chunks, once it has started
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+    def turn(self, backbone: Backbone) -> bool:
+        """Run the work's next chunk (all of it, if it is not a generator); True once it is over."""
+        if self.abandoned:
+            if self.steps is not None:
+                self.steps.close()
+            self.set_exception(Abandoned("the caller went away"))
+            return True
+        try:
+            with torch.inference_mode():
+                if self.steps is None:
+                    if not self.set_running_or_notify_cancel():
+                        return True
+                    started = self.work(backbone)
+                    if not isinstance(started, Generator):
+                        self.set_result(started)
+                        return True
+                    self.steps = started
+                next(self.steps)
+        except StopIteration as finished:
+            self.set_result(finished.value)
+            return True
+        except BaseException as error:  # handed to the caller, who maps it to a response
+            self.set_exception(error)
+            return True
+        return False
+
+
+class Abandoned(Exception):
+    """A call dropped because its caller went away."""
+
+
 class Engine:
-    """The scheduler on its own thread, with a bounded queue in front and classification calls between
-    steps, so nothing else ever touches the model concurrently. ``max_tenant_rows`` bounds the rows one
-    tenant may hold at once (None: only the global bound), so a flood from one leaves room for the others."""
+    """The scheduler on its own thread, with a bounded queue in front and calls (classification) taking
+    turns with its steps, so nothing else ever touches the model concurrently. ``max_tenant_rows`` bounds
+    the rows one tenant may hold at once (None: only the global bound), so a flood from one leaves room for
+    the others."""
 
     def __init__(
         self,
@@ -210,6 +283,7 @@ class Engine:
         prompt_kv_cache_bytes: int,
         max_tenant_rows: int | None = None,
         admit_every_steps: int = 1,
+        prefill_tokens: int | None = None,
         observer: Observer | None = None,
     ):
         self.backbone = backbone
@@ -222,11 +296,15 @@ class Engine:
             max_batch_rows=max_batch_rows,
             prompt_kv_cache=self.prompt_kv_cache,
             admit_every_steps=admit_every_steps,
+            prefill_tokens=prefill_tokens,
             observer=observer,
         )
         self._cv = threading.Condition()
         self._incoming: deque[tuple[Sequence, Listener]] = deque()
-        self._calls: deque[tuple[Callable[[Backbone], object], Future]] = deque()
+        self._calls: deque[Call] = deque()  # in turn order: the front one runs its next chunk next
+        # Seconds of engine time the decoder steps are owed: a chunk adds its length, a step takes its own.
+        # Chunks wait while steps are owed time, so each kind gets half the engine when both have work.
+        self._owed_to_steps = 0.0
         self._outstanding = 0  # rows accepted and not finished, calls counted by their rows
         self._tenant_rows: dict[Hashable | None, int] = {}  # the same, per tenant; no entry at zero
         self._stopping = False
@@ -265,18 +343,17 @@ class Engine:
             self._cv.notify()
         return sequences
 
-    def call(
-        self, work: Callable[[Backbone], object], *, rows: int, tenant: Hashable | None = None
-    ) -> Future:
-        """Run ``work(backbone)`` on the engine thread between two steps (classification does); its
-        ``rows`` count against the queue and ``tenant``'s share of it until it is done."""
-        future: Future = Future()
+    def call(self, work: Callable[[Backbone], object], *, rows: int, tenant: Hashable | None = None) -> Call:
+        """Run ``work(backbone)`` on the engine thread. A generator function runs one chunk (up to its next
+        ``yield``) per turn, the calls taking turns between decoder steps; its return value is the result.
+        ``rows`` count against the queue and ``tenant``'s share of it until the call is over."""
+        call = Call(work)
         with self._cv:
             self._admit(rows, tenant)
-            self._calls.append((work, future))
+            self._calls.append(call)
             self._cv.notify()
-        future.add_done_callback(lambda _: self._release(rows, tenant))
-        return future
+        call.add_done_callback(lambda _: self._release(rows, tenant))
+        return call
 
     def _admit(self, rows: int, tenant: Hashable | None) -> None:
         if self._stopping:
@@ -309,26 +386,30 @@ class Engine:
                     self._tenant_rows[tenant] = held
 
     def _loop(self) -> None:
+        """Each turn: a chunk of the call at the front (which then goes to the back), or a scheduler step."""
         while True:
             with self._cv:
                 while not (self._incoming or self._calls or self._stopping) and self.scheduler.idle:
                     self._cv.wait()
                 while self._incoming:
                     self.scheduler.add(*self._incoming.popleft())
-                calls = list(self._calls)
-                self._calls.clear()
-                if self._stopping and not calls and self.scheduler.idle:
+                if self.scheduler.idle:
+                    self._owed_to_steps = 0.0  # nothing to owe it to
+                chunk_next = bool(self._calls) and self._owed_to_steps <= 0
+                call = self._calls.popleft() if chunk_next else None
+                if self._stopping and not self._calls and call is None and self.scheduler.idle:
                     return
-            for work, future in calls:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        with torch.inference_mode():
-                            future.set_result(work(self.backbone))
-                    except BaseException as error:  # handed to the caller, who maps it to a response
-                        future.set_exception(error)
-            if not self.scheduler.idle:
+            started = time.perf_counter()
+            if call is not None:
+                over = call.turn(self.backbone)
+                self._owed_to_steps += time.perf_counter() - started
+                if not over:
+                    with self._cv:
+                        self._calls.append(call)
+            else:
                 self.scheduler.step()
-            if self.scheduler.idle:
+                self._owed_to_steps = max(0.0, self._owed_to_steps - (time.perf_counter() - started))
+            if self.scheduler.idle and not self._calls:
                 self._release_evicted_memory()
 
     def _release_evicted_memory(self) -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Generator, Hashable
 
 import torch
 
 from app.errors import InvalidRequest
 from app.ml.backbone import Backbone
-from app.ml.batching import build_batch, context_ids, fit_context, target_ids, target_log_probs
+from app.ml.batching import (
+    build_batch,
+    context_ids,
+    fit_context,
+    target_ids,
+    target_log_probs,
+    token_groups,
+)
 from app.ml.decode_batch import prefill
 from app.ml.engine import generate_all
 from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
@@ -88,20 +95,39 @@ def generate_reference(
     return produced
 
 
-def label_log_likelihoods(
+# Offline scoring (a job's evaluation) runs at most this many tokens per forward pass, so a validation set
+# with many or long labels is scored in pieces rather than in one pass that needs all their memory at once.
+OFFLINE_CHUNK_TOKENS = 4096
+
+
+def label_log_likelihoods(backbone: Backbone, **request) -> torch.Tensor:
+    """log P(label tokens | prompt, rendered text), summed over the label's tokens: [rows, labels] float32.
+    ``request``: as for ``label_scores``, which this runs to the end in this thread."""
+    request.setdefault("chunk_tokens", OFFLINE_CHUNK_TOKENS)
+    steps = label_scores(backbone, **request)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def label_scores(
     backbone: Backbone,
     *,
     prompts: list[torch.Tensor | None],
     texts: list[str],
     labels: list[str],
+    chunk_tokens: int,
     prompt_keys: list[Hashable | None] | None = None,
     kv_cache: PromptKVCache | None = None,
-) -> torch.Tensor:
-    """log P(label tokens | prompt, rendered text), summed over the label's tokens: [rows, labels] float32.
+) -> Generator[None, None, torch.Tensor]:
+    """``label_log_likelihoods`` in chunks of at most ``chunk_tokens`` tokens (a longer row runs alone),
+    yielding after each: the engine runs one chunk per turn, so other requests are served between them.
 
     When every label is one token (the usual case: " positive", " negative") a row's input runs once, on
     top of its prompt's shared keys and values, and the LM head runs at its last position only. Otherwise
-    every (row, label) pair is one row of a single padded forward."""
+    every (row, label) pair is one row, [prompt][input][label], packed end to end."""
     if not labels:
         raise InvalidRequest("classification needs at least one label", param="labels")
     label_ids = [[target_ids(backbone, text, label, with_eos=False) for label in labels] for text in texts]
@@ -110,19 +136,39 @@ def label_log_likelihoods(
         fit_context(backbone, context_ids(backbone, text), _virtual(prompt) + longest, truncate=False)
         for prompt, text in zip(prompts, texts, strict=True)
     ]
-    with torch.inference_mode():
-        if longest == 1:
-            keys = prompt_keys or [None] * len(texts)
-            return _single_token_scores(backbone, prompts, keys, contexts, label_ids, kv_cache)
-        pair_prompts, pair_contexts, targets = [], [], []
-        for prompt, context, row in zip(prompts, contexts, label_ids, strict=True):
-            for ids in row:
-                pair_prompts.append(prompt)
-                pair_contexts.append(context)
-                targets.append(ids)
-        log_probs, row_of = target_log_probs(backbone, pair_prompts, pair_contexts, targets)  # [N], [N]
-        sums = torch.zeros(len(targets), device=log_probs.device).index_add(0, row_of, log_probs)
-    return sums.view(len(texts), len(labels)).cpu()
+    scores = torch.zeros(len(texts), len(labels))  # [rows, labels]
+    if longest == 1:
+        keys = prompt_keys or [None] * len(texts)
+        for group in token_groups([len(c) for c in contexts], chunk_tokens):
+            with torch.inference_mode():
+                scores[group] = _single_token_scores(
+                    backbone,
+                    [prompts[i] for i in group],
+                    [keys[i] for i in group],
+                    [contexts[i] for i in group],
+                    [label_ids[i] for i in group],
+                    kv_cache,
+                )
+            yield
+        return scores
+    pairs = [(row, column) for row in range(len(texts)) for column in range(len(labels))]
+    sizes = [
+        _virtual(prompts[row]) + len(contexts[row]) + len(label_ids[row][column]) for row, column in pairs
+    ]
+    for group in token_groups(sizes, chunk_tokens):
+        chosen = [pairs[i] for i in group]
+        with torch.inference_mode():
+            log_probs, row_of = target_log_probs(
+                backbone,
+                [prompts[row] for row, _ in chosen],
+                [contexts[row] for row, _ in chosen],
+                [label_ids[row][column] for row, column in chosen],
+            )  # [N], [N]
+            sums = torch.zeros(len(chosen), device=log_probs.device).index_add(0, row_of, log_probs)
+        for (row, column), total in zip(chosen, sums.cpu().tolist(), strict=True):
+            scores[row, column] = total
+        yield
+    return scores
 
 
 def _single_token_scores(
@@ -153,10 +199,17 @@ def _single_token_scores(
     return logits.log_softmax(-1).gather(1, wanted).cpu()
 
 
-def classify(
-    backbone: Backbone, *, prompts: list[torch.Tensor | None], texts: list[str], labels: list[str], **shared
-) -> list[dict[str, float]]:
+def classify(backbone: Backbone, *, labels: list[str], **request) -> list[dict[str, float]]:
     """Rank classification: a softmax over the labels' summed log-likelihoods, one {label: p} per row.
-    ``shared``: ``prompt_keys`` and ``kv_cache``, to reuse prompts' keys and values across calls."""
-    scores = label_log_likelihoods(backbone, prompts=prompts, texts=texts, labels=labels, **shared)
+    ``request``: as for ``label_scores``."""
+    return probabilities(labels, label_log_likelihoods(backbone, labels=labels, **request))
+
+
+def classify_steps(backbone: Backbone, *, labels: list[str], **request) -> Generator[None, None, list[dict]]:
+    """``classify`` in chunks, for the engine: yields between chunks, returns the probabilities."""
+    scores = yield from label_scores(backbone, labels=labels, **request)
+    return probabilities(labels, scores)
+
+
+def probabilities(labels: list[str], scores: torch.Tensor) -> list[dict[str, float]]:
     return [dict(zip(labels, row, strict=True)) for row in scores.softmax(-1).tolist()]

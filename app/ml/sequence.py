@@ -83,10 +83,10 @@ class Sequence:
             return
         self.produced.append(token)
         # Decoding the whole completion each time keeps multi-token characters and merges right.
-        self.text = tokenizer.decode(self.produced, skip_special_tokens=True)
-        hits = [self.text.find(s) for s in self.request.stop if s in self.text]
-        if hits:
-            self.text = self.text[: min(hits)]
+        previous, self.text = self.text, tokenizer.decode(self.produced, skip_special_tokens=True)
+        hit = first_stop(self.text, self.request.stop, checked=unchanged_prefix(previous, self.text))
+        if hit is not None:
+            self.text = self.text[:hit]
             self.finish_reason = "stop"
         elif len(self.produced) >= self.request.max_new_tokens:
             self.finish_reason = "length"
@@ -98,15 +98,53 @@ class Sequence:
         if not self.done:
             if self.text.endswith("\ufffd"):
                 end -= 1
-            head = self.text[:end]
-            end -= max(
-                (n for stop in self.request.stop for n in range(1, len(stop)) if head.endswith(stop[:n])),
-                default=0,
-            )
+            end -= partial_stop(self.text[:end], self.request.stop)
         end = max(end, self.streamed)
         delta = self.text[self.streamed : end]
         self.streamed = end
         return delta
+
+
+# Stop strings are looked for only where the text is new, so a step costs each stop string about its own
+# length whatever the length of the text, and nothing is copied in proportion to a stop string's square.
+
+
+def unchanged_prefix(previous: str, text: str) -> int:
+    """How many leading characters ``text`` shares with ``previous``: all of ``previous`` as a rule; less
+    when the newest token completed a character or the decoder's clean-up rewrote the end."""
+    if text.startswith(previous):
+        return len(previous)
+    low, high = 0, min(len(previous), len(text))  # the shared length lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if text.startswith(previous[:middle]):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def first_stop(text: str, stops: tuple[str, ...], *, checked: int) -> int | None:
+    """Where the earliest stop string in ``text`` begins, or None. ``text[:checked]`` was searched before
+    and held none, so a new occurrence ends after it: the search starts a stop's length before it."""
+    hits = [found for stop in stops if (found := text.find(stop, max(0, checked - len(stop) + 1))) >= 0]
+    return min(hits, default=None)
+
+
+def partial_stop(head: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of ``head`` that begins some stop string (and could still grow into
+    it): that much text is held back from the stream."""
+    longest = 0
+    for stop in stops:
+        # A candidate starts at an occurrence of the stop's first character among the last len(stop) - 1
+        # characters; the earliest one that matches is the longest.
+        start = head.find(stop[0], max(0, len(head) - len(stop) + 1))
+        while start >= 0:
+            if stop.startswith(head[start:]):
+                longest = max(longest, len(head) - start)
+                break
+            start = head.find(stop[0], start + 1)
+    return longest
 
 
 # Below this a temperature decodes greedily: dividing logits by a vanishing temperature overflows to inf

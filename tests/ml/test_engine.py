@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
 import torch
 
 from app.errors import Overloaded
-from app.ml.engine import Engine, Scheduler
-from app.ml.inference import generate_reference, generation_requests
+from app.ml.engine import Abandoned, Engine, Scheduler
+from app.ml.inference import classify, classify_steps, generate_reference, generation_requests
 from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv
 from app.ml.sequence import Generation, Sequence
 from tests.ml.rows import input_text, random_prompt
@@ -311,3 +313,91 @@ def test_freed_memory_can_be_handed_back_here():
     from app.ml.memory import release_freed_memory
 
     assert release_freed_memory()  # glibc, as on every machine this runs on
+
+
+def _scoring(texts: list[str], labels: list[str], chunk_tokens: int):
+    """A classification call as serving makes it: chunks of at most ``chunk_tokens``."""
+    return lambda backbone: classify_steps(
+        backbone, prompts=[None] * len(texts), texts=texts, labels=labels, chunk_tokens=chunk_tokens
+    )
+
+
+def test_a_large_classification_takes_turns_with_another_tenants_generation(tiny_backbone):
+    """One chunk of the large request, then a step of the others: a two-token generation of another tenant
+    is done long before the classification, which before ran whole, ahead of every step."""
+    engine = Engine(
+        tiny_backbone, max_batch_rows=4, max_queued_rows=64, prompt_kv_cache_bytes=1 << 20
+    ).start()
+    try:
+        texts = [input_text(i) for i in range(16)]
+        labels = [f"label {i} of this long list" for i in range(12)]
+        large = engine.call(_scoring(texts, labels, 16), rows=16, tenant="a")
+        collector = _Collector(1)
+        request = generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=2)
+        engine.submit([dataclasses.replace(request[0], tenant="b")], collector)
+        assert collector.all_over.wait(60)
+        assert not large.done(), "the generation waited for the whole classification"
+        scores = large.result(timeout=120)
+        assert len(scores) == 16 and all(set(row) == set(labels) for row in scores)
+        alone = classify(tiny_backbone, prompts=[None] * 16, texts=texts, labels=labels)
+        for row, expected in zip(scores, alone, strict=True):
+            assert row == pytest.approx(expected, abs=1e-5)
+    finally:
+        engine.stop()
+
+
+def test_an_abandoned_call_stops_before_its_next_chunk_and_frees_its_rows(tiny_backbone, engine):
+    chunks_run = []
+
+    def work(_):
+        for chunk in range(1000):
+            chunks_run.append(chunk)
+            time.sleep(0.005)
+            yield
+        return "finished"
+
+    call = engine.call(work, rows=3)
+    while len(chunks_run) < 3:
+        time.sleep(0.005)
+    call.abandon()
+    with pytest.raises(Abandoned):
+        call.result(timeout=10)
+    ran = len(chunks_run)
+    time.sleep(0.05)
+    assert len(chunks_run) == ran < 1000 and engine.outstanding_rows == 0
+
+
+def test_an_admission_prefills_at_most_its_token_budget_unless_one_row_is_longer(tiny_backbone):
+    texts = ["a b c d e", "f g h i j", "k l m n o", "the story of a long film " * 8]
+    requests = generation_requests(tiny_backbone, prompts=[None] * 4, texts=texts, max_new_tokens=3)
+    lengths = [len(r.context) for r in requests]
+    budget = lengths[0] + lengths[1]  # room for two rows, not three; the fourth is longer on its own
+    assert lengths[3] > budget
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, prefill_tokens=budget)
+    rows = [Sequence(request=r) for r in requests]
+    for row in rows:
+        scheduler.add(row, lambda *_: None)
+    scheduler.step()
+    assert len(scheduler.running) == 2  # the third would pass the budget: it waits for the next admission
+    while not scheduler.idle:
+        scheduler.step()
+    for row, text in zip(rows, texts, strict=True):  # the long row ran alone, and everything still matches
+        expected = generate_reference(tiny_backbone, prompt=None, text=text, max_new_tokens=3)
+        assert row.result().token_ids == expected
+
+
+def test_a_tenant_with_no_row_running_joins_at_once_and_alone(tiny_backbone):
+    """Another tenant's rows join every few steps; a newcomer tenant's row does not wait for that cadence,
+    and its prefill holds only its own rows."""
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, admit_every_steps=4)
+    busy = generation_requests(tiny_backbone, prompts=[None] * 3, texts=["a", "b", "c"], max_new_tokens=20)
+    busy = [dataclasses.replace(r, tenant="busy") for r in busy]
+    scheduler.add(Sequence(request=busy[0]), lambda *_: None)
+    scheduler.step()  # busy's first row runs
+    scheduler.add(Sequence(request=busy[1]), lambda *_: None)  # waits for the cadence
+    newcomer = generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=2)[0]
+    row = Sequence(request=dataclasses.replace(newcomer, tenant="quiet"))
+    scheduler.add(row, lambda *_: None)
+    scheduler.step()
+    assert [s.request.tenant for s in scheduler.running.sequences] == ["busy", "quiet"]
+    assert [s.request.tenant for queue in scheduler.waiting.values() for s in queue] == ["busy"]

@@ -9,7 +9,7 @@ import torch
 
 from app.errors import InvalidRequest
 from app.ml.batching import context_ids, target_ids
-from app.ml.inference import classify, generate, generate_reference, label_log_likelihoods
+from app.ml.inference import classify, generate, generate_reference, label_log_likelihoods, label_scores
 from app.ml.sequence import _sample
 from tests.ml.rows import input_text, random_prompt
 
@@ -148,3 +148,21 @@ def test_a_vanishing_temperature_decodes_greedily(tiny_backbone):
     vanishing = generate(tiny_backbone, temperature=5e-324, **kwargs)
     greedy = generate(tiny_backbone, temperature=0, **kwargs)
     assert [g.token_ids for g in vanishing] == [g.token_ids for g in greedy]
+
+
+@LABEL_SETS
+def test_scoring_in_small_chunks_gives_the_scores_of_one_pass(tiny_backbone, labels):
+    """The engine scores a request a chunk at a time; how it is cut must not change any number."""
+    prompts, texts = _rows(5)
+    whole = label_log_likelihoods(tiny_backbone, prompts=prompts, texts=texts, labels=labels)
+    steps = label_scores(tiny_backbone, prompts=prompts, texts=texts, labels=labels, chunk_tokens=8)
+    chunks = 0
+    while True:
+        try:
+            next(steps)
+            chunks += 1
+        except StopIteration as done:
+            pieces = done.value
+            break
+    assert chunks >= 5  # every row, or every pair, is longer than 8 tokens: one chunk each at least
+    assert torch.allclose(pieces, whole, atol=1e-5)
