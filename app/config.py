@@ -48,8 +48,8 @@ class Settings(BaseSettings):
     # The worker serves Prometheus metrics on this port (0: not at all). One worker process per port.
     worker_metrics_port: int = 0
 
-    # A running job saves its full state this often, so a job handed to another worker loses at most
-    # this many steps. Files live in <data_dir>/checkpoints, which every worker must share.
+    # A running job saves its full state in the registry database this often, so a job handed to another
+    # worker, on any machine, loses at most this many steps (0: only when a worker hands a job back).
     checkpoint_every_steps: int = 50
 
     # Job ownership (app/services/leases.py). A worker renews its job's lease every third of job_lease_s; a
@@ -101,10 +101,6 @@ class Settings(BaseSettings):
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.data_dir / "checkpoints"
 
     @property
     def backbone_cache_dir(self) -> Path:

@@ -66,7 +66,6 @@ def _train(job_id: int) -> str:
         db_url=settings.registry_url,
         job_id=job_id,
         backbone=get_backbone(base_model),
-        checkpoint_dir=settings.checkpoint_dir,
         checkpoint_every=settings.checkpoint_every_steps,
         lease_s=settings.job_lease_s,
     )

@@ -201,3 +201,15 @@ class JobEvent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[TuningJob] = relationship(back_populates="events")
+
+
+class JobCheckpoint(Base):
+    """A running job's full training state (app/ml/checkpoint.py), saved every few steps and at a hand-back,
+    so any worker, on any machine, continues the job where the last one stopped. Gone once the job ends."""
+
+    __tablename__ = "job_checkpoints"
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("tuning_jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int]
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors, with the rest of the state as metadata
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -16,7 +16,7 @@ from app.config import Settings
 from app.db.models import JobEvent, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.ml.text import INPUT_PLACEHOLDER
-from app.services import idempotency, quotas
+from app.services import checkpoints, idempotency, quotas
 from app.services.datasets import get_dataset
 from app.services.pagination import paginate
 from app.services.tenants import Caller
@@ -267,6 +267,7 @@ def cancel_job(session: Session, *, tenant_id: int, job_id: int) -> TuningJob:
         .values(status="cancelled", finished_at=utcnow(), cancel_requested=True)
     ).rowcount
     if cancelled:
+        checkpoints.discard(session, job_id=job_id)  # a job handed back keeps one while queued
         add_event(
             session,
             job=job,

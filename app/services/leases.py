@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from app.config import Settings
 from app.db.models import TuningJob, utcnow
 from app.db.session import session_scope
+from app.services import checkpoints
 from app.services import jobs as jobs_service
 from app.services.queue import enqueue_training
 
@@ -121,6 +122,8 @@ def reap(settings: Settings, *, enqueue: Callable[[Settings, int], None] = enque
             ).rowcount
             if not won:
                 continue  # the worker renewed in time, or another reaper got there first
+            if outcome in ("failed", "cancelled"):
+                checkpoints.discard(session, job_id=job_id)
             if event is not None:
                 jobs_service.add_event(session, job=session.get(TuningJob, job_id), **event)
         getattr(reaped, outcome).append(job_id)

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy.exc import OperationalError
@@ -22,11 +21,11 @@ from app.db.models import TuningJob, utcnow
 from app.db.session import session_scope
 from app.errors import DomainError, NotFound
 from app.ml.backbone import Backbone
-from app.ml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from app.ml.checkpoint import Checkpoint
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
 from app.ml.trainer import Example, Progress, TrainConfig, TrainResult, train_prompt
+from app.services import checkpoints, leases, worker_metrics
 from app.services import jobs as jobs_service
-from app.services import leases, worker_metrics
 from app.services.datasets import get_dataset, load_records
 from app.services.prompts import publish_version
 
@@ -44,30 +43,24 @@ class JobInputs:
     labels: list[str] | None
     train: list[Example]
     validation: list[Example]
+    resume: Checkpoint | None  # the state a worker that ran the job before saved, if any
 
 
 def run_job(
-    *,
-    db_url: str,
-    job_id: int,
-    backbone: Backbone,
-    checkpoint_dir: Path | None = None,
-    checkpoint_every: int = 0,
-    lease_s: float = 60.0,
+    *, db_url: str, job_id: int, backbone: Backbone, checkpoint_every: int = 0, lease_s: float = 60.0
 ) -> str:
     """Runs the job if this call wins the claim. Returns the job's status afterwards, "skipped" when it
     was not queued, "lost" when its lease went to another worker mid-run (nothing written), or
     "handed_back" when the worker shut down mid-run (the job is queued again, its state saved).
 
-    With ``checkpoint_dir``, the run's state is saved there every ``checkpoint_every`` steps, and a job
-    that finds a checkpoint of its own continues from it (a job handed back or re-queued after its worker
-    died); the file goes once the job ends."""
+    The run's state is saved in the registry every ``checkpoint_every`` steps (0: only at a hand-back),
+    and a job that finds a checkpoint of its own continues from it (a job handed back, or queued again
+    after its worker died); the checkpoint goes once the job ends."""
     worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
     if not leases.claim(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s):
         log.info("job %s not claimed: it is not queued (duplicate delivery or cancelled)", job_id)
         return "skipped"
     log.info("job %s claimed by %s", job_id, worker)
-    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / f"job-{job_id}.safetensors"
     owner = _Owner(db_url=db_url, job_id=job_id, worker=worker)
     status = "failed"
     with leases.Heartbeat(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s) as heartbeat:
@@ -80,7 +73,6 @@ def run_job(
                 job=job,
                 inputs=inputs,
                 backbone=backbone,
-                checkpoint=checkpoint,
                 checkpoint_every=checkpoint_every,
                 lost=heartbeat.lost,
             )
@@ -89,10 +81,6 @@ def run_job(
         except Exception as error:  # a failed job must say why, whatever broke
             log.exception("job %s failed", job_id)
             status = owner.fail(code="training_error", message=f"{type(error).__name__}: {error}")
-    # The job ended here (a killed worker never gets here; a job lost or handed back keeps its checkpoint
-    # for the next owner).
-    if checkpoint is not None and status in jobs_service.TERMINAL:
-        checkpoint.unlink(missing_ok=True)
     log.info("job %s released by %s: %s", job_id, worker, status)
     return status
 
@@ -117,12 +105,23 @@ def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
             validation_records = load_records(session, **owned, dataset_id=job.validation_dataset_id)
         else:
             train_records, validation_records = split_holdout(train_records, seed=job.hyperparameters["seed"])
+        resume = checkpoints.load(session, job_id=job_id)
+        if resume is not None:
+            jobs_service.add_event(
+                session,
+                job=job,
+                type="status",
+                message=f"Resuming from the checkpoint after step {resume.step}.",
+                data={"status": "running", "resumed_from_step": resume.step},
+            )
+        session.flush()
         session.expunge(job)
     inputs = JobInputs(
         kind=kind,
         labels=labels,
         train=[Example(input=i, output=o) for i, o in train_records],
         validation=[Example(input=i, output=o) for i, o in validation_records],
+        resume=resume,
     )
     return inputs, job
 
@@ -157,32 +156,12 @@ def split_holdout(records: list, *, seed: int) -> tuple[list, list]:
     )
 
 
-def _resume_from(db_url: str, job_id: int, checkpoint: Path | None) -> Checkpoint | None:
-    if checkpoint is None or not checkpoint.is_file():
-        return None
-    try:
-        resume = load_checkpoint(checkpoint)
-    except Exception as error:  # an unreadable file costs the steps it saved, never the job
-        log.warning("job %s: checkpoint %s unreadable (%s); starting over", job_id, checkpoint, error)
-        return None
-    with session_scope(db_url) as session:
-        jobs_service.add_event(
-            session,
-            job=session.get(TuningJob, job_id),
-            type="status",
-            message=f"Resuming from the checkpoint after step {resume.step}.",
-            data={"status": "running", "resumed_from_step": resume.step},
-        )
-    return resume
-
-
 def _train_and_publish(
     *,
     owner: _Owner,
     job: TuningJob,
     inputs: JobInputs,
     backbone: Backbone,
-    checkpoint: Path | None,
     checkpoint_every: int,
     lost: threading.Event,
 ) -> str:
@@ -196,9 +175,7 @@ def _train_and_publish(
         seed=hp["seed"],
     )
     config = train_config(
-        hp,
-        classification=inputs.kind == "classification",
-        checkpoint_every=checkpoint_every if checkpoint is not None else 0,
+        hp, classification=inputs.kind == "classification", checkpoint_every=checkpoint_every
     )
     db_url = owner.db_url
     reporter = _Reporter(db_url=db_url, job_id=job.id, lost=lost)
@@ -212,17 +189,15 @@ def _train_and_publish(
         config=config,
         on_progress=reporter.progress,
         should_stop=lambda: lost.is_set() or HANDBACK.is_set() or reporter.cancel_requested(),
-        resume=_resume_from(db_url, job.id, checkpoint),
-        on_checkpoint=None if checkpoint is None else lambda state: save_checkpoint(checkpoint, state),
+        resume=inputs.resume,
+        on_checkpoint=lambda state: checkpoints.save_if_held(
+            db_url=db_url, job_id=job.id, worker=owner.worker, checkpoint=state
+        ),
     )
-    return _retrying(
-        lambda: _record_outcome(owner, result, inputs=inputs, backbone=backbone, checkpoint=checkpoint)
-    )
+    return _retrying(lambda: _record_outcome(owner, result, inputs=inputs, backbone=backbone))
 
 
-def _record_outcome(
-    owner: _Owner, result: TrainResult, *, inputs: JobInputs, backbone: Backbone, checkpoint: Path | None
-) -> str:
+def _record_outcome(owner: _Owner, result: TrainResult, *, inputs: JobInputs, backbone: Backbone) -> str:
     """One transaction: the version and the job's end, or the hand-back, or nothing if the job is lost."""
     metrics = result.metrics
     with session_scope(owner.db_url) as session:
@@ -231,7 +206,8 @@ def _record_outcome(
             log.warning("job %s: the lease went to another worker; this run writes nothing", owner.job_id)
             return "lost"
         if result.stopped and HANDBACK.is_set() and not row.cancel_requested:
-            return _hand_back(session, row, result.state, checkpoint)
+            return _hand_back(session, row, result.state)
+        checkpoints.discard(session, job_id=row.id)  # the job ends here, one way or the other
         if result.stopped or row.cancel_requested:
             row.status, row.finished_at = "cancelled", utcnow()
             jobs_service.add_event(
@@ -285,11 +261,10 @@ def _retrying(write: Callable[[], T]) -> T:
             delay = min(2 * delay, 10.0)
 
 
-def _hand_back(session, row: TuningJob, state: Checkpoint, checkpoint: Path | None) -> str:
-    """Back to the queue, not counted as an attempt. The reaper sends it again at its next pass: a worker
-    that is shutting down does not talk to the broker."""
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, state)
+def _hand_back(session, row: TuningJob, state: Checkpoint) -> str:
+    """Back to the queue with its state saved, not counted as an attempt. The reaper sends it again at its
+    next pass: a worker that is shutting down does not talk to the broker."""
+    checkpoints.save(session, job_id=row.id, checkpoint=state)
     row.status, row.worker, row.attempts = "queued", None, row.attempts - 1
     row.lease_expires_at = utcnow()
     jobs_service.add_event(
@@ -322,6 +297,7 @@ class _Owner:
                 return "lost"
             job.status, job.finished_at = "failed", utcnow()
             job.error_code, job.error_message = code, message
+            checkpoints.discard(session, job_id=job.id)
             jobs_service.add_event(
                 session, job=job, type="error", message=message, data={"status": "failed", "code": code}
             )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from datetime import timedelta
 
+import torch
 from sqlalchemy import update
 
-from app.db.models import TuningJob, utcnow
+from app.db.models import JobCheckpoint, TuningJob, utcnow
 from app.db.session import session_scope
-from app.services import leases, training
+from app.ml.checkpoint import Checkpoint
+from app.services import checkpoints, leases, training
 from app.services.training import run_job
 from tests.api.test_datasets import sentiment_file, upload
 
@@ -119,19 +122,14 @@ def test_a_worker_that_lost_its_lease_stops_and_writes_nothing(client, settings,
 
 
 def test_a_worker_shutting_down_hands_its_job_back_and_the_next_run_continues_it(
-    client, settings, tiny_backbone, tmp_path
+    client, settings, tiny_backbone
 ):
     job_id, steps = _job(client, steps=300, batch_size=2), 300
-    checkpoints = tmp_path / "checkpoints"
 
     def run() -> str:
         # Checkpoints are rarer than the run is long: the only one is the state saved at the hand-back.
         return run_job(
-            db_url=settings.registry_url,
-            job_id=job_id,
-            backbone=tiny_backbone,
-            checkpoint_dir=checkpoints,
-            checkpoint_every=10 * steps,
+            db_url=settings.registry_url, job_id=job_id, backbone=tiny_backbone, checkpoint_every=10 * steps
         )
 
     outcome: list[str] = []
@@ -152,7 +150,8 @@ def test_a_worker_shutting_down_hands_its_job_back_and_the_next_run_continues_it
     events = client.get(f"/v1/tuning/jobs/{job_id}/events").json()
     handed_back_at = events[-1]["data"]["step"]
     assert 1 <= handed_back_at < steps
-    assert (checkpoints / f"job-{job_id}.safetensors").exists()
+    with session_scope(settings.registry_url) as session:
+        assert session.get(JobCheckpoint, job_id).step == handed_back_at
 
     assert leases.reap(settings, enqueue=(broker := _Broker())).resent == [job_id] == broker.sent
     assert run() == "succeeded"
@@ -182,3 +181,30 @@ def test_a_database_away_when_the_job_starts_delays_it_and_does_not_fail_it(
     assert run_job(db_url=settings.registry_url, job_id=job_id, backbone=tiny_backbone) == "succeeded"
     job = client.get(f"/v1/tuning/jobs/{job_id}").json()
     assert job["attempts"] == 1 and job["error"] is None
+
+
+def test_only_the_worker_holding_a_job_writes_its_checkpoint_and_the_end_removes_it(client, settings):
+    """Checkpoints live in the registry, where every worker finds them; a worker that lost its job to
+    another (a long outage, the reaper) must not overwrite the new owner's state."""
+    job_id = _job(client)
+    db = settings.registry_url
+    assert leases.claim(db_url=db, job_id=job_id, worker="first", lease_s=60)
+    state = Checkpoint(
+        step=7,
+        prompt=torch.ones(2, 3),
+        optimizer={"state": {}, "param_groups": []},
+        batch_rng=torch.zeros(4, dtype=torch.uint8),
+        pending=[1, 2],
+        losses=[0.5],
+    )
+    assert checkpoints.save_if_held(db_url=db, job_id=job_id, worker="first", checkpoint=state)
+    _set(settings, job_id, worker="second")  # the reaper gave the job to another worker
+    later = dataclasses.replace(state, step=9)
+    assert not checkpoints.save_if_held(db_url=db, job_id=job_id, worker="first", checkpoint=later)
+    with session_scope(db) as session:
+        kept = checkpoints.load(session, job_id=job_id)
+    assert kept.step == 7 and torch.equal(kept.prompt, state.prompt) and kept.pending == [1, 2]
+    _set(settings, job_id, status="queued", worker=None)  # handed back, then cancelled while queued
+    assert client.post(f"/v1/tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    with session_scope(db) as session:
+        assert checkpoints.load(session, job_id=job_id) is None

@@ -9,11 +9,11 @@ import time
 import pytest
 from sqlalchemy import update
 
-from app.db.models import PromptVersion, TuningJob
+from app.db.models import JobCheckpoint, PromptVersion, TuningJob
 from app.db.session import session_scope
 from app.ml import inference
 from app.ml.soft_prompt import prompt_from_bytes
-from app.services import training
+from app.services import checkpoints
 from app.services.training import run_job
 from tests.api.conftest import TEMPLATE
 from tests.api.test_datasets import sentiment_file, upload
@@ -212,28 +212,28 @@ def test_a_job_whose_worker_died_resumes_from_its_checkpoint_and_ends_as_if_unbr
     body = {"training_dataset": dataset_id, "template": TEMPLATE, "hyperparameters": {"steps": 6}}
     broken, unbroken = (client.post("/v1/tuning/jobs", json={**body, "task": t}).json() for t in ("a", "b"))
     run = dict(db_url=settings.registry_url, backbone=tiny_backbone, checkpoint_every=2)
-    checkpoints = settings.checkpoint_dir
 
-    real_save = training.save_checkpoint
+    real_save = checkpoints.save_if_held
 
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state.step == 4:
+    def save_then_die(**saving):
+        real_save(**saving)
+        if saving["checkpoint"].step == 4:
             raise _WorkerKilled
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_if_held", save_then_die)
     with pytest.raises(_WorkerKilled):
-        run_job(job_id=broken["id"], checkpoint_dir=checkpoints, **run)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
-    assert (checkpoints / f"job-{broken['id']}.safetensors").is_file()
+        run_job(job_id=broken["id"], **run)
+    monkeypatch.setattr(checkpoints, "save_if_held", real_save)
     with session_scope(settings.registry_url) as session:  # what the reaper does with an expired lease
+        assert session.get(JobCheckpoint, broken["id"]).step == 4
         session.execute(update(TuningJob).where(TuningJob.id == broken["id"]).values(status="queued"))
 
-    assert run_job(job_id=broken["id"], checkpoint_dir=checkpoints, **run) == "succeeded"
-    assert run_job(job_id=unbroken["id"], checkpoint_dir=checkpoints, **run) == "succeeded"
+    assert run_job(job_id=broken["id"], **run) == "succeeded"
+    assert run_job(job_id=unbroken["id"], **run) == "succeeded"
     events = client.get(f"/v1/tuning/jobs/{broken['id']}/events").json()
     assert any(e["data"].get("resumed_from_step") == 4 for e in events)
-    assert list(checkpoints.iterdir()) == []  # finished jobs leave no checkpoint behind
+    with session_scope(settings.registry_url) as session:  # finished jobs leave no checkpoint behind
+        assert session.query(JobCheckpoint).count() == 0
     with session_scope(settings.registry_url) as session:
         vectors = {v.task.name: v.vectors for v in session.query(PromptVersion)}
     assert vectors["a"] == vectors["b"]

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from app.db.models import JobCheckpoint
+from app.db.session import session_scope
 from tests.api.test_datasets import sentiment_file
 from tests.integration.conftest import (
     free_port,
@@ -50,7 +52,10 @@ def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpo
         servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
         env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY)
         client = migrated_api(stack, env, port, tmp_path)
-        first = stack.enter_context(running(["worker"], env, tmp_path / "worker-1.log"))
+        # Each worker as if on a machine of its own: a data directory of its own, sharing only the registry
+        # and the broker. The second one must find the first one's checkpoint there.
+        first_env, second_env = (on_its_own_machine(env, tmp_path / name) for name in ("host-1", "host-2"))
+        first = stack.enter_context(running(["worker"], first_env, tmp_path / "worker-1.log"))
 
         dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
         steps = 250
@@ -65,7 +70,7 @@ def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpo
         os.killpg(first.pid, getattr(signal, ending))
         first.wait(timeout=30)
         killed_at = time.monotonic()
-        stack.enter_context(running(["worker"], env, tmp_path / "worker-2.log"))
+        stack.enter_context(running(["worker"], second_env, tmp_path / "worker-2.log"))
 
         done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
         recovered_in = time.monotonic() - killed_at
@@ -84,7 +89,22 @@ def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpo
             handed_back = [e["data"]["step"] for e in events if _is_hand_back(e)]
             assert resumed == handed_back
         print(f"{ending} after step {step}, resumed from {resumed[0]}, succeeded {recovered_in:.1f} s later")
-        assert not (tmp_path / "data" / "checkpoints" / f"job-{job['id']}.safetensors").exists()
+        with session_scope(first_env["SOFTPROMPT_DATABASE_URL"]) as session:
+            assert session.query(JobCheckpoint).count() == 0  # the finished job left no checkpoint behind
+
+
+def on_its_own_machine(env: dict[str, str], data_dir: Path) -> dict[str, str]:
+    """``env`` for a worker with a data directory of its own that shares only the registry database and
+    the broker (named explicitly: on the embedded stack they are otherwise files in the data directory)."""
+    shared = Path(env["SOFTPROMPT_DATA_DIR"])
+    return {
+        **env,
+        "SOFTPROMPT_DATA_DIR": str(data_dir),
+        "SOFTPROMPT_DATABASE_URL": env.get("SOFTPROMPT_DATABASE_URL")
+        or f"sqlite:///{shared / 'softprompt.sqlite'}",
+        "SOFTPROMPT_BROKER_URL": env.get("SOFTPROMPT_BROKER_URL")
+        or f"sqla+sqlite:///{shared / 'broker.sqlite'}",
+    }
 
 
 def _step(client, job_id: int) -> int:

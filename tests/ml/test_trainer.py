@@ -5,7 +5,7 @@ import torch
 
 from app.ml import batching
 from app.ml.batching import context_ids, target_ids, target_log_probs
-from app.ml.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from app.ml.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from app.ml.inference import label_log_likelihoods
 from app.ml.soft_prompt import init_prompt
 from app.ml.text import render
@@ -196,9 +196,7 @@ def test_adafactor_learns_too(tiny_backbone):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_a_run_resumed_from_a_checkpoint_file_ends_exactly_like_an_unbroken_one(
-    tiny_backbone, tmp_path, optimizer
-):
+def test_a_run_resumed_from_a_stored_checkpoint_ends_exactly_like_an_unbroken_one(tiny_backbone, optimizer):
     data = _examples()
     config = TrainConfig(
         steps=12,
@@ -219,8 +217,8 @@ def test_a_run_resumed_from_a_checkpoint_file_ends_exactly_like_an_unbroken_one(
 
     unbroken, checkpoints = run()
     assert [c.step for c in checkpoints] == [4, 8]
-    save_checkpoint(tmp_path / "job.safetensors", checkpoints[1])  # the worker died after step 8
-    resumed, _ = run(resume=load_checkpoint(tmp_path / "job.safetensors"))
+    stored = checkpoint_to_bytes(checkpoints[1])  # the worker died after step 8
+    resumed, _ = run(resume=checkpoint_from_bytes(stored))
     assert torch.equal(resumed.prompt, unbroken.prompt)
     assert resumed.metrics == unbroken.metrics and resumed.steps_done == 12
 
