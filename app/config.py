@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     max_batch_inputs: int = 64
     max_steps: int = 100_000
     max_virtual_tokens: int = 200
+    max_template_chars: int = 10_000  # a job's or an imported version's template
+    # Stop strings of one generation request: as many as OpenAI takes, each at most this long. Each is looked
+    # for only in the newest text, so their cost per token is their length, not the text's.
+    max_stop_strings: int = 4
+    max_stop_chars: int = 256
+    # Classification: labels per request, per task (an import) and classes per dataset; tokens per label;
+    # and a request's whole work, its inputs times the tokens of all its labels.
+    max_labels: int = 256
+    max_label_tokens: int = 32
+    max_classify_tokens: int = 16_384
 
     # The worker serves Prometheus metrics on this port (0: not at all). One worker process per port.
     worker_metrics_port: int = 0
@@ -69,6 +79,10 @@ class Settings(BaseSettings):
     # key exists, every /v1 request needs one. Key lookups are cached this long: a revoked key stops
     # working within it.
     auth_cache_ttl_s: float = 2.0
+    # Programs on this machine (loopback, local Host, no foreign Origin, no forwarding header) are trusted:
+    # served without a key while no key exists, and shown /metrics. A reverse proxy on this machine that
+    # adds no X-Forwarded-For makes every client look local: behind one, set this to false.
+    trust_loopback: bool = True
     # GET /metrics answers loopback clients, and others sending this as a Bearer token (empty: none).
     metrics_token: str = ""
 
@@ -85,6 +99,12 @@ class Settings(BaseSettings):
     engine_max_queued_rows: int = 256  # rows waiting for a place in the batch; past it, 429 at once
     engine_admit_every_steps: int = 4  # while rows run, newcomers join every this many decoder steps
     engine_max_tenant_rows: int = 128  # of those, rows one tenant may hold, so nobody fills the queue alone
+    # Newcomers are prefilled together up to this many input tokens (a longer input alone): a prefill
+    # pauses every running row, and on 2 cores 512 tokens take about a second.
+    engine_prefill_tokens: int = 512
+    # A classification is scored this many tokens at a time, its chunks taking turns with the other work:
+    # another tenant's small request waits for at most the rest of one chunk (about 0.25 s on 2 cores).
+    engine_chunk_tokens: int = 64
     prompt_cache_bytes: int = 256 * 1024 * 1024  # decoded prompt tensors (20 x 576 floats: 46 KB each)
     prompt_kv_cache_bytes: int = 128 * 1024 * 1024  # prompts' per-layer keys and values (0.9 MB each)
     task_resolve_ttl_s: float = 2.0  # how long "task" (no @version) may keep naming a superseded version

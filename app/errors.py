@@ -74,6 +74,14 @@ class QuotaExceeded(Overloaded):
     code = "quota_exceeded"
 
 
+class ClientGone(DomainError):
+    """The client closed the connection before its answer was ready; its work was stopped. Nobody reads the
+    response: the status is nginx's "client closed request", for the access log and the metrics."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class Unavailable(DomainError):
     status = 503
     code = "unavailable"

@@ -6,13 +6,14 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app.api import dashboard
 from app.api import metrics as metrics_api
 from app.api.auth import Authenticator
 from app.api.body_limit import BodyLimit
 from app.api.errors import install_error_handlers
+from app.api.input_guard import checked_input
 from app.api.openai import completions, files, fine_tuning
 from app.api.openai import models as openai_models
 from app.api.request_id import RequestId
@@ -84,7 +85,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reaper.cancel()
         app.state.serving.close()  # finish the rows already accepted, then stop the engine thread
 
-    app = FastAPI(title="softprompt", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="softprompt",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(checked_input)],  # every route's text, checked before the route runs
+    )
     app.state.settings = settings
     app.state.authenticator = Authenticator(settings)
     app.state.inference_limiter = InferenceRateLimiter(settings)

@@ -59,7 +59,7 @@ class Authenticator:
                 )
             return caller
         if not self.keys_exist():
-            if _from_loopback(request):
+            if self.settings.trust_loopback and from_this_machine(request):
                 return self._default_caller()
             raise Unauthorized(
                 "No API keys exist yet, and without one this server answers only on the loopback interface. "
@@ -102,16 +102,14 @@ class Authenticator:
         return self._default[0]
 
 
-def direct_from_this_machine(request: Request) -> bool:
-    """The connection comes from the loopback interface and no proxy says it relays someone else."""
+def from_this_machine(request: Request) -> bool:
+    """A request from a program on this machine, on its own behalf: from the loopback interface, not relayed
+    by a proxy that says so, and not sent by a web page from another site through the user's browser (a
+    foreign Host is DNS rebinding, a foreign Origin or Sec-Fetch-Site a cross-site request). Open mode and
+    /metrics trust exactly this. A proxy on this machine that adds no forwarding header is
+    indistinguishable from a local program: docs/operations.md says what to set behind one."""
     client = request.client.host if request.client else ""
-    return client in LOOPBACK_HOSTS and not any(h in request.headers for h in PROXY_HEADERS)
-
-
-def _from_loopback(request: Request) -> bool:
-    """A request from a program on this machine, on its own behalf: not relayed by a proxy, and not sent by
-    a web page from another site through the user's browser."""
-    if not direct_from_this_machine(request):
+    if client not in LOOPBACK_HOSTS or any(h in request.headers for h in PROXY_HEADERS):
         return False
     if _name(request.headers.get("host", "")) not in LOCAL_NAMES:
         return False

@@ -1,7 +1,8 @@
 """Prometheus: every request counted and timed by its route template, and `GET /metrics` to scrape.
 
-`/metrics` names tenants and tasks, so it is not public: it answers clients on the loopback interface,
-and others that send `Authorization: Bearer <SOFTPROMPT_METRICS_TOKEN>` when that is set."""
+`/metrics` names tenants and tasks, so it is not public: it answers programs on this machine (the loopback
+interface, with a local Host and no foreign Origin: the same test as open mode), and others that send
+`Authorization: Bearer <SOFTPROMPT_METRICS_TOKEN>` when that is set."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.auth import direct_from_this_machine
+from app.api.auth import from_this_machine
 from app.errors import Unauthorized
 from app.services.metrics import Metrics
 
@@ -51,10 +52,11 @@ class RequestMetrics:
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
     """Prometheus text format."""
-    token = request.app.state.settings.metrics_token
+    settings = request.app.state.settings
+    token = settings.metrics_token
     sent = request.headers.get("authorization", "")
     allowed = bool(token) and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode())
-    if not (allowed or direct_from_this_machine(request)):
+    if not (allowed or (settings.trust_loopback and from_this_machine(request))):
         raise Unauthorized(
             "Metrics are served on the loopback interface, or with SOFTPROMPT_METRICS_TOKEN as Bearer token.",
             headers={"WWW-Authenticate": 'Bearer realm="softprompt-metrics"'},

@@ -125,9 +125,8 @@ class JobCreate(BaseModel):
     num_virtual_tokens: int = Field(default=20, ge=1, description="Length of the soft prompt.")
     template: str = Field(
         default=DEFAULT_TEMPLATE,
-        max_length=10_000,
         description="Text around each input, with {input} once; stored with the prompt "
-        "and applied at inference.",
+        "and applied at inference. At most 10,000 characters (SOFTPROMPT_MAX_TEMPLATE_CHARS).",
     )
     init: InitSpec | None = Field(
         default=None, description="Default: 'labels' for classification datasets, 'vocab' otherwise."
@@ -308,7 +307,9 @@ class GenerateRequest(BaseModel):
         default=0.0, ge=0, le=5, description="0 (and anything below 1e-4) is greedy decoding."
     )
     top_p: float = Field(default=1.0, gt=0, le=1)
-    stop: list[str] | None = Field(default=None, max_length=8)
+    stop: list[str] | None = Field(
+        default=None, description="Up to 4 strings (SOFTPROMPT_MAX_STOP_STRINGS) of up to 256 characters."
+    )
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     stream: bool = False
 
@@ -344,7 +345,9 @@ class ClassifyRequest(BaseModel):
     task: str | None = Field(default=None, description=TASK_DESCRIPTION)
     input: str | list[str]
     labels: list[str] | None = Field(
-        default=None, max_length=100, description="Candidates; default: the prompt's label set."
+        default=None,
+        description="Candidates; default: the prompt's label set. Up to 256 labels (SOFTPROMPT_MAX_LABELS) "
+        "of up to 32 tokens each.",
     )
 
 

@@ -42,6 +42,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 # Ids and version numbers are 32-bit INTEGER columns in PostgreSQL: the API refuses larger ones up front.
 MAX_ID = 2**31 - 1
+# A dataset's file name and its name, which falls back to the file name: what the columns hold, and what
+# the API accepts.
+NAME_CHARS = 255
 
 
 class Base(DeclarativeBase):
@@ -93,8 +96,8 @@ class Dataset(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant_id: Mapped[int] = _owner()
-    name: Mapped[str] = mapped_column(String(200))
-    filename: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(NAME_CHARS))
+    filename: Mapped[str] = mapped_column(String(NAME_CHARS))
     format: Mapped[str] = mapped_column(String(16))
     kind: Mapped[str] = mapped_column(String(32))
     num_examples: Mapped[int]
@@ -150,6 +153,9 @@ class PromptVersion(Base):
     )
     source_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     metrics: Mapped[dict[str, Any]]
+    # Of the adapter file an imported version came from: imports count toward the upload quota as datasets
+    # do. None for a job's version.
+    upload_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     task: Mapped[Task] = relationship(back_populates="versions")

@@ -7,14 +7,18 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.db.models import PromptVersion
 from app.errors import InvalidRequest, PromptCorrupt
+from app.input_text import check_text, text_fault
 from app.ml.backbone import Backbone
 from app.ml.peft_format import export_zip, import_zip
 from app.ml.soft_prompt import prompt_from_bytes, prompt_to_bytes
-from app.ml.text import INPUT_PLACEHOLDER
-from app.services import prompts
+from app.services import prompts, quotas
 from app.services.jobs import TASK_NAME
+from app.services.labels import LabelLimits, check_labels
+from app.services.prompts import check_template
+from app.services.tenants import Caller
 
 
 @dataclass(frozen=True)
@@ -46,26 +50,30 @@ def export_version(
 def import_version(
     session: Session,
     *,
-    tenant_id: int,
+    caller: Caller,
     name: str,
     data: bytes,
     template: str | None,
     labels: list[str] | None,
     backbone: Backbone,
-    max_virtual_tokens: int,
+    settings: Settings,
 ) -> PromptVersion:
     """A new version of ``name`` (made if new) from a PEFT adapter zip, for the served backbone. The
-    template and labels come from the request, else from our own export's softprompt.json."""
+    template and labels come from the request, else from our own export's softprompt.json. An import is an
+    upload: it counts toward the tenant's hourly upload bytes and obeys the limits a job's version does.
+    Everything is checked before anything is written."""
     if not TASK_NAME.fullmatch(name):
         raise InvalidRequest(
             f"Task name {name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', starting with a "
             "letter or digit.",
             param="task",
         )
+    quotas.check_upload(session, caller=caller, size=len(data))
     adapter = import_zip(data, backbone=backbone)
-    if adapter.prompt.shape[0] > max_virtual_tokens:
+    if adapter.prompt.shape[0] > settings.max_virtual_tokens:
         raise InvalidRequest(
-            f"The adapter has {adapter.prompt.shape[0]} virtual tokens; the limit is {max_virtual_tokens}.",
+            f"The adapter has {adapter.prompt.shape[0]} virtual tokens; the limit is "
+            f"{settings.max_virtual_tokens}.",
             param="file",
             code="invalid_adapter",
         )
@@ -74,19 +82,16 @@ def import_version(
         raise InvalidRequest(
             "template is required: the text around each input, with {input} where it goes.", param="template"
         )
-    if template.count(INPUT_PLACEHOLDER) != 1:
-        raise InvalidRequest(f"template must contain {INPUT_PLACEHOLDER} exactly once.", param="template")
+    check_text(template, param="template")
+    check_template(template, max_chars=settings.max_template_chars)
     labels = labels if labels is not None else adapter.about.get("labels")
-    if labels is not None and (
-        not isinstance(labels, list)
-        or len(labels) < 2
-        or len(set(labels)) != len(labels)
-        or not all(isinstance(label, str) and label.strip() for label in labels)
-    ):
-        raise InvalidRequest("labels must be at least two distinct, non-empty strings.", param="labels")
+    if labels is not None:
+        check_labels(
+            labels, limits=LabelLimits.of(settings), count_tokens=_token_counter(backbone), param="labels"
+        )
     return prompts.add_version(
         session,
-        tenant_id=tenant_id,
+        tenant_id=caller.tenant_id,
         name=name,
         vectors=prompt_to_bytes(adapter.prompt),
         base_model=backbone.name,
@@ -97,6 +102,16 @@ def import_version(
         kind="classification" if labels else "generation",
         metrics={
             "imported_from": "peft",
-            "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
+            "base_model_name_or_path": _plain(adapter.config.get("base_model_name_or_path")),
         },
+        upload_bytes=len(data),
     )
+
+
+def _token_counter(backbone: Backbone):
+    return lambda text: len(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _plain(value: object) -> str | None:
+    """A string from the adapter's own config, kept only if it is text the registry can hold."""
+    return value if isinstance(value, str) and text_fault(value) is None and len(value) <= 1000 else None

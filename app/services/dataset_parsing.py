@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from app.errors import DatasetInvalid, PayloadTooLarge, UnsupportedMediaType
+from app.input_text import check_text
 
 ACCEPTED_EXTENSIONS = ("jsonl", "csv")
 TOKEN_STATS_SAMPLE = 2_000
@@ -424,6 +425,7 @@ def _label_field(value: Any, field: str, line: int, max_chars: int) -> str:
 
 
 def _checked_text(value: str, field: str, line: int, max_chars: int) -> str:
+    check_text(value, param=field, line=line)
     if not value.strip():
         raise DatasetInvalid(f'Line {line}: "{field}" is empty.', line=line, param=field, code="empty_field")
     if len(value) > max_chars:
@@ -461,6 +463,46 @@ def _json_type(value: Any) -> str:
     return "a string"
 
 
+# --- what the registry keeps -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParsedUpload:
+    """A valid upload as the registry stores it, computed wherever the parsing runs (a process of its own
+    for a large file): the records come back already encoded, one bytes object, not a Python object each."""
+
+    format: str
+    kind: str
+    num_examples: int
+    labels: list[str] | None
+    sha256: str
+    records: bytes  # JSON lines of [input, output]
+    stats: dict[str, Any]  # without token counts: the tokenizer lives in the caller's process
+    token_sample: list[tuple[str, str]]  # the records token_stats() counts
+
+
+def parse_upload(data: bytes, *, filename: str, min_examples: int, max_examples: int) -> ParsedUpload:
+    parsed = parse_dataset(data, filename=filename, min_examples=min_examples, max_examples=max_examples)
+    return ParsedUpload(
+        format=parsed.format,
+        kind=parsed.kind,
+        num_examples=len(parsed.records),
+        labels=parsed.labels,
+        sha256=parsed.sha256,
+        records=encode_records(parsed.records),
+        stats=dataset_stats(parsed, None),
+        token_sample=parsed.records[:TOKEN_STATS_SAMPLE],
+    )
+
+
+def encode_records(records: list[tuple[str, str]]) -> bytes:
+    return "\n".join(json.dumps(list(pair), ensure_ascii=False) for pair in records).encode()
+
+
+def decode_records(data: bytes) -> list[tuple[str, str]]:
+    return [tuple(json.loads(line)) for line in data.decode().split("\n")]
+
+
 # --- statistics -------------------------------------------------------------------------------------------
 
 
@@ -479,11 +521,16 @@ def dataset_stats(parsed: ParsedDataset, count_tokens: Callable[[str], int] | No
         "token_stats_sample": None,
     }
     if count_tokens is not None:
-        sample = parsed.records[:TOKEN_STATS_SAMPLE]
-        stats["input_tokens"] = _summary([count_tokens(s) for s, _ in sample], with_p95=True)
-        stats["output_tokens"] = _summary([count_tokens(t) for _, t in sample], with_p95=True)
-        stats["token_stats_sample"] = len(sample)
+        stats.update(token_stats(parsed.records[:TOKEN_STATS_SAMPLE], count_tokens))
     return stats
+
+
+def token_stats(sample: list[tuple[str, str]], count_tokens: Callable[[str], int]) -> dict[str, Any]:
+    return {
+        "input_tokens": _summary([count_tokens(s) for s, _ in sample], with_p95=True),
+        "output_tokens": _summary([count_tokens(t) for _, t in sample], with_p95=True),
+        "token_stats_sample": len(sample),
+    }
 
 
 def _summary(values: list[int], *, with_p95: bool = False) -> dict[str, float | int]:

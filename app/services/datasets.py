@@ -2,57 +2,66 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import Dataset, TuningJob
-from app.errors import Conflict, NotFound
-from app.services import idempotency, quotas
-from app.services.dataset_parsing import ParsedDataset, dataset_stats, parse_dataset
+from app.db.models import NAME_CHARS, Dataset, TuningJob
+from app.errors import Conflict, InvalidRequest, NotFound
+from app.services import idempotency, quotas, uploads
+from app.services.dataset_parsing import decode_records, token_stats
+from app.services.labels import LabelLimits, check_labels
 from app.services.pagination import paginate
 from app.services.tenants import Caller
+from app.services.uploads import Upload
 
 
 def create_dataset(
     session: Session,
     *,
     caller: Caller,
-    data: bytes,
+    upload: Upload,
     filename: str,
     name: str | None,
     min_examples: int,
     max_examples: int,
+    labels: LabelLimits,
     count_tokens: Callable[[str], int] | None,
     idempotency_key: str | None = None,
 ) -> tuple[Dataset, bool]:
-    """The new dataset and True, or the one an earlier upload with the same key made and False."""
-    request_sha256 = idempotency.fingerprint(
-        {"sha256": hashlib.sha256(data).hexdigest(), "filename": filename, "name": name}
-    )
+    """The new dataset and True, or the one an earlier upload with the same key made and False. A
+    classification dataset's classes obey the same limits as a task's labels (app/services/labels.py)."""
+    if len(filename) > NAME_CHARS:
+        raise InvalidRequest(
+            f"The file name is {len(filename)} characters; the limit is {NAME_CHARS}.", param="file"
+        )
+    request_sha256 = idempotency.fingerprint({"sha256": upload.sha256, "filename": filename, "name": name})
     existing = idempotency.earlier(
         session, Dataset, tenant_id=caller.tenant_id, key=idempotency_key, request_sha256=request_sha256
     )
     if existing is not None:
         return existing, False
-    quotas.check_upload(session, caller=caller, size=len(data))
-    parsed = parse_dataset(data, filename=filename, min_examples=min_examples, max_examples=max_examples)
+    quotas.check_upload(session, caller=caller, size=upload.size)
+    parsed = uploads.parse(upload, filename=filename, min_examples=min_examples, max_examples=max_examples)
+    if parsed.labels is not None:
+        check_labels(parsed.labels, limits=labels, count_tokens=count_tokens, param="label")
+    stats = parsed.stats
+    if count_tokens is not None:
+        stats = {**stats, **token_stats(parsed.token_sample, count_tokens)}
     dataset = Dataset(
         tenant_id=caller.tenant_id,
         name=name or filename,
         filename=filename,
         format=parsed.format,
         kind=parsed.kind,
-        num_examples=len(parsed.records),
+        num_examples=parsed.num_examples,
         labels=parsed.labels,
-        stats=dataset_stats(parsed, count_tokens),
+        stats=stats,
         sha256=parsed.sha256,
-        records=_encode_records(parsed),
-        size_bytes=len(data),
+        records=parsed.records,
+        size_bytes=upload.size,
         idempotency_key=idempotency_key or None,
         request_sha256=request_sha256,
     )
@@ -101,8 +110,4 @@ def delete_dataset(session: Session, *, tenant_id: int, dataset_id: int) -> None
 
 def load_records(session: Session, *, tenant_id: int, dataset_id: int) -> list[tuple[str, str]]:
     dataset = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
-    return [tuple(json.loads(line)) for line in dataset.records.decode().split("\n")]
-
-
-def _encode_records(parsed: ParsedDataset) -> bytes:
-    return "\n".join(json.dumps(list(pair), ensure_ascii=False) for pair in parsed.records).encode()
+    return decode_records(dataset.records)

@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.models import JobEvent, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.ml.text import INPUT_PLACEHOLDER
 from app.services import checkpoints, idempotency, quotas
 from app.services.datasets import get_dataset
 from app.services.pagination import paginate
+from app.services.prompts import check_template
 from app.services.tenants import Caller
 
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -130,8 +130,7 @@ def _validated_fields(
             f"Unknown base_model {base_model!r}; this service has: {', '.join(sorted(settings.backbones))}.",
             param="base_model",
         )
-    if request.template.count(INPUT_PLACEHOLDER) != 1:
-        raise InvalidRequest(f"template must contain {INPUT_PLACEHOLDER} exactly once.", param="template")
+    check_template(request.template, max_chars=settings.max_template_chars)
     if not 1 <= request.num_virtual_tokens <= settings.max_virtual_tokens:
         raise InvalidRequest(
             f"num_virtual_tokens must be between 1 and {settings.max_virtual_tokens}; "

@@ -13,10 +13,26 @@ from sqlalchemy.orm import Session, undefer
 
 from app.db.models import PromptVersion, Task, TuningJob, utcnow
 from app.errors import InvalidRequest, NotFound
+from app.ml.text import INPUT_PLACEHOLDER
 from app.services.pagination import paginate
 
 # "sentiment" (newest version) or "sentiment@3" (pinned).
 TASK_REF = re.compile(r"(?P<task>[a-z0-9][a-z0-9_-]{0,63})(?:@(?P<version>[1-9][0-9]{0,8}))?")
+
+
+def check_template(template: str, *, max_chars: int) -> str:
+    """A template a version can hold: ``{input}`` exactly once, at most ``max_chars`` characters (jobs and
+    imports alike; SOFTPROMPT_MAX_TEMPLATE_CHARS)."""
+    if len(template) > max_chars:
+        raise InvalidRequest(
+            f"template is {len(template)} characters; the limit is {max_chars} "
+            "(SOFTPROMPT_MAX_TEMPLATE_CHARS).",
+            param="template",
+            code="too_long",
+        )
+    if template.count(INPUT_PLACEHOLDER) != 1:
+        raise InvalidRequest(f"template must contain {INPUT_PLACEHOLDER} exactly once.", param="template")
+    return template
 
 
 def parse_task_ref(ref: str) -> tuple[str, int | None]:
@@ -74,8 +90,10 @@ def add_version(
     metrics: dict[str, Any],
     source_job_id: int | None = None,
     source_dataset_id: int | None = None,
+    upload_bytes: int | None = None,
 ) -> PromptVersion:
-    """The task's next version (the task made if it is new), from a job or an imported adapter."""
+    """The task's next version (the task made if it is new), from a job or an imported adapter (of
+    ``upload_bytes``)."""
     task_id, number = _next_version_number(session, tenant_id=tenant_id, name=name)
     version = PromptVersion(
         task_id=task_id,
@@ -91,6 +109,7 @@ def add_version(
         source_job_id=source_job_id,
         source_dataset_id=source_dataset_id,
         metrics=metrics,
+        upload_bytes=upload_bytes,
     )
     session.add(version)
     session.flush()

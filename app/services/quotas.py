@@ -11,11 +11,11 @@ from datetime import timedelta
 from limits import RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, union_all, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import Dataset, Tenant, TuningJob, utcnow
+from app.db.models import Dataset, PromptVersion, Task, Tenant, TuningJob, utcnow
 from app.errors import PayloadTooLarge, QuotaExceeded
 from app.services.tenants import Caller
 
@@ -45,7 +45,8 @@ def check_active_jobs(session: Session, *, caller: Caller) -> None:
 
 
 def check_upload(session: Session, *, caller: Caller, size: int) -> None:
-    """Bytes of the datasets the tenant uploaded in the last hour (and still keeps), plus this file."""
+    """Bytes the tenant uploaded in the last hour (and still keeps), datasets and imported versions alike,
+    plus this file."""
     limit = caller.upload_bytes_per_hour
     if size > limit:
         raise PayloadTooLarge(
@@ -54,10 +55,22 @@ def check_upload(session: Session, *, caller: Caller, size: int) -> None:
             code="upload_quota_exceeded",
         )
     now = utcnow()
+    since = now - UPLOAD_WINDOW
+    datasets = select(Dataset.created_at, Dataset.size_bytes.label("size")).where(
+        Dataset.tenant_id == caller.tenant_id, Dataset.created_at > since
+    )
+    imports = (
+        select(PromptVersion.created_at, PromptVersion.upload_bytes.label("size"))
+        .join(Task)
+        .where(
+            Task.tenant_id == caller.tenant_id,
+            PromptVersion.upload_bytes.is_not(None),
+            PromptVersion.created_at > since,
+        )
+    )
+    uploads = union_all(datasets, imports).subquery()
     recent = session.execute(
-        select(Dataset.created_at, Dataset.size_bytes)
-        .where(Dataset.tenant_id == caller.tenant_id, Dataset.created_at > now - UPLOAD_WINDOW)
-        .order_by(Dataset.created_at)
+        select(uploads.c.created_at, uploads.c.size).order_by(uploads.c.created_at)
     ).all()
     used = sum(nbytes for _, nbytes in recent)
     if used + size <= limit:

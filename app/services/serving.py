@@ -19,11 +19,12 @@ from app.db.models import PromptVersion
 from app.errors import DomainError, InferenceFailed, InvalidRequest, PromptCorrupt, Unavailable
 from app.ml import inference
 from app.ml.backbone import Backbone
-from app.ml.engine import Engine, Observer
+from app.ml.engine import Call, Engine, Observer
 from app.ml.sequence import Generation, GenerationRequest, Sequence
 from app.ml.soft_prompt import prompt_from_bytes
 from app.ml.text import render
 from app.services import prompts as prompts_service
+from app.services.labels import LabelLimits, check_labels
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Serving:
                 max_queued_rows=settings.engine_max_queued_rows,
                 max_tenant_rows=settings.engine_max_tenant_rows,
                 admit_every_steps=settings.engine_admit_every_steps,
+                prefill_tokens=settings.engine_prefill_tokens,
                 observer=observer,
                 prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,
             ).start()
@@ -106,6 +108,33 @@ class Serving:
 
     def require_backbone(self) -> Backbone:
         return self._require_engine().backbone
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.require_backbone().tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_generation(self, *, max_new_tokens: int, stop: list[str], tokens_param: str) -> None:
+        """A generation request's own bounds, before any work: new tokens, and the number and length of
+        its stop strings (each is looked for in the newest text at every step)."""
+        if max_new_tokens > self.settings.max_new_tokens:
+            raise InvalidRequest(
+                f"{tokens_param} is {max_new_tokens}; the limit is {self.settings.max_new_tokens}.",
+                param=tokens_param,
+            )
+        if len(stop) > self.settings.max_stop_strings:
+            raise InvalidRequest(
+                f"There are {len(stop)} stop strings; the limit is {self.settings.max_stop_strings} "
+                "(SOFTPROMPT_MAX_STOP_STRINGS).",
+                param="stop",
+            )
+        for text in stop:
+            if not text:
+                raise InvalidRequest("stop strings must not be empty.", param="stop")
+            if len(text) > self.settings.max_stop_chars:
+                raise InvalidRequest(
+                    f"A stop string is {len(text)} characters; the limit is {self.settings.max_stop_chars} "
+                    "(SOFTPROMPT_MAX_STOP_CHARS).",
+                    param="stop",
+                )
 
     def _require_engine(self) -> Engine:
         if self.engine is None:
@@ -207,24 +236,45 @@ class Serving:
         """Queue the rows now (Overloaded at once when full); read them from the handle."""
         return GenerationHandle(self._require_engine(), requests)
 
-    async def classify(
+    def classification_labels(
+        self, resolved: ResolvedPrompt, labels: list[str] | None, inputs: int
+    ) -> list[str]:
+        """The labels a classification scores (the request's, else the task's), refused past the limits on
+        their number, each one's tokens, and the request's work: its inputs times all labels' tokens."""
+        if labels is None:
+            labels = resolved.labels
+            if not labels:
+                raise InvalidRequest("This task has no label set; pass labels.", param="labels")
+        limits = LabelLimits.of(self.settings)
+        tokens = check_labels(labels, limits=limits, count_tokens=self.count_tokens, min_labels=1)
+        work, limit = inputs * sum(tokens), self.settings.max_classify_tokens
+        if work > limit:
+            raise InvalidRequest(
+                f"{inputs} inputs times {sum(tokens)} label tokens make {work} tokens to score; the limit is "
+                f"{limit} per request (SOFTPROMPT_MAX_CLASSIFY_TOKENS). Send fewer inputs or labels.",
+                param="input",
+            )
+        return labels
+
+    def start_classification(
         self, resolved: ResolvedPrompt, texts: list[str], labels: list[str], *, tenant_id: int
-    ) -> list[dict]:
+    ) -> Call:
+        """Queue the scoring now (Overloaded at once when full); the call's result is one {label: p} per
+        input. It runs in chunks that take turns with other requests' work."""
         engine = self._require_engine()
-        prompts = [resolved.prompt] * len(texts)
-        future = engine.call(
-            lambda backbone: inference.classify(
+        return engine.call(
+            lambda backbone: inference.classify_steps(
                 backbone,
-                prompts=prompts,
+                prompts=[resolved.prompt] * len(texts),
                 texts=texts,
                 labels=labels,
                 prompt_keys=[resolved.key] * len(texts),
                 kv_cache=engine.prompt_kv_cache,
+                chunk_tokens=self.settings.engine_chunk_tokens,
             ),
             rows=len(texts),
             tenant=tenant_id,
         )
-        return await asyncio.wrap_future(future)
 
 
 @dataclass

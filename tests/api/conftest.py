@@ -3,6 +3,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import uvicorn
@@ -86,21 +88,28 @@ def trained(client, settings, tiny_backbone):
     return job
 
 
-@pytest.fixture
-def server(settings):
-    """The API over real HTTP on a free loopback port, in this process."""
+@contextmanager
+def running(app) -> Iterator[str]:
+    """``app`` served over real HTTP on a free loopback port, in this process; yields its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None)
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline, "the API did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(settings):
+    """The API over real HTTP on a free loopback port, in this process."""
+    with running(create_app(settings)) as url:
+        yield url

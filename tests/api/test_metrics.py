@@ -57,6 +57,6 @@ def test_metrics_are_not_served_to_others_without_the_token(client, settings):
     refused = client.get("/metrics")
     assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
     assert client.get("/metrics", headers=bearer("a-guess")).status_code == 401
-    local = TestClient(create_app(settings), client=("127.0.0.1", 50000))
+    local = TestClient(create_app(settings), base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000))
     assert local.get("/metrics").status_code == 200
     assert local.get("/metrics", headers={"X-Forwarded-For": "192.0.2.1"}).status_code == 401

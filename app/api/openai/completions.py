@@ -12,50 +12,56 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import InferenceCallerDep
 from app.api.deps import MetricsDep, ServingDep, SessionDep, SettingsDep
+from app.api.disconnect import unless_disconnected
 from app.api.errors import error_body
 from app.api.openai.models import resolve_model
 from app.api.openai.params import neutral_only, speaking_as
 from app.api.openai.schemas import NEUTRAL, ChatCompletionCreate, CompletionCreate, CompletionUsage, Sampling
 from app.api.responses import errors
-from app.config import Settings
 from app.errors import DomainError, InvalidRequest
-from app.ml.sequence import Generation
+from app.ml.sequence import Generation, GenerationRequest
 from app.services.metrics import Metrics
 from app.services.serving import ResolvedPrompt, Serving
 from app.services.tenants import Caller
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
-MAX_STOP = 4
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or chunks with `stream: true`."}}
 
 
 @router.post("/completions", responses={**STREAM, **errors(401, 404, 422, 429)})
 async def create_completion(
     body: CompletionCreate,
+    request: Request,
     caller: InferenceCallerDep,
     session: SessionDep,
-    settings: SettingsDep,
     serving: ServingDep,
     metrics: MetricsDep,
 ):
     """Complete each prompt `n` times with a backbone or a tuned model."""
     if body.echo:
         raise InvalidRequest("echo is not supported by this service; omit it.", param="echo")
-    resolved = resolve_model(session, serving, caller, body.model)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    run = _Run(body, resolved, caller, serving, metrics, settings, prompts, body.max_tokens, "completion")
-    session.close()  # nothing more to read; don't hold a connection while the model runs
-    return await run.respond()
+    run = _Run(body, caller, serving, metrics, body.max_tokens, "completion")
+
+    def prepare() -> list[GenerationRequest]:
+        """The database, the prompt's decoding and the tokenizer: off the event loop."""
+        resolved = resolve_model(session, serving, caller, body.model)
+        session.close()  # nothing more to read; don't hold a connection while the model runs
+        return run.requests(resolved, [body.prompt] if isinstance(body.prompt, str) else body.prompt)
+
+    requests = await run_in_threadpool(prepare)
+    return await run.respond(request, requests)
 
 
 @router.post("/chat/completions", responses={**STREAM, **errors(401, 404, 422, 429)})
 async def create_chat_completion(
     body: ChatCompletionCreate,
+    request: Request,
     caller: InferenceCallerDep,
     session: SessionDep,
     settings: SettingsDep,
@@ -63,12 +69,16 @@ async def create_chat_completion(
     metrics: MetricsDep,
 ):
     """Answer a chat with a backbone (its chat template) or a tuned model (one user message)."""
-    resolved = resolve_model(session, serving, caller, body.model)
-    text = _chat_input(body, resolved, serving)
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
-    run = _Run(body, resolved, caller, serving, metrics, settings, [text], max_tokens, "chat")
-    session.close()
-    return await run.respond()
+    run = _Run(body, caller, serving, metrics, max_tokens, "chat")
+
+    def prepare() -> list[GenerationRequest]:
+        resolved = resolve_model(session, serving, caller, body.model)
+        session.close()
+        return run.requests(resolved, [_chat_input(body, resolved, serving)])
+
+    requests = await run_in_threadpool(prepare)
+    return await run.respond(request, requests)
 
 
 def _chat_input(body: ChatCompletionCreate, resolved: ResolvedPrompt, serving: Serving) -> str:
@@ -94,58 +104,52 @@ def _chat_input(body: ChatCompletionCreate, resolved: ResolvedPrompt, serving: S
 
 
 class _Run:
-    """One request's generations, as a JSON response or a stream of OpenAI chunks."""
+    """One request's generations, as a JSON response or a stream of OpenAI chunks. Its own bounds are
+    checked when it is made, before any work."""
 
     def __init__(
-        self,
-        body: Sampling,
-        resolved: ResolvedPrompt,
-        caller: Caller,
-        serving: Serving,
-        metrics: Metrics,
-        settings: Settings,
-        inputs: list[str],
-        max_tokens: int,
-        kind: str,
+        self, body: Sampling, caller: Caller, serving: Serving, metrics: Metrics, max_tokens: int, kind: str
     ):
         neutral_only(body, NEUTRAL)
-        if max_tokens > settings.max_new_tokens:
-            raise InvalidRequest(
-                f"max_tokens is {max_tokens}; the limit is {settings.max_new_tokens}.", param="max_tokens"
-            )
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        if len(stop) > MAX_STOP or any(not s for s in stop):
-            raise InvalidRequest(f"stop takes up to {MAX_STOP} non-empty strings.", param="stop")
-        if len(inputs) * body.n > settings.max_batch_inputs:
-            raise InvalidRequest(
-                f"{len(inputs)} prompts with n={body.n} make {len(inputs) * body.n} completions; the limit "
-                f"is {settings.max_batch_inputs} per request.",
-                param="n",
-            )
-        with speaking_as({"input": "messages" if kind == "chat" else "prompt"}):
-            texts, _ = serving.render_inputs(resolved, inputs)
-        # Each input n times, adjacent: choice i is input i // n. Row j samples with seed + j, so the n
-        # choices differ even with a seed.
-        texts = [text for text in texts for _ in range(body.n)]
-        requests = serving.generation_requests(
-            resolved,
-            texts,
-            tenant_id=caller.tenant_id,
-            max_new_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=stop,
-            seed=body.seed,
-        )
-        self.handle = serving.start_generation(requests)  # a full queue answers 429 here, before any byte
-        self.body, self.kind, self.resolved, self.caller, self.metrics = body, kind, resolved, caller, metrics
+        self.stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        serving.check_generation(max_new_tokens=max_tokens, stop=self.stop, tokens_param="max_tokens")
+        self.body, self.kind, self.caller, self.serving, self.metrics = body, kind, caller, serving, metrics
+        self.max_tokens = max_tokens
+        self.resolved: ResolvedPrompt | None = None
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
-    async def respond(self):
+    def requests(self, resolved: ResolvedPrompt, inputs: list[str]) -> list[GenerationRequest]:
+        """Each input rendered, tokenised and repeated n times; blocking, so called off the event loop."""
+        self.resolved = resolved
+        limit = self.serving.settings.max_batch_inputs
+        if len(inputs) * self.body.n > limit:
+            raise InvalidRequest(
+                f"{len(inputs)} prompts with n={self.body.n} make {len(inputs) * self.body.n} completions; "
+                f"the limit is {limit} per request.",
+                param="n",
+            )
+        with speaking_as({"input": "messages" if self.kind == "chat" else "prompt"}):
+            texts, _ = self.serving.render_inputs(resolved, inputs)
+        # Each input n times, adjacent: choice i is input i // n. Row j samples with seed + j, so the n
+        # choices differ even with a seed.
+        texts = [text for text in texts for _ in range(self.body.n)]
+        return self.serving.generation_requests(
+            resolved,
+            texts,
+            tenant_id=self.caller.tenant_id,
+            max_new_tokens=self.max_tokens,
+            temperature=self.body.temperature,
+            top_p=self.body.top_p,
+            stop=self.stop,
+            seed=self.body.seed,
+        )
+
+    async def respond(self, request: Request, requests: list[GenerationRequest]):
+        self.handle = self.serving.start_generation(requests)  # a full queue answers 429 here, at once
         if self.body.stream:
             return EventSourceResponse(self._chunks())
-        generations = await self.handle.results()
+        generations = await unless_disconnected(request, self.handle.results(), self.handle.cancel)
         self._served(generations)
         return {
             **self._head(self.kind),

@@ -68,7 +68,7 @@ class PromptTuning(Strict):
     """What a native job takes beyond OpenAI's fields."""
 
     num_virtual_tokens: int = Field(default=20, ge=1)
-    template: str = Field(default=DEFAULT_TEMPLATE, max_length=10_000)
+    template: str = Field(default=DEFAULT_TEMPLATE, description="As a native job's template.")
     init: InitSpec | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import InferenceCallerDep
-from app.api.deps import MetricsDep, ServingDep, SessionDep, SettingsDep
+from app.api.deps import MetricsDep, ServingDep, SessionDep
+from app.api.disconnect import unless_disconnected
 from app.api.errors import error_body
 from app.api.responses import errors
 from app.api.schemas import (
@@ -19,8 +22,8 @@ from app.api.schemas import (
     GenerationOut,
     Usage,
 )
-from app.errors import DomainError, InvalidRequest
-from app.ml.sequence import Generation
+from app.errors import DomainError
+from app.ml.sequence import Generation, GenerationRequest
 from app.services.serving import GenerationHandle, ResolvedPrompt
 
 router = APIRouter(prefix="/v1", tags=["inference"])
@@ -56,44 +59,46 @@ STREAM_RESPONSE = {
 )
 async def generate(
     body: GenerateRequest,
+    request: Request,
     caller: InferenceCallerDep,
     session: SessionDep,
-    settings: SettingsDep,
     serving: ServingDep,
     metrics: MetricsDep,
 ):
     """Generate text with a task's prompt (or the bare backbone); `stream: true` sends tokens as they come."""
-    if body.max_new_tokens > settings.max_new_tokens:
-        raise InvalidRequest(
-            f"max_new_tokens is {body.max_new_tokens}; the limit is {settings.max_new_tokens}.",
-            param="max_new_tokens",
-        )
-    if body.stop and any(not s for s in body.stop):
-        raise InvalidRequest("stop strings must not be empty.", param="stop")
-    resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
-    texts, _ = serving.render_inputs(resolved, _as_list(body.input))
-    session.close()  # nothing more to read; don't hold a connection while the model runs
-    requests = serving.generation_requests(
-        resolved,
-        texts,
-        tenant_id=caller.tenant_id,
-        max_new_tokens=body.max_new_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=body.stop,
-        seed=body.seed,
+    serving.check_generation(
+        max_new_tokens=body.max_new_tokens, stop=body.stop or [], tokens_param="max_new_tokens"
     )
+
+    def prepare() -> tuple[ResolvedPrompt, list[GenerationRequest]]:
+        """The database, the prompt's decoding and the tokenizer: off the event loop."""
+        resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
+        texts, _ = serving.render_inputs(resolved, _as_list(body.input))
+        session.close()  # nothing more to read; don't hold a connection while the model runs
+        requests = serving.generation_requests(
+            resolved,
+            texts,
+            tenant_id=caller.tenant_id,
+            max_new_tokens=body.max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop,
+            seed=body.seed,
+        )
+        return resolved, requests
+
+    resolved, requests = await run_in_threadpool(prepare)
     handle = serving.start_generation(requests)  # a full queue answers 429 here, before any byte is sent
 
     def served(generations: list[Generation]) -> None:
         tokens = sum(g.tokens for g in generations)
         metrics.served(
-            tenant=caller.tenant, task=resolved.task, route="generate", inputs=len(texts), tokens=tokens
+            tenant=caller.tenant, task=resolved.task, route="generate", inputs=len(requests), tokens=tokens
         )
 
     if body.stream:
         return EventSourceResponse(_stream(handle, resolved, served))
-    generations = await handle.results()
+    generations = await unless_disconnected(request, handle.results(), handle.cancel)
     served(generations)
     return _response(resolved, generations)
 
@@ -141,21 +146,24 @@ async def _stream(
 @router.post("/classify", response_model=ClassifyResponse, responses=errors(401, 404, 422, 429))
 async def classify(
     body: ClassifyRequest,
+    request: Request,
     caller: InferenceCallerDep,
     session: SessionDep,
     serving: ServingDep,
     metrics: MetricsDep,
 ) -> ClassifyResponse:
     """Score each candidate label by its likelihood after the input; returns probabilities over labels."""
-    resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
-    labels = body.labels or resolved.labels
-    if not labels:
-        raise InvalidRequest("This task has no label set; pass labels.", param="labels")
-    if len(set(labels)) != len(labels) or any(not label.strip() for label in labels):
-        raise InvalidRequest("labels must be distinct, non-empty strings.", param="labels")
-    texts, token_counts = serving.render_inputs(resolved, _as_list(body.input))
-    session.close()
-    scores = await serving.classify(resolved, texts, labels, tenant_id=caller.tenant_id)
+
+    def prepare() -> tuple[ResolvedPrompt, list[str], list[str], list[int]]:
+        resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
+        texts, token_counts = serving.render_inputs(resolved, _as_list(body.input))
+        session.close()
+        labels = serving.classification_labels(resolved, body.labels, len(texts))
+        return resolved, labels, texts, token_counts
+
+    resolved, labels, texts, token_counts = await run_in_threadpool(prepare)
+    call = serving.start_classification(resolved, texts, labels, tenant_id=caller.tenant_id)
+    scores = await unless_disconnected(request, asyncio.wrap_future(call), call.abandon)
     metrics.served(tenant=caller.tenant, task=resolved.task, route="classify", inputs=len(texts), tokens=0)
     return ClassifyResponse(
         task=resolved.task,

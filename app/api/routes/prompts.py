@@ -10,6 +10,7 @@ from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep,
 from app.api.responses import errors
 from app.api.schemas import Page, TaskPublic, VersionPublic
 from app.errors import InvalidRequest
+from app.input_text import check_json
 from app.services import adapters
 from app.services import prompts as service
 
@@ -86,13 +87,13 @@ def import_peft(
     backbone = serving.require_backbone()
     row = adapters.import_version(
         session,
-        tenant_id=caller.tenant_id,
+        caller=caller,
         name=task,
         data=file.file.read(),  # a plain function: FastAPI runs it, unzipping included, off the event loop
         template=template,
         labels=_labels(labels),
         backbone=backbone,
-        max_virtual_tokens=settings.max_virtual_tokens,
+        settings=settings,
     )
     session.commit()
     return VersionPublic.of(row, task)
@@ -109,4 +110,5 @@ def _labels(text: str | None) -> list | None:
         ) from None
     if not isinstance(labels, list):
         raise InvalidRequest('labels must be a JSON list, e.g. ["negative", "positive"].', param="labels")
+    check_json(labels, prefix="labels")  # the form field was text; what its JSON decodes to is checked here
     return labels
