@@ -100,8 +100,13 @@ class Settings(BaseSettings):
     engine_admit_every_steps: int = 4  # while rows run, newcomers join every this many decoder steps
     engine_max_tenant_rows: int = 128  # of those, rows one tenant may hold, so nobody fills the queue alone
     # Newcomers are prefilled together up to this many input tokens (a longer input alone): a prefill
-    # pauses every running row, and on 2 cores 512 tokens take about a second.
-    engine_prefill_tokens: int = 512
+    # pauses every running row. As many as one input may hold, so grouping short inputs never makes a
+    # pause longer than one long input makes anyway (about 2 s on 2 cores).
+    engine_prefill_tokens: int = 1024
+    # The running rows' positions (virtual tokens, input, and the new tokens each may still make) bound the
+    # keys and values held in memory: 6,144 positions are about 280 MB on the default backbone. A quarter
+    # is kept for tenants with no row running, so one tenant's long rows never shut another out.
+    engine_max_batch_tokens: int = 6144
     # A classification is scored this many tokens at a time, its chunks taking turns with the other work:
     # another tenant's small request waits for at most the rest of one chunk (about 0.25 s on 2 cores).
     engine_chunk_tokens: int = 64

@@ -7,7 +7,9 @@ Tenants share fairly: free places go round-robin to the tenants with waiting row
 only its share of the queue, so one tenant's flood neither delays another's rows nor fills the queue.
 
 No piece of work is larger than it must be, and large work takes turns with small. Newcomers are prefilled
-in groups of at most ``prefill_tokens`` tokens, and a tenant with no row running is admitted at once.
+in groups of at most ``prefill_tokens`` tokens, and a tenant with no row running is admitted at once. The
+running rows' keys and values are bounded by ``max_batch_tokens`` positions, a quarter of them kept for
+tenants with no row running.
 Calls (classification) run in chunks (app/ml/inference.py), one chunk per turn, the calls taking turns;
 the engine's time is shared evenly between calls and decoder steps: after a chunk, steps run until they
 have had as much time. So a small generation waits for at most the rest of one chunk, however large the
@@ -66,6 +68,7 @@ class Scheduler:
         prompt_kv_cache: PromptKVCache | None,
         admit_every_steps: int = 1,
         prefill_tokens: int | None = None,
+        max_batch_tokens: int | None = None,
         observer: Observer | None = None,
     ):
         self.backbone = backbone
@@ -75,6 +78,8 @@ class Scheduler:
         # An admission's prefill runs at most this many input tokens (a longer row runs alone): it pauses
         # every running row, so its length is the delay it adds to everyone else's next token.
         self.prefill_tokens = prefill_tokens
+        # The running rows' positions, as batch_tokens() counts them, bound the keys and values in memory.
+        self.max_batch_tokens = max_batch_tokens
         # While rows are running, newcomers join at most every this many decoder steps. Each admission is a
         # prefill that pauses every running row, and it costs nearly as much for one newcomer as for eight:
         # grouping arrivals keeps a steady trickle of requests from spending the engine's time on prefills.
@@ -120,29 +125,56 @@ class Scheduler:
                 self.observer.stepped(len(running), time.perf_counter() - started)
 
     def _joining(self) -> list[Sequence]:
-        """The rows this step admits, in the tenants' turn order: as many as the batch has room for and
-        ``prefill_tokens`` allows (one row at least). While rows run, newcomers join every
-        ``admit_every_steps`` steps, except a tenant with no row running: its rows join at once, alone, so a
-        small request does not wait for another tenant's cadence (nor share a prefill with its rows)."""
-        room = self.max_batch_rows - (len(self.running) if self.running else 0)
-        tenants = None  # any waiting tenant
-        if self.running is not None and self._steps_since_admission < self.admit_every_steps:
-            running = {s.request.tenant for s in self.running.sequences}
-            tenants = {t for t in self.waiting if t not in running}
+        """The rows this step admits, taken in the tenants' turn order while they fit: in the batch's rows,
+        in ``prefill_tokens`` for this prefill, and in ``max_batch_tokens`` for the batch's keys and values
+        (an empty engine takes its first row whatever its size).
+
+        While rows run, newcomers join every ``admit_every_steps`` steps, except a tenant with no row
+        running: its rows join at once, so a small request does not wait for another tenant's cadence.
+        Such a tenant may also use the last quarter of ``max_batch_tokens``, which tenants with rows
+        running may not: one tenant's long rows cannot fill the batch against another's first one."""
+        rows = self.running.sequences if self.running is not None else []
+        busy = {s.request.tenant for s in rows}
+        used = sum(batch_tokens(s.request) for s in rows)
+        due = not rows or self._steps_since_admission >= self.admit_every_steps
         joining: list[Sequence] = []
-        tokens = 0
-        while len(joining) < room:
-            tenant = next((t for t in self.waiting if tenants is None or t in tenants), _NOBODY)
-            if tenant is _NOBODY:
+        prefilled = 0
+        while len(rows) + len(joining) < self.max_batch_rows:
+            first = not rows and not joining
+            chosen = next(
+                (
+                    tenant
+                    for tenant, queue in self.waiting.items()
+                    if self._may_join(queue[0].request, tenant in busy, due, first, prefilled, used)
+                ),
+                _NOBODY,
+            )
+            if chosen is _NOBODY:
                 break
-            size = len(self.waiting[tenant][0].request.context)
-            if joining and self.prefill_tokens is not None and tokens + size > self.prefill_tokens:
-                break
-            sequence = self._take(tenant)
-            if not (sequence.cancelled and self._notify(sequence)):
-                joining.append(sequence)
-                tokens += size
+            sequence = self._take(chosen)
+            if sequence.cancelled and self._notify(sequence):
+                continue
+            joining.append(sequence)
+            busy.add(chosen)
+            used += batch_tokens(sequence.request)
+            prefilled += len(sequence.request.context)
         return joining
+
+    def _may_join(
+        self, request: GenerationRequest, busy: bool, due: bool, first: bool, prefilled: int, used: int
+    ) -> bool:
+        """Whether a tenant's next row joins now (``busy``: the tenant has rows running)."""
+        if busy and not due:
+            return False  # its next admission comes with the cadence
+        if first:
+            return True  # an empty engine takes its first row whatever its size
+        budget = self.prefill_tokens
+        if prefilled and budget is not None and prefilled + len(request.context) > budget:
+            return False  # a prefill of its own, later (a row longer than the budget has one alone)
+        if self.max_batch_tokens is None:
+            return True
+        room = self.max_batch_tokens - (self.max_batch_tokens // 4 if busy else 0)
+        return used + batch_tokens(request) <= room
 
     def _take(self, tenant: Hashable | None) -> Sequence:
         """``tenant``'s oldest waiting row; the tenant goes to the back of the turn order."""
@@ -206,6 +238,11 @@ class Scheduler:
         if request.prompt_key is None or self.prompt_kv_cache is None:
             return compute_prompt_kv(self.backbone, request.prompt)
         return self.prompt_kv_cache.get(request.prompt_key, request.prompt)
+
+
+def batch_tokens(request: GenerationRequest) -> int:
+    """The cache positions a row may come to hold: its prompt, its input and every token it may generate."""
+    return request.virtual_tokens + len(request.context) + request.max_new_tokens
 
 
 def generate_all(
@@ -284,6 +321,7 @@ class Engine:
         max_tenant_rows: int | None = None,
         admit_every_steps: int = 1,
         prefill_tokens: int | None = None,
+        max_batch_tokens: int | None = None,
         observer: Observer | None = None,
     ):
         self.backbone = backbone
@@ -297,6 +335,7 @@ class Engine:
             prompt_kv_cache=self.prompt_kv_cache,
             admit_every_steps=admit_every_steps,
             prefill_tokens=prefill_tokens,
+            max_batch_tokens=max_batch_tokens,
             observer=observer,
         )
         self._cv = threading.Condition()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.errors import Overloaded
-from app.ml.engine import Abandoned, Engine, Scheduler
+from app.ml.engine import Abandoned, Engine, Scheduler, batch_tokens
 from app.ml.inference import classify, classify_steps, generate_reference, generation_requests
 from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv
 from app.ml.sequence import Generation, Sequence
@@ -369,7 +369,7 @@ def test_an_abandoned_call_stops_before_its_next_chunk_and_frees_its_rows(tiny_b
 
 def test_an_admission_prefills_at_most_its_token_budget_unless_one_row_is_longer(tiny_backbone):
     texts = ["a b c d e", "f g h i j", "k l m n o", "the story of a long film " * 8]
-    requests = generation_requests(tiny_backbone, prompts=[None] * 4, texts=texts, max_new_tokens=3)
+    requests = generation_requests(tiny_backbone, prompts=[None] * 4, texts=texts, max_new_tokens=12)
     lengths = [len(r.context) for r in requests]
     budget = lengths[0] + lengths[1]  # room for two rows, not three; the fourth is longer on its own
     assert lengths[3] > budget
@@ -377,12 +377,16 @@ def test_an_admission_prefills_at_most_its_token_budget_unless_one_row_is_longer
     rows = [Sequence(request=r) for r in requests]
     for row in rows:
         scheduler.add(row, lambda *_: None)
-    scheduler.step()
-    assert len(scheduler.running) == 2  # the third would pass the budget: it waits for the next admission
+    admitted = []
+    for _ in range(5):  # admissions every other step: a decoder step comes between two of them
+        scheduler.step()
+        admitted.append(len(scheduler.running))
+    # The third would pass the budget: it waits for the next prefill; the long one has one of its own.
+    assert admitted == [2, 2, 3, 3, 4]
     while not scheduler.idle:
         scheduler.step()
     for row, text in zip(rows, texts, strict=True):  # the long row ran alone, and everything still matches
-        expected = generate_reference(tiny_backbone, prompt=None, text=text, max_new_tokens=3)
+        expected = generate_reference(tiny_backbone, prompt=None, text=text, max_new_tokens=12)
         assert row.result().token_ids == expected
 
 
@@ -401,3 +405,23 @@ def test_a_tenant_with_no_row_running_joins_at_once_and_alone(tiny_backbone):
     scheduler.step()
     assert [s.request.tenant for s in scheduler.running.sequences] == ["busy", "quiet"]
     assert [s.request.tenant for queue in scheduler.waiting.values() for s in queue] == ["busy"]
+
+
+def test_the_batch_holds_at_most_its_token_budget_and_keeps_a_quarter_for_newcomers(tiny_backbone):
+    """Keys and values grow with every running row's positions: the batch admits rows while their
+    prompt, input and new tokens fit the budget. One tenant's rows may fill three quarters of it; the
+    last quarter is for a tenant with no row running, whose first request is not shut out."""
+    texts = [input_text(i) for i in range(6)]
+    heavy = generation_requests(tiny_backbone, prompts=[None] * 6, texts=texts, max_new_tokens=40)
+    heavy = [dataclasses.replace(r, tenant="heavy") for r in heavy]
+    budget = 4 * max(batch_tokens(r) for r in heavy)  # three quarters: three of heavy's rows at most
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, max_batch_tokens=budget)
+    for request in heavy:
+        scheduler.add(Sequence(request=request), lambda *_: None)
+    scheduler.step()
+    assert len(scheduler.running) == 3
+    light = generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=2)[0]
+    scheduler.add(Sequence(request=dataclasses.replace(light, tenant="light")), lambda *_: None)
+    scheduler.step()  # heavy's fourth row does not fit; light's first row fits in the quarter kept for it
+    assert [s.request.tenant for s in scheduler.running.sequences] == ["heavy"] * 3 + ["light"]
+    assert sum(batch_tokens(s.request) for s in scheduler.running.sequences) <= budget
