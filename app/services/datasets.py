@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.db.models import NAME_CHARS, Dataset, TuningJob
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import idempotency, quotas, uploads
@@ -16,6 +18,40 @@ from app.services.labels import LabelLimits, check_labels
 from app.services.pagination import paginate
 from app.services.tenants import Caller
 from app.services.uploads import Upload
+
+
+def store_upload(
+    session: Session,
+    *,
+    caller: Caller,
+    settings: Settings,
+    stream: BinaryIO,
+    filename: str,
+    name: str | None,
+    count_tokens: Callable[[str], int] | None,
+    idempotency_key: str | None,
+) -> tuple[Dataset, bool]:
+    """An uploaded file read within its limit, parsed, stored and committed: POST /v1/datasets and POST
+    /v1/files both. Blocking, so run in a worker thread; a large file is parsed in a process of its own
+    (app/services/uploads.py): parsing 50 MB takes seconds, and the event loop serves everyone meanwhile."""
+    upload = uploads.receive(stream, limit=settings.max_upload_bytes)
+    try:
+        dataset, created = create_dataset(
+            session,
+            caller=caller,
+            upload=upload,
+            filename=filename,
+            name=name,
+            min_examples=settings.min_examples,
+            max_examples=settings.max_examples,
+            labels=LabelLimits.of(settings),
+            count_tokens=count_tokens,
+            idempotency_key=idempotency_key,
+        )
+    finally:
+        upload.close()
+    session.commit()
+    return dataset, created
 
 
 def create_dataset(

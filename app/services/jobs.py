@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -14,13 +15,15 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import JobEvent, TuningJob, utcnow
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.services import checkpoints, idempotency, quotas
 from app.services.datasets import get_dataset
 from app.services.pagination import paginate
 from app.services.prompts import check_template
+from app.services.queue import enqueue_training
 from app.services.tenants import Caller
 
+log = logging.getLogger(__name__)
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 TERMINAL = ("succeeded", "failed", "cancelled")
 INIT_STRATEGIES = ("labels", "text", "vocab", "random")
@@ -70,6 +73,29 @@ class JobRequest:
 
     def fingerprint(self) -> str:
         return idempotency.fingerprint(self.__dict__)
+
+
+def submit_job(
+    session: Session, *, caller: Caller, request: JobRequest, settings: Settings, idempotency_key: str | None
+) -> tuple[TuningJob, bool]:
+    """``create_job``, committed, then sent to the workers: after the commit, so a worker always finds the
+    row. A repeated request sends its job again if it is still queued; a second delivery is harmless."""
+    job, created = create_job(
+        session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
+    )
+    session.commit()
+    if job.status == "queued":
+        try:
+            enqueue_training(settings, job.id)
+        except Exception as error:
+            log.error("could not enqueue job %s: %s", job.id, error)
+            raise Unavailable(
+                f"Job {job.id} is saved but the broker is unreachable; retry the request with "
+                "the same Idempotency-Key.",
+                code="broker_unavailable",
+                headers={"Retry-After": "5"},
+            ) from None
+    return job, created
 
 
 def create_job(

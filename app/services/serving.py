@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import PromptVersion
-from app.errors import DomainError, InferenceFailed, InvalidRequest, PromptCorrupt, Unavailable
+from app.errors import DomainError, InferenceFailed, InvalidRequest, NotFound, PromptCorrupt, Unavailable
 from app.ml import inference
 from app.ml.backbone import Backbone
 from app.ml.engine import Call, Engine, Observer
@@ -25,6 +25,7 @@ from app.ml.soft_prompt import prompt_from_bytes
 from app.ml.text import render
 from app.services import prompts as prompts_service
 from app.services.labels import LabelLimits, check_labels
+from app.services.model_names import missing, task_ref_of_model
 
 
 @dataclass(frozen=True)
@@ -113,30 +114,6 @@ class Serving:
     def count_tokens(self, text: str) -> int:
         return len(self.require_backbone().tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def check_generation(self, *, max_new_tokens: int, stop: list[str], tokens_param: str) -> None:
-        """A generation request's own bounds, before any work: new tokens, and the number and length of
-        its stop strings (each is looked for in the newest text at every step)."""
-        if max_new_tokens > self.settings.max_new_tokens:
-            raise InvalidRequest(
-                f"{tokens_param} is {max_new_tokens}; the limit is {self.settings.max_new_tokens}.",
-                param=tokens_param,
-            )
-        if len(stop) > self.settings.max_stop_strings:
-            raise InvalidRequest(
-                f"There are {len(stop)} stop strings; the limit is {self.settings.max_stop_strings} "
-                "(SOFTPROMPT_MAX_STOP_STRINGS).",
-                param="stop",
-            )
-        for text in stop:
-            if not text:
-                raise InvalidRequest("stop strings must not be empty.", param="stop")
-            if len(text) > self.settings.max_stop_chars:
-                raise InvalidRequest(
-                    f"A stop string is {len(text)} characters; the limit is {self.settings.max_stop_chars} "
-                    "(SOFTPROMPT_MAX_STOP_CHARS).",
-                    param="stop",
-                )
-
     def _require_engine(self) -> Engine:
         if self.engine is None:
             raise Unavailable(
@@ -180,6 +157,26 @@ class Serving:
         while len(self._refs) > RESOLVED_REFS:
             self._refs.popitem(last=False)  # the oldest resolution; it costs one query to redo
         return resolved
+
+    def resolve_model(self, session: Session, *, tenant_id: int, model: str) -> ResolvedPrompt:
+        """The prompt to serve an OpenAI-style ``model`` with: none for the backbone this server runs,
+        else the version it names among the tenant's own; anything else is a missing model."""
+        served = self.require_backbone().name
+        backbone, ref = task_ref_of_model(model, {served})
+        if backbone is not None and backbone != served:
+            raise missing(model)
+        if ref is None:
+            return BARE
+        try:
+            prompts_service.parse_task_ref(ref)
+            return self.resolve(session, tenant_id=tenant_id, ref=ref)
+        except NotFound:
+            raise missing(model) from None
+        except InvalidRequest as error:
+            if error.code != "base_model_not_served":  # a name no task could have ('gpt-3.5-turbo')
+                raise missing(model) from None
+            error.param = "model"
+            raise
 
     @staticmethod
     def _decode(session: Session, *, row_id: int, embedding_dim: int, ref: str) -> torch.Tensor:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Header, UploadFile
+from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import CallerDep
 from app.api.deps import LimitQuery, ServingDep, SessionDep, SettingsDep
 from app.api.openai import ids
 from app.api.openai.schemas import Deleted, FileObject, ListOf
 from app.api.responses import errors
-from app.api.routes.datasets import store_upload
 from app.db.models import Dataset
 from app.services import datasets as service
 
@@ -38,13 +38,15 @@ async def create_file(
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> FileObject:
     """Upload a fine-tuning file (the OpenAI shape of POST /v1/datasets)."""
-    dataset, _ = await store_upload(
+    dataset, _ = await run_in_threadpool(
+        service.store_upload,
         session,
         caller=caller,
         settings=settings,
-        serving=serving,
-        file=file,
+        stream=file.file,
+        filename=file.filename or "",
         name=None,
+        count_tokens=serving.count_tokens if serving.ready else None,
         idempotency_key=idempotency_key,
     )
     return file_object(dataset)

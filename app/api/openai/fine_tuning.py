@@ -22,10 +22,10 @@ from app.api.openai.schemas import (
     PromptTuning,
 )
 from app.api.responses import errors
-from app.api.routes.jobs import send_to_workers
 from app.db.models import JobEvent, TuningJob
 from app.errors import InvalidRequest
 from app.services import jobs as service
+from app.services.model_names import fine_tuned_model
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible"])
 # Our names for what the client called otherwise, for errors raised by the shared job service.
@@ -72,11 +72,9 @@ def create_fine_tuning_job(
         hyperparameters=_hyperparameters(body, tuning.hyperparameters.model_dump(exclude_none=True)),
     )
     with speaking_as(PARAMS):
-        job, _ = service.create_job(
+        job, _ = service.submit_job(
             session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
         )
-    session.commit()
-    send_to_workers(settings, job)
     return fine_tuning_job(job, caller.tenant)
 
 
@@ -168,7 +166,7 @@ def list_fine_tuning_checkpoints(fine_tuning_job_id: str, caller: CallerDep, ses
     checkpoint = FineTuningJobCheckpoint(
         id=ids.to_id(ids.CHECKPOINT, job.id),
         created_at=ids.unix(job.finished_at),
-        fine_tuned_model_checkpoint=ids.fine_tuned_model(job.base_model, job.task, job.result_version),
+        fine_tuned_model_checkpoint=fine_tuned_model(job.base_model, job.task, job.result_version),
         fine_tuning_job_id=ids.to_id(ids.JOB, job.id),
         step_number=metrics.get("best_step") or job.progress.get("step", 0),
         metrics={
@@ -191,7 +189,7 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
         # The ETA is the time left at the last progress report, at most a second or so ago.
         estimated_finish=int(time.time() + eta) if row.status == "running" and eta is not None else None,
         model=row.base_model,
-        fine_tuned_model=ids.fine_tuned_model(row.base_model, row.task, row.result_version)
+        fine_tuned_model=fine_tuned_model(row.base_model, row.task, row.result_version)
         if row.result_version
         else None,
         organization_id=tenant,

@@ -12,7 +12,7 @@ from app.api.openai.schemas import Deleted, ListOf, ModelObject
 from app.api.responses import errors
 from app.errors import InvalidRequest, NotFound
 from app.services import prompts
-from app.services.serving import BARE, ResolvedPrompt, Serving
+from app.services.model_names import fine_tuned_model, missing, task_ref_of_model
 from app.services.tenants import Caller
 
 router = APIRouter(prefix="/v1/models", tags=["OpenAI-compatible"])
@@ -20,42 +20,17 @@ BACKBONE_OWNER = "softprompt"
 TASK_PAGE = 100
 
 
-def _missing(model: str) -> NotFound:
-    return NotFound(f"The model {model!r} does not exist.", param="model", code="model_not_found")
-
-
-def resolve_model(session: Session, serving: Serving, caller: Caller, model: str) -> ResolvedPrompt:
-    """The prompt to serve `model` with: none for the backbone this server runs, else the task version
-    it names among the caller's own."""
-    served = serving.require_backbone().name
-    backbone, ref = ids.task_ref_of_model(model, {served})
-    if backbone is not None and backbone != served:
-        raise _missing(model)
-    if ref is None:
-        return BARE
-    try:
-        prompts.parse_task_ref(ref)
-        return serving.resolve(session, tenant_id=caller.tenant_id, ref=ref)
-    except NotFound:
-        raise _missing(model) from None
-    except InvalidRequest as error:
-        if error.code != "base_model_not_served":  # a name no task could have ('gpt-3.5-turbo')
-            raise _missing(model) from None
-        error.param = "model"
-        raise
-
-
 def _version_of(session: Session, caller: Caller, model: str, backbones: set[str]):
-    backbone, ref = ids.task_ref_of_model(model, backbones)
+    backbone, ref = task_ref_of_model(model, backbones)
     if ref is None:
         return None
     try:
         name, version = prompts.parse_task_ref(ref)
         found = prompts.get_version(session, tenant_id=caller.tenant_id, name=name, version=version)
     except (NotFound, InvalidRequest):
-        raise _missing(model) from None
+        raise missing(model) from None
     if backbone is not None and backbone != found.base_model:
-        raise _missing(model)
+        raise missing(model)
     return found
 
 
@@ -72,7 +47,7 @@ def list_models(caller: CallerDep, session: SessionDep, settings: SettingsDep) -
         for task in tasks:
             data += [
                 ModelObject(
-                    id=ids.fine_tuned_model(v.base_model, task.name, v.version),
+                    id=fine_tuned_model(v.base_model, task.name, v.version),
                     created=ids.unix(v.created_at),
                     owned_by=caller.tenant,
                 )
@@ -98,7 +73,7 @@ def delete_model(model: str, caller: CallerDep, session: SessionDep, settings: S
     backbones = set(settings.backbones)
     if model in backbones:
         raise InvalidRequest(f"{model!r} is a base model; only tuned models can be deleted.", param="model")
-    if ids.task_ref_of_model(model, backbones)[1] == model and "@" not in model:
+    if task_ref_of_model(model, backbones)[1] == model and "@" not in model:
         raise InvalidRequest(
             f"{model!r} names a task's newest version; name the version to delete: ft:<backbone>:{model}:N.",
             param="model",

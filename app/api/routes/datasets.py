@@ -3,20 +3,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import DatasetPublic, Page
-from app.config import Settings
-from app.db.models import NAME_CHARS, Dataset
+from app.db.models import NAME_CHARS
 from app.services import datasets as service
-from app.services import uploads
-from app.services.labels import LabelLimits
-from app.services.serving import Serving
-from app.services.tenants import Caller
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -40,58 +34,20 @@ async def upload_dataset(
 ) -> DatasetPublic:
     """Upload a labeled dataset; it is validated whole before anything is stored. A repeated
     Idempotency-Key with the same file and name returns the dataset the first upload made (200)."""
-    dataset, created = await store_upload(
+    dataset, created = await run_in_threadpool(
+        service.store_upload,
         session,
         caller=caller,
         settings=settings,
-        serving=serving,
-        file=file,
+        stream=file.file,
+        filename=file.filename or "",
         name=name,
+        count_tokens=serving.count_tokens if serving.ready else None,
         idempotency_key=idempotency_key,
     )
     if not created:
         response.status_code = 200
     return DatasetPublic.of(dataset)
-
-
-async def store_upload(
-    session: Session,
-    *,
-    caller: Caller,
-    settings: Settings,
-    serving: Serving,
-    file: UploadFile,
-    name: str | None,
-    idempotency_key: str | None,
-) -> tuple[Dataset, bool]:
-    """The upload read within its limit, parsed, stored and committed; shared with POST /v1/files. All of it
-    runs in a worker thread, and a large file is parsed in a process of its own (app/services/uploads.py):
-    parsing 50 MB takes seconds, and the event loop serves everyone meanwhile."""
-
-    def store() -> tuple[Dataset, bool]:
-        upload = uploads.receive(file.file, limit=settings.max_upload_bytes)
-        try:
-            return _create(upload)
-        finally:
-            upload.close()
-
-    def _create(upload: uploads.Upload) -> tuple[Dataset, bool]:
-        dataset, created = service.create_dataset(
-            session,
-            caller=caller,
-            upload=upload,
-            filename=file.filename or "",
-            name=name,
-            min_examples=settings.min_examples,
-            max_examples=settings.max_examples,
-            labels=LabelLimits.of(settings),
-            count_tokens=serving.count_tokens if serving.ready else None,
-            idempotency_key=idempotency_key,
-        )
-        session.commit()
-        return dataset, created
-
-    return await run_in_threadpool(store)
 
 
 @router.get("", response_model=Page[DatasetPublic], responses=errors(401, 422))

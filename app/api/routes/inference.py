@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from sse_starlette.sse import EventSourceResponse
@@ -23,8 +22,9 @@ from app.api.schemas import (
     Usage,
 )
 from app.errors import DomainError
-from app.ml.sequence import Generation, GenerationRequest
-from app.services.serving import GenerationHandle, ResolvedPrompt
+from app.ml.sequence import GenerationRequest
+from app.services import generation
+from app.services.serving import ResolvedPrompt
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -66,47 +66,38 @@ async def generate(
     metrics: MetricsDep,
 ):
     """Generate text with a task's prompt (or the bare backbone); `stream: true` sends tokens as they come."""
-    serving.check_generation(
-        max_new_tokens=body.max_new_tokens, stop=body.stop or [], tokens_param="max_new_tokens"
+    sampling = generation.Sampling(
+        max_new_tokens=body.max_new_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop or [],
+        seed=body.seed,
     )
+    generation.check(serving.settings, sampling)
 
     def prepare() -> tuple[ResolvedPrompt, list[GenerationRequest]]:
         """The database, the prompt's decoding and the tokenizer: off the event loop."""
         resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
-        texts, _ = serving.render_inputs(resolved, _as_list(body.input))
         session.close()  # nothing more to read; don't hold a connection while the model runs
-        requests = serving.generation_requests(
-            resolved,
-            texts,
-            tenant_id=caller.tenant_id,
-            max_new_tokens=body.max_new_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stop,
-            seed=body.seed,
+        return resolved, generation.rows(
+            serving, resolved, _as_list(body.input), sampling, tenant_id=caller.tenant_id
         )
-        return resolved, requests
 
     resolved, requests = await run_in_threadpool(prepare)
-    handle = serving.start_generation(requests)  # a full queue answers 429 here, before any byte is sent
-
-    def served(generations: list[Generation]) -> None:
-        tokens = sum(g.tokens for g in generations)
-        metrics.served(
-            tenant=caller.tenant, task=resolved.task, route="generate", inputs=len(requests), tokens=tokens
-        )
-
+    run = generation.start(
+        serving, metrics, caller=caller, route="generate", resolved=resolved, requests=requests
+    )
     if body.stream:
-        return EventSourceResponse(_stream(handle, resolved, served))
-    generations = await unless_disconnected(request, handle.results(), handle.cancel)
-    served(generations)
-    return _response(resolved, generations)
+        return EventSourceResponse(_stream(run))
+    await unless_disconnected(request, run.results(), run.cancel)
+    return _response(run)
 
 
-def _response(resolved: ResolvedPrompt, generations: list[Generation]) -> GenerateResponse:
+def _response(run: generation.GenerationRun) -> GenerateResponse:
+    generations = run.generations
     return GenerateResponse(
-        task=resolved.task,
-        version=resolved.version,
+        task=run.resolved.task,
+        version=run.resolved.version,
         outputs=[
             GenerationOut(text=g.text, finish_reason=g.finish_reason, tokens=g.tokens) for g in generations
         ],
@@ -117,18 +108,14 @@ def _response(resolved: ResolvedPrompt, generations: list[Generation]) -> Genera
     )
 
 
-async def _stream(
-    handle: GenerationHandle, resolved: ResolvedPrompt, served: Callable[[list[Generation]], None]
-):
+async def _stream(run: generation.GenerationRun):
     """`token` events as text becomes final, `output` when an input is done, `done` with the whole
     response last; a failure ends the stream with an `error` event carrying the usual error body."""
-    results: dict[int, Generation] = {}
     try:
-        async for update in handle.updates():
+        async for update in run.updates():
             if update.text:
                 yield {"event": "token", "data": json.dumps({"index": update.index, "text": update.text})}
             if update.finished is not None:
-                results[update.index] = update.finished
                 output = GenerationOut(
                     text=update.finished.text,
                     finish_reason=update.finished.finish_reason,
@@ -138,9 +125,7 @@ async def _stream(
     except DomainError as error:
         yield {"event": "error", "data": json.dumps(error_body(error))}
         return
-    generations = [results[i] for i in sorted(results)]
-    served(generations)
-    yield {"event": "done", "data": _response(resolved, generations).model_dump_json()}
+    yield {"event": "done", "data": _response(run).model_dump_json()}
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=errors(401, 404, 422, 429))

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Callable
 from typing import Annotated
 
@@ -16,14 +15,10 @@ from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
 from app.api.errors import error_body
 from app.api.responses import errors
 from app.api.schemas import JobCreate, JobEventPublic, JobPublic, Page
-from app.config import Settings
-from app.db.models import TuningJob
 from app.db.session import session_scope
-from app.errors import DomainError, Unavailable
+from app.errors import DomainError
 from app.services import jobs as service
-from app.services.queue import enqueue_training
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/tuning/jobs", tags=["tuning jobs"])
 EVENT_POLL_S = 0.5
 # How long an event stream gets to say goodbye when the server stops; well inside uvicorn's wait.
@@ -50,30 +45,12 @@ def create_job(
         init=body.init.model_dump(exclude_none=True) if body.init else None,
         hyperparameters=body.hyperparameters.model_dump(exclude_none=True),
     )
-    job, created = service.create_job(
+    job, created = service.submit_job(
         session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
     )
-    session.commit()
     if not created:
         response.status_code = 200
-    send_to_workers(settings, job)
     return JobPublic.of(job)
-
-
-def send_to_workers(settings: Settings, job: TuningJob) -> None:
-    """After the commit, so the worker always finds the row; a second delivery is harmless."""
-    if job.status != "queued":
-        return
-    try:
-        enqueue_training(settings, job.id)
-    except Exception as error:
-        log.error("could not enqueue job %s: %s", job.id, error)
-        raise Unavailable(
-            f"Job {job.id} is saved but the broker is unreachable; retry the request with "
-            "the same Idempotency-Key.",
-            code="broker_unavailable",
-            headers={"Retry-After": "5"},
-        ) from None
 
 
 @router.get("", response_model=Page[JobPublic], responses=errors(401, 422))
