@@ -40,8 +40,8 @@ from app.ml.inference import classify  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.text import render  # noqa: E402
 from app.ml.trainer import BatchOrder, Example, TrainConfig, _lr_factor, train_prompt  # noqa: E402
-from app.services.jobs import DEFAULT_HYPERPARAMETERS, WARMUP_FRACTION, resolve_hyperparameters  # noqa: E402
-from app.services.training import split_holdout, train_config  # noqa: E402
+from app.services.hyperparameters import Hyperparameters  # noqa: E402
+from app.services.training import split_holdout  # noqa: E402
 
 SST2 = ROOT.parent / "shared/data/sst2"
 TEMPLATE = "Review: {input}\nSentiment:"
@@ -85,16 +85,9 @@ def accuracy(backbone: Backbone, prompt: torch.Tensor | None, dev: list[Example]
 
 
 def config(steps: int, batch_size: int, *, warmup: bool = True) -> TrainConfig:
-    hp = DEFAULT_HYPERPARAMETERS
-    return TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        learning_rate=hp["learning_rate"],
-        warmup_steps=round(WARMUP_FRACTION * steps) if warmup else 0,
-        max_grad_norm=hp["max_grad_norm"],
-        seed=hp["seed"],
-        append_eos=False,
-    )
+    """A job's defaults at this length and batch; without ``warmup``, none."""
+    given = Hyperparameters(steps=steps, batch_size=batch_size, **({} if warmup else {"warmup_steps": 0}))
+    return given.resolve(steps * batch_size, max_steps=steps).train_config(classification=True)
 
 
 def run_ours(train: list[Example], dev: list[Example], steps: int, batch_size: int) -> dict:
@@ -220,8 +213,9 @@ def run_full_job() -> dict:
     seeded hold-out, label-word init, every setting at its default."""
     backbone = load()
     train, dev = rows("train"), rows("dev")
-    kept, held = split_holdout(train, seed=DEFAULT_HYPERPARAMETERS["seed"])
-    hp = resolve_hyperparameters({}, settings=Settings(), num_train=len(kept))
+    defaults = Hyperparameters()
+    kept, held = split_holdout(train, seed=defaults.seed)
+    hp = defaults.resolve(len(kept), max_steps=Settings().max_steps)
     started = time.perf_counter()
     result = train_prompt(
         backbone,
@@ -230,14 +224,14 @@ def run_full_job() -> dict:
         validation=held,
         template=TEMPLATE,
         labels=LABELS,
-        config=train_config(hp, classification=True),
+        config=hp.train_config(classification=True),
         on_progress=lambda _: None,
         should_stop=lambda: False,
     )
     return {
         "seconds": time.perf_counter() - started,
-        "steps": hp["steps"],
-        "batch_size": hp["batch_size"],
+        "steps": hp.steps,
+        "batch_size": hp.batch_size,
         "holdout_accuracy": result.metrics["val_accuracy"],
         "accuracy": accuracy(backbone, result.prompt, dev),
     }

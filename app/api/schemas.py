@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.models import MAX_ID, Dataset, PromptVersion, Task, TuningJob
 from app.ml.text import DEFAULT_TEMPLATE
+from app.services.hyperparameters import DEFAULT_VIRTUAL_TOKENS, Hyperparameters
 
 
 class ErrorBody(BaseModel):
@@ -70,28 +71,6 @@ class InitSpec(BaseModel):
     text: str | None = Field(default=None, max_length=10_000)
 
 
-class Hyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    steps: int | None = Field(default=None, ge=1)
-    epochs: float | None = Field(default=None, gt=0, le=1000)
-    batch_size: int | None = Field(default=None, ge=1, le=256)
-    learning_rate: float | None = Field(default=None, gt=0, le=10)
-    weight_decay: float | None = Field(default=None, ge=0, le=1)
-    warmup_steps: int | None = Field(default=None, ge=0)
-    max_grad_norm: float | None = Field(default=None, gt=0)
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    eval_every: int | None = Field(default=None, ge=0, description="Evaluate every N steps (0: at the end).")
-    patience: int | None = Field(
-        default=None, ge=0, description="Stop after this many evaluations without improvement (0: never)."
-    )
-    optimizer: Literal["adamw", "adafactor"] | None = None
-    loss: Literal["labels", "tokens"] | None = Field(
-        default=None,
-        description="labels: a cross-entropy over the label words (classification, one-token labels); "
-        "tokens: the target tokens' likelihood over the vocabulary.",
-    )
-
-
 class JobCreate(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -122,7 +101,9 @@ class JobCreate(BaseModel):
     base_model: str | None = Field(
         default=None, description="A registered backbone; default: the service's default backbone."
     )
-    num_virtual_tokens: int = Field(default=20, ge=1, description="Length of the soft prompt.")
+    num_virtual_tokens: int = Field(
+        default=DEFAULT_VIRTUAL_TOKENS, ge=1, description="Length of the soft prompt."
+    )
     template: str = Field(
         default=DEFAULT_TEMPLATE,
         description="Text around each input, with {input} once; stored with the prompt "
@@ -182,7 +163,7 @@ class JobPublic(BaseModel):
     num_virtual_tokens: int
     template: str
     init: dict[str, Any]
-    hyperparameters: dict[str, Any]
+    hyperparameters: dict[str, Any]  # as stored: Hyperparameters, resolved for the data
     progress: Progress
     metrics: JobMetrics
     result: JobResult | None
@@ -194,6 +175,7 @@ class JobPublic(BaseModel):
 
     @classmethod
     def of(cls, row: TuningJob) -> JobPublic:
+        hyperparameters = Hyperparameters.model_validate(row.hyperparameters)
         return cls(
             id=row.id,
             task=row.task,
@@ -208,7 +190,7 @@ class JobPublic(BaseModel):
             progress=Progress(
                 **{
                     "step": 0,
-                    "total_steps": row.hyperparameters.get("steps", 0),
+                    "total_steps": hyperparameters.steps,
                     "eta_seconds": None,
                     **row.progress,
                 }

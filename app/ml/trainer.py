@@ -31,18 +31,21 @@ class Example:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    batch_size: int = 8
-    learning_rate: float = 0.03
+    """The trainer's settings. The product's defaults for them are in app/services/hyperparameters.py;
+    here only the switches that are off unless asked for have defaults."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    max_grad_norm: float
+    seed: int
+    optimizer: str  # "adamw" or "adafactor"
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 0
     eval_every: int = 0  # 0 = only at the end
     # With eval_every: stop after this many evaluations without improvement (0 = never stop early). The
     # prompt returned is the best one evaluated either way.
     patience: int = 0
-    optimizer: str = "adamw"  # or "adafactor"
     checkpoint_every: int = 0  # steps between checkpoints handed to on_checkpoint; 0 = none
     # Generation targets end with EOS so a task learns where to stop. Classification is scored by the
     # label tokens alone, and an EOS target there spends a short run on learning to stop instead of

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +17,7 @@ from app.db.models import JobEvent, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.services import checkpoints, idempotency, quotas
 from app.services.datasets import get_dataset
+from app.services.hyperparameters import Hyperparameters
 from app.services.pagination import paginate
 from app.services.prompts import check_template
 from app.services.queue import enqueue_training
@@ -28,32 +28,6 @@ TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 TERMINAL = ("succeeded", "failed", "cancelled")
 INIT_STRATEGIES = ("labels", "text", "vocab", "random")
 
-# Defaults for a job that names none, measured on SST-2 (docs/benchmarks.md): label-word init, AdamW at
-# 0.03 with a linear warm-up over the first 10 % of the steps, then linear decay, batches of 32.
-DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
-    "steps": None,  # None: default_steps() for the data size
-    "batch_size": 32,
-    "learning_rate": 0.03,
-    "weight_decay": 0.0,
-    "warmup_steps": None,  # None: WARMUP_FRACTION of the steps
-    "max_grad_norm": 1.0,
-    "seed": 0,
-    "eval_every": 0,
-    "patience": 0,
-    "optimizer": "adamw",
-    "loss": "tokens",
-}
-# Default length: DEFAULT_EPOCHS passes over the data, within [MIN_DEFAULT_STEPS, MAX_DEFAULT_STEPS]. The
-# floor gives a small dataset enough updates; the ceiling fills about 20 of a job's 30 minutes on the
-# full SST-2 training split on 2 CPU cores (25,600 examples seen; docs/benchmarks.md).
-DEFAULT_EPOCHS = 3
-MIN_DEFAULT_STEPS = 100
-MAX_DEFAULT_STEPS = 800
-OPTIMIZERS = ("adamw", "adafactor")
-# "tokens": the likelihood of the target tokens over the whole vocabulary; "labels": classification with
-# one-token labels learns from a cross-entropy over the labels alone (no more accurate on SST-2).
-LOSSES = ("labels", "tokens")
-WARMUP_FRACTION = 0.1
 # Held out for validation when the job names no validation dataset.
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_MAX = 200
@@ -69,10 +43,10 @@ class JobRequest:
     num_virtual_tokens: int
     template: str
     init: dict[str, Any] | None
-    hyperparameters: dict[str, Any]
+    hyperparameters: Hyperparameters  # as given; the job stores them resolved
 
     def fingerprint(self) -> str:
-        return idempotency.fingerprint(self.__dict__)
+        return idempotency.fingerprint({**self.__dict__, "hyperparameters": self.hyperparameters.given()})
 
 
 def submit_job(
@@ -181,8 +155,8 @@ def _validated_fields(
 
     init = _validated_init(request.init, kind=training.kind)
     holdout = 0 if validation is not None else holdout_size(training.num_examples)
-    hyperparameters = resolve_hyperparameters(
-        request.hyperparameters, settings=settings, num_train=training.num_examples - holdout
+    hyperparameters = request.hyperparameters.resolve(
+        training.num_examples - holdout, max_steps=settings.max_steps
     )
     return {
         "task": request.task,
@@ -192,8 +166,8 @@ def _validated_fields(
         "num_virtual_tokens": request.num_virtual_tokens,
         "template": request.template,
         "init": init,
-        "hyperparameters": hyperparameters,
-        "progress": {"step": 0, "total_steps": hyperparameters["steps"], "eta_seconds": None},
+        "hyperparameters": hyperparameters.stored(),
+        "progress": {"step": 0, "total_steps": hyperparameters.steps, "eta_seconds": None},
     }
 
 
@@ -220,47 +194,6 @@ def _validated_init(init: dict[str, Any] | None, *, kind: str) -> dict[str, Any]
             param="init.strategy",
         )
     return {"strategy": strategy, **({"text": init["text"]} if strategy == "text" else {})}
-
-
-def resolve_hyperparameters(given: dict[str, Any], *, settings: Settings, num_train: int) -> dict[str, Any]:
-    """The values a job runs with: those given, checked, and the defaults for ``num_train`` examples."""
-    unknown = set(given) - set(DEFAULT_HYPERPARAMETERS) - {"epochs"}
-    if unknown:
-        raise InvalidRequest(
-            f"Unknown hyperparameters: {', '.join(sorted(unknown))}. Accepted: "
-            f"{', '.join(sorted([*DEFAULT_HYPERPARAMETERS, 'epochs']))}.",
-            param="hyperparameters",
-        )
-    if "steps" in given and "epochs" in given:
-        raise InvalidRequest("Give either steps or epochs, not both.", param="hyperparameters.epochs")
-    values = {**DEFAULT_HYPERPARAMETERS, **{k: v for k, v in given.items() if k != "epochs"}}
-    if given.get("epochs") is not None:
-        values["epochs"] = given["epochs"]
-        values["steps"] = max(1, math.ceil(given["epochs"] * num_train / values["batch_size"]))
-    elif values["steps"] is None:
-        values["steps"] = default_steps(num_train, values["batch_size"])
-    if values["warmup_steps"] is None:
-        values["warmup_steps"] = round(WARMUP_FRACTION * values["steps"])
-    if values["optimizer"] not in OPTIMIZERS:
-        raise InvalidRequest(
-            f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {values['optimizer']!r}.",
-            param="hyperparameters.optimizer",
-        )
-    if values["loss"] not in LOSSES:
-        raise InvalidRequest(
-            f"loss must be one of {', '.join(LOSSES)}; got {values['loss']!r}.", param="hyperparameters.loss"
-        )
-    if not 1 <= values["steps"] <= settings.max_steps:
-        raise InvalidRequest(
-            f"steps must be between 1 and {settings.max_steps}; got {values['steps']}.",
-            param="hyperparameters.steps",
-        )
-    return values
-
-
-def default_steps(num_train: int, batch_size: int) -> int:
-    epochs = math.ceil(DEFAULT_EPOCHS * num_train / batch_size)
-    return min(MAX_DEFAULT_STEPS, max(MIN_DEFAULT_STEPS, epochs))
 
 
 def get_job(session: Session, *, tenant_id: int, job_id: int) -> TuningJob:

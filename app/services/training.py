@@ -23,10 +23,11 @@ from app.errors import DomainError, NotFound
 from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
-from app.ml.trainer import Example, Progress, TrainConfig, TrainResult, train_prompt
+from app.ml.trainer import Example, Progress, TrainResult, train_prompt
 from app.services import checkpoints, leases, worker_metrics
 from app.services import jobs as jobs_service
 from app.services.datasets import get_dataset, load_records
+from app.services.hyperparameters import Hyperparameters
 from app.services.prompts import publish_version
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
         if job.validation_dataset_id is not None:
             validation_records = load_records(session, **owned, dataset_id=job.validation_dataset_id)
         else:
-            train_records, validation_records = split_holdout(train_records, seed=job.hyperparameters["seed"])
+            seed = Hyperparameters.model_validate(job.hyperparameters).seed
+            train_records, validation_records = split_holdout(train_records, seed=seed)
         resume = checkpoints.load(session, job_id=job_id)
         if resume is not None:
             jobs_service.add_event(
@@ -124,25 +126,6 @@ def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
         resume=resume,
     )
     return inputs, job
-
-
-def train_config(hp: dict, *, classification: bool, checkpoint_every: int = 0) -> TrainConfig:
-    """The trainer's settings for a job's resolved hyperparameters."""
-    return TrainConfig(
-        steps=hp["steps"],
-        batch_size=hp["batch_size"],
-        learning_rate=hp["learning_rate"],
-        weight_decay=hp["weight_decay"],
-        warmup_steps=hp["warmup_steps"],
-        max_grad_norm=hp["max_grad_norm"],
-        seed=hp["seed"],
-        eval_every=hp["eval_every"],
-        patience=hp.get("patience", 0),
-        optimizer=hp.get("optimizer", "adamw"),
-        append_eos=not classification,
-        label_loss=hp.get("loss") == "labels",
-        checkpoint_every=checkpoint_every,
-    )
 
 
 def split_holdout(records: list, *, seed: int) -> tuple[list, list]:
@@ -165,17 +148,17 @@ def _train_and_publish(
     checkpoint_every: int,
     lost: threading.Event,
 ) -> str:
-    hp = job.hyperparameters
+    hp = Hyperparameters.model_validate(job.hyperparameters)
     prompt = init_prompt(
         backbone,
         num_virtual_tokens=job.num_virtual_tokens,
         strategy=job.init["strategy"],
         text=job.init.get("text"),
         labels=inputs.labels,
-        seed=hp["seed"],
+        seed=hp.seed,
     )
-    config = train_config(
-        hp, classification=inputs.kind == "classification", checkpoint_every=checkpoint_every
+    config = hp.train_config(
+        classification=inputs.kind == "classification", checkpoint_every=checkpoint_every
     )
     db_url = owner.db_url
     reporter = _Reporter(db_url=db_url, job_id=job.id, lost=lost)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-from app.services.jobs import MAX_DEFAULT_STEPS, MIN_DEFAULT_STEPS, default_steps
-from app.services.training import train_config
+from app.services.hyperparameters import MAX_DEFAULT_STEPS, MIN_DEFAULT_STEPS, Hyperparameters, default_steps
 from tests.api.test_datasets import sentiment_file, upload
 
 
@@ -21,7 +20,8 @@ def test_job_gets_defaults_and_is_queued(client):
     assert job["hyperparameters"]["steps"] == 100 and job["hyperparameters"]["learning_rate"] == 0.03
     assert job["hyperparameters"]["warmup_steps"] == 10  # 10 % of the steps unless given
     assert job["hyperparameters"]["loss"] == "tokens"
-    assert not train_config(job["hyperparameters"], classification=True).label_loss
+    stored = Hyperparameters.model_validate(job["hyperparameters"])
+    assert not stored.train_config(classification=True).label_loss
     assert job["progress"] == {"step": 0, "total_steps": 100, "eta_seconds": None}
     assert job["result"] is None and job["error"] is None
     assert client.get(f"/v1/tuning/jobs/{job['id']}").json()["id"] == job["id"]
@@ -39,7 +39,7 @@ def test_the_label_loss_can_be_chosen(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
     job = create(client, task="t", training_dataset=dataset_id, hyperparameters={"loss": "labels"}).json()
     assert job["hyperparameters"]["loss"] == "labels"
-    assert train_config(job["hyperparameters"], classification=True).label_loss
+    assert Hyperparameters.model_validate(job["hyperparameters"]).train_config(classification=True).label_loss
 
 
 def test_epochs_become_steps(client):

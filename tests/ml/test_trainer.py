@@ -17,6 +17,21 @@ POSITIVE = ["great", "wonderful", "fun", "good", "moving", "beautiful"]
 NEGATIVE = ["dull", "boring", "bad", "tedious", "lifeless", "awful"]
 
 
+def _config(**given) -> TrainConfig:
+    """The trainer's settings in these tests: what a test gives, over a small, quick run's."""
+    return TrainConfig(
+        **{
+            "steps": 10,
+            "batch_size": 8,
+            "learning_rate": 0.03,
+            "max_grad_norm": 1.0,
+            "seed": 0,
+            "optimizer": "adamw",
+        }
+        | given
+    )
+
+
 def _examples() -> list[Example]:
     """The label is the input's word: trivially learnable by a prompt."""
     return [Example(f"a {w} film", "positive") for w in POSITIVE] + [
@@ -44,7 +59,7 @@ def _train(
         validation=data if validation is None else validation,
         template=TEMPLATE,
         labels=LABELS,
-        config=config or TrainConfig(steps=steps, batch_size=6, learning_rate=0.1, warmup_steps=2, seed=seed),
+        config=config or _config(steps=steps, batch_size=6, learning_rate=0.1, warmup_steps=2, seed=seed),
         on_progress=(progress if progress is not None else lambda p: None),
         should_stop=should_stop,
         **extra,
@@ -136,10 +151,10 @@ def test_labels_of_several_tokens_fall_back_to_the_token_loss(tiny_backbone):
 
 
 def test_training_on_the_label_loss_learns_the_labels(tiny_backbone):
-    config = TrainConfig(
+    config = _config(
         steps=40, batch_size=6, learning_rate=0.1, warmup_steps=2, append_eos=False, label_loss=True
     )
-    untrained = _train(tiny_backbone, config=TrainConfig(steps=0, append_eos=False))
+    untrained = _train(tiny_backbone, config=_config(steps=0, append_eos=False))
     trained = _train(tiny_backbone, config=config)
     assert trained.metrics["val_accuracy"] >= max(0.9, untrained.metrics["val_accuracy"])
     assert trained.metrics["val_loss"] < untrained.metrics["val_loss"]
@@ -163,7 +178,7 @@ def test_packed_rows_score_as_if_each_ran_alone(tiny_backbone, monkeypatch):
 def test_patience_stops_a_run_that_no_longer_improves_and_reports_zero_shot(tiny_backbone):
     data = _examples()
     # A zero learning rate never moves the prompt: no evaluation after the first one can beat it.
-    config = TrainConfig(steps=50, batch_size=6, learning_rate=0.0, eval_every=1, patience=2)
+    config = _config(steps=50, batch_size=6, learning_rate=0.0, eval_every=1, patience=2)
     result = _train(tiny_backbone, config=config, k=4)
     assert result.steps_done == 3 and not result.stopped
     metrics = result.metrics
@@ -183,7 +198,7 @@ def test_the_best_evaluated_prompt_wins_over_the_last_one():
 
 def test_adafactor_learns_too(tiny_backbone):
     data = _examples()
-    config = TrainConfig(steps=30, batch_size=6, learning_rate=0.3, warmup_steps=2, optimizer="adafactor")
+    config = _config(steps=30, batch_size=6, learning_rate=0.3, warmup_steps=2, optimizer="adafactor")
     result = _train(tiny_backbone, config=config)
     untrained = evaluate(
         tiny_backbone,
@@ -198,7 +213,7 @@ def test_adafactor_learns_too(tiny_backbone):
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_a_run_resumed_from_a_stored_checkpoint_ends_exactly_like_an_unbroken_one(tiny_backbone, optimizer):
     data = _examples()
-    config = TrainConfig(
+    config = _config(
         steps=12,
         batch_size=5,
         learning_rate=0.1,

@@ -25,8 +25,10 @@ from app.api.responses import errors
 from app.db.models import JobEvent, TuningJob
 from app.errors import InvalidRequest
 from app.services import jobs as service
+from app.services.hyperparameters import Hyperparameters
 from app.services.model_names import fine_tuned_model
 
+DEFAULTS = Hyperparameters()  # what a job that names nothing runs with
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible"])
 # Our names for what the client called otherwise, for errors raised by the shared job service.
 PARAMS = {
@@ -69,7 +71,7 @@ def create_fine_tuning_job(
         num_virtual_tokens=tuning.num_virtual_tokens,
         template=tuning.template,
         init=tuning.init.model_dump(exclude_none=True) if tuning.init else None,
-        hyperparameters=_hyperparameters(body, tuning.hyperparameters.model_dump(exclude_none=True)),
+        hyperparameters=_hyperparameters(body, tuning.hyperparameters),
     )
     with speaking_as(PARAMS):
         job, _ = service.submit_job(
@@ -78,7 +80,7 @@ def create_fine_tuning_job(
     return fine_tuning_job(job, caller.tenant)
 
 
-def _hyperparameters(body: FineTuningJobCreate, native: dict[str, Any]) -> dict[str, Any]:
+def _hyperparameters(body: FineTuningJobCreate, native: Hyperparameters) -> Hyperparameters:
     """OpenAI's knobs in our terms; each may be given once, in either place."""
     given: dict[str, Any] = {}
     openai = body.hyperparameters
@@ -88,19 +90,17 @@ def _hyperparameters(body: FineTuningJobCreate, native: dict[str, Any]) -> dict[
         if openai.batch_size is not None:
             given["batch_size"] = openai.batch_size
         if openai.learning_rate_multiplier is not None:
-            given["learning_rate"] = (
-                service.DEFAULT_HYPERPARAMETERS["learning_rate"] * openai.learning_rate_multiplier
-            )
+            given["learning_rate"] = DEFAULTS.learning_rate * openai.learning_rate_multiplier
     if body.seed is not None:
         given["seed"] = body.seed
-    twice = sorted(set(given) & set(native))
+    twice = sorted(set(given) & native.model_fields_set)
     if twice:
         raise InvalidRequest(
             f"{twice[0]} is given both at the top level and in "
             "method.prompt_tuning.hyperparameters; give it once.",
             param="hyperparameters",
         )
-    return {**native, **given}
+    return Hyperparameters.of({**native.given(), **given})
 
 
 @router.get("", response_model=ListOf, responses=errors(401, 404, 422))
@@ -180,7 +180,7 @@ def list_fine_tuning_checkpoints(fine_tuning_job_id: str, caller: CallerDep, ses
 
 
 def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
-    hp = row.hyperparameters
+    hp = Hyperparameters.model_validate(row.hyperparameters)
     eta = row.progress.get("eta_seconds")
     return FineTuningJob(
         id=ids.to_id(ids.JOB, row.id),
@@ -197,11 +197,9 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
         training_file=_file(row.training_dataset_id),
         validation_file=_file(row.validation_dataset_id),
         hyperparameters={
-            "n_epochs": hp.get("epochs", "auto"),
-            "batch_size": hp.get("batch_size"),
-            "learning_rate_multiplier": hp["learning_rate"] / service.DEFAULT_HYPERPARAMETERS["learning_rate"]
-            if hp.get("learning_rate")
-            else "auto",
+            "n_epochs": _whole(hp.epochs) if hp.epochs is not None else "auto",
+            "batch_size": hp.batch_size,
+            "learning_rate_multiplier": hp.learning_rate / DEFAULTS.learning_rate,
         },
         method={
             "type": "prompt_tuning",
@@ -209,10 +207,10 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
                 "num_virtual_tokens": row.num_virtual_tokens,
                 "template": row.template,
                 "init": row.init,
-                "hyperparameters": hp,
+                "hyperparameters": row.hyperparameters,
             },
         },
-        seed=hp.get("seed", 0),
+        seed=hp.seed,
         error=JobErrorObject(code=row.error_code, message=row.error_message or "")
         if row.error_code
         else None,
@@ -233,3 +231,8 @@ def _event(row: JobEvent) -> FineTuningJobEvent:
 
 def _file(dataset_id: int | None) -> str | None:
     return ids.to_id(ids.FILE, dataset_id) if dataset_id is not None else None
+
+
+def _whole(epochs: float) -> float | int:
+    """OpenAI's n_epochs is an integer; a fractional one given natively is shown as it is."""
+    return int(epochs) if epochs.is_integer() else epochs

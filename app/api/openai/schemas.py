@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from app.api.schemas import Hyperparameters, InitSpec
+from app.api.schemas import InitSpec
 from app.ml.text import DEFAULT_TEMPLATE
+from app.services.hyperparameters import DEFAULT_VIRTUAL_TOKENS, Hyperparameters
 
 
 class Strict(BaseModel):
@@ -67,7 +68,7 @@ class OpenAIHyperparameters(Strict):
 class PromptTuning(Strict):
     """What a native job takes beyond OpenAI's fields."""
 
-    num_virtual_tokens: int = Field(default=20, ge=1)
+    num_virtual_tokens: int = Field(default=DEFAULT_VIRTUAL_TOKENS, ge=1)
     template: str = Field(default=DEFAULT_TEMPLATE, description="As a native job's template.")
     init: InitSpec | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)

@@ -43,7 +43,7 @@ def create_job(
         num_virtual_tokens=body.num_virtual_tokens,
         template=body.template,
         init=body.init.model_dump(exclude_none=True) if body.init else None,
-        hyperparameters=body.hyperparameters.model_dump(exclude_none=True),
+        hyperparameters=body.hyperparameters,
     )
     job, created = service.submit_job(
         session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key

@@ -1,0 +1,137 @@
+"""A tuning job's hyperparameters, one typed model for all of their life: what a client sends (native or
+through the OpenAI-compatible route), what a job stores (``model_dump``), and what the trainer gets
+(``train_config``). The defaults were measured on SST-2 (docs/benchmarks.md): label-word init, AdamW at
+0.03 with a linear warm-up over the first 10 % of the steps, then linear decay, batches of 32."""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.errors import InvalidRequest
+
+if TYPE_CHECKING:  # the trainer pulls in torch; the API client imports this module through the schemas
+    from app.ml.trainer import TrainConfig
+
+DEFAULT_VIRTUAL_TOKENS = 20  # a job's soft prompt length when it names none
+# Default length: DEFAULT_EPOCHS passes over the data, within [MIN_DEFAULT_STEPS, MAX_DEFAULT_STEPS]. The
+# floor gives a small dataset enough updates; the ceiling fills about 20 of a job's 30 minutes on the
+# full SST-2 training split on 2 CPU cores (25,600 examples seen; docs/benchmarks.md).
+DEFAULT_EPOCHS = 3
+MIN_DEFAULT_STEPS = 100
+MAX_DEFAULT_STEPS = 800
+WARMUP_FRACTION = 0.1
+
+
+class Optimizer(StrEnum):
+    ADAMW = "adamw"
+    ADAFACTOR = "adafactor"
+
+
+class Loss(StrEnum):
+    """``tokens``: the likelihood of the target tokens over the whole vocabulary; ``labels``:
+    classification with one-token labels learns from a cross-entropy over the labels alone (no more
+    accurate on SST-2)."""
+
+    LABELS = "labels"
+    TOKENS = "tokens"
+
+
+class Hyperparameters(BaseModel):
+    """As given, ``steps`` and ``warmup_steps`` may be left out; ``resolve`` fills them in for the data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int | None = Field(
+        default=None, ge=1, description=f"Default: {DEFAULT_EPOCHS} epochs, within 100-800 steps."
+    )
+    epochs: float | None = Field(default=None, gt=0, le=1000, description="Instead of steps.")
+    batch_size: int = Field(default=32, ge=1, le=256)
+    learning_rate: float = Field(default=0.03, gt=0, le=10)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    warmup_steps: int | None = Field(default=None, ge=0, description="Default: 10 % of the steps.")
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: at the end).")
+    patience: int = Field(
+        default=0, ge=0, description="Stop after this many evaluations without improvement (0: never)."
+    )
+    optimizer: Optimizer = Optimizer.ADAMW
+    loss: Loss = Field(
+        default=Loss.TOKENS,
+        description="labels: a cross-entropy over the label words (classification, one-token labels); "
+        "tokens: the target tokens' likelihood over the vocabulary.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """A field sent as null takes its default, as if it had not been sent."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    @classmethod
+    def of(cls, values: dict[str, Any]) -> Hyperparameters:
+        """From a dict built on the server (the OpenAI route's mapping); a bad value is the client's."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            raise InvalidRequest(f"{field}: {first['msg']}.", param=f"hyperparameters.{field}") from None
+
+    def given(self) -> dict[str, Any]:
+        """The fields the client set, as JSON: what identifies a request for its Idempotency-Key."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def stored(self) -> dict[str, Any]:
+        """As a job's row keeps them: every value set (``epochs`` only when it was given)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def resolve(self, num_examples: int, *, max_steps: int) -> Hyperparameters:
+        """The values a job runs with on ``num_examples`` training examples: steps from the epochs or the
+        default length, the warm-up from the steps; refused past ``max_steps``."""
+        if self.steps is not None and self.epochs is not None:
+            raise InvalidRequest("Give either steps or epochs, not both.", param="hyperparameters.epochs")
+        steps = self.steps
+        if self.epochs is not None:
+            steps = max(1, math.ceil(self.epochs * num_examples / self.batch_size))
+        elif steps is None:
+            steps = default_steps(num_examples, self.batch_size)
+        if not 1 <= steps <= max_steps:
+            raise InvalidRequest(
+                f"steps must be between 1 and {max_steps}; got {steps}.", param="hyperparameters.steps"
+            )
+        warmup = self.warmup_steps if self.warmup_steps is not None else round(WARMUP_FRACTION * steps)
+        return self.model_copy(update={"steps": steps, "warmup_steps": warmup})
+
+    def train_config(self, *, classification: bool, checkpoint_every: int = 0) -> TrainConfig:
+        """The trainer's settings for resolved hyperparameters."""
+        from app.ml.trainer import TrainConfig
+
+        if self.steps is None or self.warmup_steps is None:
+            raise ValueError("train_config() needs resolved hyperparameters; call resolve() first")
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm,
+            seed=self.seed,
+            eval_every=self.eval_every,
+            patience=self.patience,
+            optimizer=self.optimizer.value,
+            append_eos=not classification,
+            label_loss=self.loss is Loss.LABELS,
+            checkpoint_every=checkpoint_every,
+        )
+
+
+def default_steps(num_examples: int, batch_size: int) -> int:
+    epochs = math.ceil(DEFAULT_EPOCHS * num_examples / batch_size)
+    return min(MAX_DEFAULT_STEPS, max(MIN_DEFAULT_STEPS, epochs))
