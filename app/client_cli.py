@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from app.client import DEFAULT_URL, ApiError, Client
+from app.db.models import JobStatus
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="SOFTPROMPT_URL", help="The service's address.")]
 KeyOption = Annotated[
@@ -143,7 +144,7 @@ def _follow(client: Client, job_id: int) -> None:
             else:
                 progress.console.print(f"{event.type}: {event.message}")
     job = client.get_job(job_id)
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         reason = f": {job.error.code}: {job.error.message}" if job.error else ""
         typer.echo(f"job {job.id} {job.status}{reason}", err=True)
         raise typer.Exit(1)

@@ -12,7 +12,7 @@ from app.db.models import TuningJob
 from app.db.session import session_scope
 from app.services import worker_metrics
 from app.services.queue import TRAIN_TASK
-from app.services.training import HANDBACK, run_job
+from app.services.training import HANDBACK, RunOutcome, run_job
 from workers.backbones import get_backbone
 from workers.celery_app import celery
 
@@ -40,7 +40,7 @@ def _hand_back_the_running_job(**_: object) -> None:
 
 
 @celery.task(name=TRAIN_TASK)
-def train_prompt(job_id: int) -> str:
+def train_prompt(job_id: int) -> RunOutcome:
     if HANDBACK.is_set():
         # Shutting down: a message fetched now goes back to the broker for another worker, untouched.
         raise Reject("worker shutting down", requeue=True)
@@ -54,14 +54,14 @@ def train_prompt(job_id: int) -> str:
         logs.task.reset(task_token)
 
 
-def _train(job_id: int) -> str:
+def _train(job_id: int) -> RunOutcome:
     settings = get_settings()
     with session_scope(settings.registry_url) as session:
         job = session.get(TuningJob, job_id)
         base_model = job.base_model if job else None
         logs.task.set(job.task if job else None)
     if base_model is None:
-        return "missing"
+        return RunOutcome.MISSING
     outcome = run_job(
         db_url=settings.registry_url,
         job_id=job_id,

@@ -7,7 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.db.models import MAX_ID, Dataset, PromptVersion, Task, TuningJob
+from app.db.models import MAX_ID, Dataset, JobStatus, PromptVersion, Task, TuningJob
 from app.ml.text import DEFAULT_TEMPLATE
 from app.services.hyperparameters import DEFAULT_VIRTUAL_TOKENS, Hyperparameters
 
@@ -156,7 +156,7 @@ class JobError(BaseModel):
 class JobPublic(BaseModel):
     id: int
     task: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     training_dataset: int | None
     validation_dataset: int | None
     base_model: str

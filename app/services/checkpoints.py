@@ -10,7 +10,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app.db.models import JobCheckpoint, TuningJob, utcnow
+from app.db.models import JobCheckpoint, JobStatus, TuningJob, utcnow
 from app.db.session import session_scope
 from app.ml.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 
@@ -33,7 +33,7 @@ def save_if_held(*, db_url: str, job_id: int, worker: str, checkpoint: Checkpoin
     try:
         with session_scope(db_url) as session:
             job = session.get(TuningJob, job_id, with_for_update=True)
-            if job is None or job.status != "running" or job.worker != worker:
+            if job is None or job.status != JobStatus.RUNNING or job.worker != worker:
                 return False
             save(session, job_id=job_id, checkpoint=checkpoint)
         return True

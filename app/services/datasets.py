@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import NAME_CHARS, Dataset, TuningJob
+from app.db.models import ACTIVE_STATUSES, NAME_CHARS, Dataset, TuningJob
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import idempotency, quotas, uploads
 from app.services.dataset_parsing import decode_records, token_stats
@@ -134,7 +134,7 @@ def delete_dataset(session: Session, *, tenant_id: int, dataset_id: int) -> None
     dataset = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     users = (TuningJob.training_dataset_id == dataset_id) | (TuningJob.validation_dataset_id == dataset_id)
     active = session.scalars(
-        select(TuningJob.id).where(users, TuningJob.status.in_(quotas.ACTIVE_JOB_STATUSES)).limit(1)
+        select(TuningJob.id).where(users, TuningJob.status.in_(ACTIVE_STATUSES)).limit(1)
     ).first()
     if active is not None:
         raise Conflict(

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import JobEvent, TuningJob, utcnow
+from app.db.models import FINISHED_STATUSES, JobEvent, JobStatus, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.services import checkpoints, idempotency, quotas
 from app.services.datasets import get_dataset
@@ -25,7 +25,6 @@ from app.services.tenants import Caller
 
 log = logging.getLogger(__name__)
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-TERMINAL = ("succeeded", "failed", "cancelled")
 INIT_STRATEGIES = ("labels", "text", "vocab", "random")
 
 # Held out for validation when the job names no validation dataset.
@@ -58,7 +57,7 @@ def submit_job(
         session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
     )
     session.commit()
-    if job.status == "queued":
+    if job.status == JobStatus.QUEUED:
         try:
             enqueue_training(settings, job.id)
         except Exception as error:
@@ -111,7 +110,7 @@ def create_job(
         if existing is None:
             raise
         return existing, False
-    add_event(session, job=job, type="status", message="Job queued.", data={"status": "queued"})
+    add_event(session, job=job, type="status", message="Job queued.", data={"status": JobStatus.QUEUED})
     return job, True
 
 
@@ -214,15 +213,15 @@ def list_jobs(
 def cancel_job(session: Session, *, tenant_id: int, job_id: int) -> TuningJob:
     """A queued job is cancelled at once; a running one is asked to stop and its worker records it."""
     job = get_job(session, tenant_id=tenant_id, job_id=job_id)
-    if job.status in TERMINAL:
+    if job.status in FINISHED_STATUSES:
         raise Conflict(
             f"Job {job_id} already {job.status}; only queued or running jobs can be cancelled.",
             code="job_finished",
         )
     cancelled = session.execute(
         update(TuningJob)
-        .where(TuningJob.id == job_id, TuningJob.status == "queued")
-        .values(status="cancelled", finished_at=utcnow(), cancel_requested=True)
+        .where(TuningJob.id == job_id, TuningJob.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=utcnow(), cancel_requested=True)
     ).rowcount
     if cancelled:
         checkpoints.discard(session, job_id=job_id)  # a job handed back keeps one while queued
@@ -231,7 +230,7 @@ def cancel_job(session: Session, *, tenant_id: int, job_id: int) -> TuningJob:
             job=job,
             type="status",
             message="Job cancelled before it started.",
-            data={"status": "cancelled"},
+            data={"status": JobStatus.CANCELLED},
         )
     else:
         job.cancel_requested = True

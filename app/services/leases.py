@@ -12,11 +12,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 
 from sqlalchemy import select, update
 
 from app.config import Settings
-from app.db.models import TuningJob, utcnow
+from app.db.models import ACTIVE_STATUSES, JobStatus, TuningJob, utcnow
 from app.db.session import session_scope
 from app.services import checkpoints
 from app.services import jobs as jobs_service
@@ -32,9 +33,9 @@ def claim(*, db_url: str, job_id: int, worker: str, lease_s: float) -> bool:
     with session_scope(db_url) as session:
         claimed = session.execute(
             update(TuningJob)
-            .where(TuningJob.id == job_id, TuningJob.status == "queued")
+            .where(TuningJob.id == job_id, TuningJob.status == JobStatus.QUEUED)
             .values(
-                status="running",
+                status=JobStatus.RUNNING,
                 started_at=now,
                 worker=worker,
                 attempts=TuningJob.attempts + 1,
@@ -48,7 +49,7 @@ def claim(*, db_url: str, job_id: int, worker: str, lease_s: float) -> bool:
                 job=job,
                 type="status",
                 message=f"Job started (attempt {job.attempts}).",
-                data={"status": "running", "worker": worker, "attempt": job.attempts},
+                data={"status": JobStatus.RUNNING, "worker": worker, "attempt": job.attempts},
             )
         return bool(claimed)
 
@@ -59,7 +60,9 @@ def renew(*, db_url: str, job_id: int, worker: str, lease_s: float) -> bool:
         return bool(
             session.execute(
                 update(TuningJob)
-                .where(TuningJob.id == job_id, TuningJob.status == "running", TuningJob.worker == worker)
+                .where(
+                    TuningJob.id == job_id, TuningJob.status == JobStatus.RUNNING, TuningJob.worker == worker
+                )
                 .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
             ).rowcount
         )
@@ -95,6 +98,15 @@ class Heartbeat:
                 log.warning("could not renew a job lease: %s", error)
 
 
+class Lapsed(StrEnum):
+    """What the reaper did with a job whose lease lapsed; each names a list of Reaped."""
+
+    RESENT = "resent"
+    REQUEUED = "requeued"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 @dataclass
 class Reaped:
     requeued: list[int] = field(default_factory=list)  # lease lapsed: queued again for another attempt
@@ -109,7 +121,7 @@ def reap(settings: Settings, *, enqueue: Callable[[Settings, int], None] = enque
     with session_scope(settings.registry_url) as session:
         lapsed = session.execute(
             select(TuningJob.id, TuningJob.status, TuningJob.attempts, TuningJob.cancel_requested).where(
-                TuningJob.status.in_(("running", "queued")), TuningJob.lease_expires_at < now
+                TuningJob.status.in_(ACTIVE_STATUSES), TuningJob.lease_expires_at < now
             )
         ).all()
     for job_id, status, attempts, cancel_requested in lapsed:
@@ -122,46 +134,52 @@ def reap(settings: Settings, *, enqueue: Callable[[Settings, int], None] = enque
             ).rowcount
             if not won:
                 continue  # the worker renewed in time, or another reaper got there first
-            if outcome in ("failed", "cancelled"):
+            if outcome in (Lapsed.FAILED, Lapsed.CANCELLED):
                 checkpoints.discard(session, job_id=job_id)
             if event is not None:
                 jobs_service.add_event(session, job=session.get(TuningJob, job_id), **event)
         getattr(reaped, outcome).append(job_id)
-        if outcome in ("requeued", "resent"):
+        if outcome in (Lapsed.REQUEUED, Lapsed.RESENT):
             _send(settings, job_id, enqueue)
     return reaped
 
 
 def _decide(
     status: str, attempts: int, cancel_requested: bool, settings: Settings, now: datetime
-) -> tuple[str, dict, dict | None]:
+) -> tuple[Lapsed, dict, dict | None]:
     """(what happens, the row's new values, the event that says so) for one job whose lease lapsed."""
-    if status == "queued":
-        return "resent", {}, None
+    if status == JobStatus.QUEUED:
+        return Lapsed.RESENT, {}, None
     if cancel_requested:
         message = "The worker stopped answering after the cancel; no version written."
-        return "cancelled", {"status": "cancelled", "finished_at": now}, _status_event(message, "cancelled")
+        values = {"status": JobStatus.CANCELLED, "finished_at": now}
+        return Lapsed.CANCELLED, values, _status_event(message, JobStatus.CANCELLED)
     if attempts >= settings.job_max_attempts:
         message = (
             f"The worker running this job stopped answering on each of its {attempts} attempts "
             "(the limit); the job is not retried again."
         )
         values = {
-            "status": "failed",
+            "status": JobStatus.FAILED,
             "finished_at": now,
             "error_code": "worker_lost",
             "error_message": message,
         }
         return (
-            "failed",
+            Lapsed.FAILED,
             values,
-            {"type": "error", "message": message, "data": {"status": "failed", "code": "worker_lost"}},
+            {
+                "type": "error",
+                "message": message,
+                "data": {"status": JobStatus.FAILED, "code": "worker_lost"},
+            },
         )
     message = f"The worker stopped answering during attempt {attempts}; the job is queued again."
-    return "requeued", {"status": "queued", "worker": None}, _status_event(message, "queued")
+    values = {"status": JobStatus.QUEUED, "worker": None}
+    return Lapsed.REQUEUED, values, _status_event(message, JobStatus.QUEUED)
 
 
-def _status_event(message: str, status: str) -> dict:
+def _status_event(message: str, status: JobStatus) -> dict:
     return {"type": "status", "message": message, "data": {"status": status}}
 
 
@@ -173,6 +191,6 @@ def _send(settings: Settings, job_id: int, enqueue: Callable[[Settings, int], No
         with session_scope(settings.registry_url) as session:
             session.execute(
                 update(TuningJob)
-                .where(TuningJob.id == job_id, TuningJob.status == "queued")
+                .where(TuningJob.id == job_id, TuningJob.status == JobStatus.QUEUED)
                 .values(lease_expires_at=utcnow())
             )

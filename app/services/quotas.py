@@ -15,12 +15,11 @@ from sqlalchemy import func, select, union_all, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import Dataset, PromptVersion, Task, Tenant, TuningJob, utcnow
+from app.db.models import ACTIVE_STATUSES, Dataset, PromptVersion, Task, Tenant, TuningJob, utcnow
 from app.errors import PayloadTooLarge, QuotaExceeded
 from app.services.tenants import Caller
 
 log = logging.getLogger(__name__)
-ACTIVE_JOB_STATUSES = ("queued", "running")
 UPLOAD_WINDOW = timedelta(hours=1)
 JOB_RETRY_AFTER_S = 30
 
@@ -33,7 +32,7 @@ def check_active_jobs(session: Session, *, caller: Caller) -> None:
     active = session.scalar(
         select(func.count())
         .select_from(TuningJob)
-        .where(TuningJob.tenant_id == caller.tenant_id, TuningJob.status.in_(ACTIVE_JOB_STATUSES))
+        .where(TuningJob.tenant_id == caller.tenant_id, TuningJob.status.in_(ACTIVE_STATUSES))
     )
     if active >= caller.max_active_jobs:
         raise QuotaExceeded(

@@ -13,11 +13,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TypeVar
 
 from sqlalchemy.exc import OperationalError
 
-from app.db.models import TuningJob, utcnow
+from app.db.models import JobStatus, TuningJob, utcnow
 from app.db.session import session_scope
 from app.errors import DomainError, NotFound
 from app.ml.backbone import Backbone
@@ -38,6 +39,18 @@ PROGRESS_INTERVAL_S = 1.0
 CANCEL_POLL_INTERVAL_S = 1.0
 
 
+class RunOutcome(StrEnum):
+    """How one delivery of a job to a worker ended."""
+
+    SUCCEEDED = "succeeded"  # a version was published
+    FAILED = "failed"  # the job failed; its error says why
+    CANCELLED = "cancelled"  # cancelled by its owner; no version written
+    SKIPPED = "skipped"  # not queued when it arrived: a duplicate delivery, or cancelled before it started
+    LOST = "lost"  # its lease went to another worker mid-run; this run wrote nothing
+    HANDED_BACK = "handed_back"  # the worker shut down mid-run: queued again, its state saved
+    MISSING = "missing"  # no such job (deleted with its tenant)
+
+
 @dataclass
 class JobInputs:
     kind: str
@@ -49,10 +62,8 @@ class JobInputs:
 
 def run_job(
     *, db_url: str, job_id: int, backbone: Backbone, checkpoint_every: int = 0, lease_s: float = 60.0
-) -> str:
-    """Runs the job if this call wins the claim. Returns the job's status afterwards, "skipped" when it
-    was not queued, "lost" when its lease went to another worker mid-run (nothing written), or
-    "handed_back" when the worker shut down mid-run (the job is queued again, its state saved).
+) -> RunOutcome:
+    """Runs the job if this call wins the claim. Returns how the run ended (RunOutcome).
 
     The run's state is saved in the registry every ``checkpoint_every`` steps (0: only at a hand-back),
     and a job that finds a checkpoint of its own continues from it (a job handed back, or queued again
@@ -60,10 +71,10 @@ def run_job(
     worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
     if not leases.claim(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s):
         log.info("job %s not claimed: it is not queued (duplicate delivery or cancelled)", job_id)
-        return "skipped"
+        return RunOutcome.SKIPPED
     log.info("job %s claimed by %s", job_id, worker)
     owner = _Owner(db_url=db_url, job_id=job_id, worker=worker)
-    status = "failed"
+    status = RunOutcome.FAILED
     with leases.Heartbeat(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s) as heartbeat:
         try:
             # Claimed, so no other worker will take it: wait out a database that is briefly away rather
@@ -114,7 +125,7 @@ def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
                 job=job,
                 type="status",
                 message=f"Resuming from the checkpoint after step {resume.step}.",
-                data={"status": "running", "resumed_from_step": resume.step},
+                data={"status": JobStatus.RUNNING, "resumed_from_step": resume.step},
             )
         session.flush()
         session.expunge(job)
@@ -147,7 +158,7 @@ def _train_and_publish(
     backbone: Backbone,
     checkpoint_every: int,
     lost: threading.Event,
-) -> str:
+) -> RunOutcome:
     hp = Hyperparameters.model_validate(job.hyperparameters)
     prompt = init_prompt(
         backbone,
@@ -180,27 +191,29 @@ def _train_and_publish(
     return _retrying(lambda: _record_outcome(owner, result, inputs=inputs, backbone=backbone))
 
 
-def _record_outcome(owner: _Owner, result: TrainResult, *, inputs: JobInputs, backbone: Backbone) -> str:
+def _record_outcome(
+    owner: _Owner, result: TrainResult, *, inputs: JobInputs, backbone: Backbone
+) -> RunOutcome:
     """One transaction: the version and the job's end, or the hand-back, or nothing if the job is lost."""
     metrics = result.metrics
     with session_scope(owner.db_url) as session:
         row = owner.row(session)
         if row is None:
             log.warning("job %s: the lease went to another worker; this run writes nothing", owner.job_id)
-            return "lost"
+            return RunOutcome.LOST
         if result.stopped and HANDBACK.is_set() and not row.cancel_requested:
             return _hand_back(session, row, result.state)
         checkpoints.discard(session, job_id=row.id)  # the job ends here, one way or the other
         if result.stopped or row.cancel_requested:
-            row.status, row.finished_at = "cancelled", utcnow()
+            row.status, row.finished_at = JobStatus.CANCELLED, utcnow()
             jobs_service.add_event(
                 session,
                 job=row,
                 type="status",
                 message="Job cancelled; no version written.",
-                data={"status": "cancelled", "step": result.steps_done},
+                data={"status": JobStatus.CANCELLED, "step": result.steps_done},
             )
-            return "cancelled"
+            return RunOutcome.CANCELLED
         version = publish_version(
             session,
             job=row,
@@ -210,7 +223,7 @@ def _record_outcome(owner: _Owner, result: TrainResult, *, inputs: JobInputs, ba
             labels=inputs.labels,
             metrics=metrics,
         )
-        row.status, row.finished_at, row.metrics = "succeeded", utcnow(), metrics
+        row.status, row.finished_at, row.metrics = JobStatus.SUCCEEDED, utcnow(), metrics
         row.result_version = version.version
         row.progress = {**row.progress, "step": result.steps_done, "eta_seconds": 0}
         jobs_service.add_event(session, job=row, type="metrics", message="Evaluation finished.", data=metrics)
@@ -219,9 +232,9 @@ def _record_outcome(owner: _Owner, result: TrainResult, *, inputs: JobInputs, ba
             job=row,
             type="status",
             message=f"Job succeeded: {row.task}@{version.version}.",
-            data={"status": "succeeded", "task": row.task, "version": version.version},
+            data={"status": JobStatus.SUCCEEDED, "task": row.task, "version": version.version},
         )
-    return "succeeded"
+    return RunOutcome.SUCCEEDED
 
 
 # How long a finished run keeps trying to write its outcome while the registry database is unreachable.
@@ -244,20 +257,20 @@ def _retrying(write: Callable[[], T]) -> T:
             delay = min(2 * delay, 10.0)
 
 
-def _hand_back(session, row: TuningJob, state: Checkpoint) -> str:
+def _hand_back(session, row: TuningJob, state: Checkpoint) -> RunOutcome:
     """Back to the queue with its state saved, not counted as an attempt. The reaper sends it again at its
     next pass: a worker that is shutting down does not talk to the broker."""
     checkpoints.save(session, job_id=row.id, checkpoint=state)
-    row.status, row.worker, row.attempts = "queued", None, row.attempts - 1
+    row.status, row.worker, row.attempts = JobStatus.QUEUED, None, row.attempts - 1
     row.lease_expires_at = utcnow()
     jobs_service.add_event(
         session,
         job=row,
         type="status",
         message=f"The worker is shutting down; the job goes back to the queue after step {state.step}.",
-        data={"status": "queued", "step": state.step},
+        data={"status": JobStatus.QUEUED, "step": state.step},
     )
-    return "handed_back"
+    return RunOutcome.HANDED_BACK
 
 
 @dataclass
@@ -271,20 +284,26 @@ class _Owner:
     def row(self, session) -> TuningJob | None:
         """The job's row, locked, or None once this worker no longer holds the job."""
         row = session.get(TuningJob, self.job_id, with_for_update=True)
-        return row if row is not None and row.status == "running" and row.worker == self.worker else None
+        return (
+            row if row is not None and row.status == JobStatus.RUNNING and row.worker == self.worker else None
+        )
 
-    def fail(self, *, code: str, message: str) -> str:
+    def fail(self, *, code: str, message: str) -> RunOutcome:
         with session_scope(self.db_url) as session:
             job = self.row(session)
             if job is None:
-                return "lost"
-            job.status, job.finished_at = "failed", utcnow()
+                return RunOutcome.LOST
+            job.status, job.finished_at = JobStatus.FAILED, utcnow()
             job.error_code, job.error_message = code, message
             checkpoints.discard(session, job_id=job.id)
             jobs_service.add_event(
-                session, job=job, type="error", message=message, data={"status": "failed", "code": code}
+                session,
+                job=job,
+                type="error",
+                message=message,
+                data={"status": JobStatus.FAILED, "code": code},
             )
-        return "failed"
+        return RunOutcome.FAILED
 
 
 class _Reporter:

@@ -22,7 +22,7 @@ from app.api.openai.schemas import (
     PromptTuning,
 )
 from app.api.responses import errors
-from app.db.models import JobEvent, TuningJob
+from app.db.models import JobEvent, JobStatus, TuningJob
 from app.errors import InvalidRequest
 from app.services import jobs as service
 from app.services.hyperparameters import Hyperparameters
@@ -187,7 +187,9 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
         created_at=ids.unix(row.created_at),
         finished_at=ids.unix(row.finished_at) if row.finished_at else None,
         # The ETA is the time left at the last progress report, at most a second or so ago.
-        estimated_finish=int(time.time() + eta) if row.status == "running" and eta is not None else None,
+        estimated_finish=int(time.time() + eta)
+        if row.status == JobStatus.RUNNING and eta is not None
+        else None,
         model=row.base_model,
         fine_tuned_model=fine_tuned_model(row.base_model, row.task, row.result_version)
         if row.result_version

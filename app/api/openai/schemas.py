@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.api.schemas import InitSpec
+from app.db.models import JobStatus
 from app.ml.text import DEFAULT_TEMPLATE
 from app.services.hyperparameters import DEFAULT_VIRTUAL_TOKENS, Hyperparameters
 
@@ -130,7 +131,7 @@ class FineTuningJob(BaseModel):
     model: str
     fine_tuned_model: str | None
     organization_id: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     training_file: str | None
     validation_file: str | None
     hyperparameters: dict[str, Any]

@@ -15,6 +15,7 @@ from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
 from app.api.errors import error_body
 from app.api.responses import errors
 from app.api.schemas import JobCreate, JobEventPublic, JobPublic, Page
+from app.db.models import FINISHED_STATUSES
 from app.db.session import session_scope
 from app.errors import DomainError
 from app.services import jobs as service
@@ -151,7 +152,7 @@ async def _stream(
                 "event": event.type,
                 "data": json.dumps(event.model_dump(mode="json")),
             }
-        if status in service.TERMINAL and not events:
+        if status in FINISHED_STATUSES and not events:
             yield {"event": "end", "data": json.dumps({"status": status})}
             return
         if await request.is_disconnected():
