@@ -39,7 +39,7 @@ from app.ml.backbone import Backbone, load_backbone, materialize_backbone  # noq
 from app.ml.inference import classify  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.text import render  # noqa: E402
-from app.ml.trainer import BatchOrder, Example, TrainConfig, _lr_factor, train_prompt  # noqa: E402
+from app.ml.trainer import BatchOrder, Example, TrainConfig, lr_factor, train_prompt  # noqa: E402
 from app.services.hyperparameters import Hyperparameters  # noqa: E402
 from app.services.training import split_holdout  # noqa: E402
 
@@ -142,7 +142,7 @@ def run_peft(train: list[Example], dev: list[Example], steps: int, batch_size: i
     params = [p for p in model.parameters() if p.requires_grad]
     train_config = config(steps, batch_size, warmup=not guide)
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, train_config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_config))
     batches = BatchOrder(batch_size, len(train), train_config.seed)
     stamps = []
     for _ in range(steps):

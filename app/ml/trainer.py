@@ -135,7 +135,7 @@ def _loss(backbone: Backbone, prompt: torch.Tensor, batch: list[_Encoded]) -> to
     return -log_probs.mean()
 
 
-def _lr_factor(step: int, config: TrainConfig) -> float:
+def lr_factor(step: int, config: TrainConfig) -> float:
     """Linear warm-up, then linear decay that reaches zero just after the last step."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -307,7 +307,7 @@ def train_prompt(
             stopped = True
             break
         for group in optimizer.param_groups:  # set, not stepped: a resumed run needs no scheduler state
-            group["lr"] = config.learning_rate * _lr_factor(step, config)
+            group["lr"] = config.learning_rate * lr_factor(step, config)
         with _autocast(backbone):
             loss = _loss(backbone, param, [encoded[i] for i in batches.next()])
         optimizer.zero_grad(set_to_none=True)

@@ -1,20 +1,12 @@
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.db.migrate import upgrade
-from app.db.session import session_scope
 from app.main import create_app
-from app.services.api_keys import create_key
+from tests.helpers import TEMPLATE, bearer, new_key, running, sentiment_file, upload
 from tests.stacks import STACK_PARAMS, make_stack
 
 
@@ -43,15 +35,6 @@ def settings(stack, tmp_path, tiny_backbone_dir) -> Settings:
     )
 
 
-def new_key(stack, tenant: str) -> str:
-    with session_scope(stack.database_url) as session:
-        return create_key(session, tenant=tenant).key
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 @pytest.fixture
 def api_key(stack) -> str:
     return new_key(stack, "acme")
@@ -64,14 +47,10 @@ def client(settings, api_key):
         yield client
 
 
-TEMPLATE = "Review: {input}\nSentiment:"
-
-
 @pytest.fixture
 def trained(client, settings, tiny_backbone):
     """A task 'sst2' of the tenant "acme" with one version trained for a few steps, in this process."""
     from app.services.training import run_job
-    from tests.api.test_datasets import sentiment_file, upload
 
     dataset_id = upload(client, sentiment_file()).json()["id"]
     job = client.post(
@@ -86,26 +65,6 @@ def trained(client, settings, tiny_backbone):
     ).json()
     assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
     return job
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """``app`` served over real HTTP on a free loopback port, in this process; yields its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.fixture

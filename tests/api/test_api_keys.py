@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 
 from sqlalchemy import text
 
 from app.db.session import get_engine, session_scope
 from app.services.api_keys import tenant_for_key
-from tests.paths import REPO
-
-
-def softprompt(stack, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTPROMPT_")} | stack.env()
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args], env=env, cwd=REPO, capture_output=True, text=True
-    )
+from tests.helpers import softprompt
 
 
 def create(stack, tenant: str) -> str:

@@ -9,8 +9,7 @@ from fastapi.testclient import TestClient
 from app.db.session import session_scope
 from app.main import create_app
 from app.services.api_keys import revoke_key
-from tests.api.conftest import bearer, new_key
-from tests.api.test_datasets import sentiment_file, upload
+from tests.helpers import bearer, new_key, sentiment_file, upload
 
 CHALLENGE = 'Bearer realm="softprompt"'
 

@@ -17,8 +17,7 @@ from app.db.models import TuningJob
 from app.db.session import session_scope
 from app.services import training
 from app.services.training import run_job
-from tests.api.conftest import TEMPLATE
-from tests.api.test_datasets import sentiment_file
+from tests.helpers import TEMPLATE, sentiment_file
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from app.services import training
 from app.services.training import run_job
-from tests.api.conftest import TEMPLATE, new_key
-from tests.api.test_datasets import sentiment_file, upload
+from tests.helpers import TEMPLATE, new_key, sentiment_file, upload
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As root, with no network beyond this machine: no sandbox, and no background calls home.

@@ -1,24 +1,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from app.api.body_limit import MULTIPART_OVERHEAD, BodyLimit
 from app.config import Settings
-
-SENTIMENT = [("a wonderful, moving film", "positive"), ("dull and far too long", "negative")] * 10
-
-
-def jsonl(records) -> bytes:
-    return "\n".join(json.dumps(r) for r in records).encode()
-
-
-def upload(client, content: bytes, filename: str = "train.jsonl", headers: dict | None = None, **form):
-    return client.post("/v1/datasets", files={"file": (filename, content)}, data=form, headers=headers)
-
-
-def sentiment_file() -> bytes:
-    return jsonl({"text": t, "label": label} for t, label in SENTIMENT)
+from tests.helpers import sentiment_file, upload
 
 
 def test_upload_returns_the_described_dataset(client):

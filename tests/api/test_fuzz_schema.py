@@ -9,8 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import ignored_auth, positive_data_acceptance
 
-from tests.api.conftest import bearer
-from tests.api.test_datasets import sentiment_file
+from tests.helpers import bearer, sentiment_file
 
 EXAMPLES_PER_OPERATION = 25
 

@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tests.api.test_datasets import sentiment_file, upload
-from tests.api.test_hardening import adapter_zip
+from tests.helpers import adapter_zip, sentiment_file, upload
 
 EXAMPLES_PER_FIELD = 12
 AWKWARD = ["\x00", "\ud800", "\udfff", "a\x00b", "x\ud83dy", "\ufffe", "\U0010ffff", "", " ", "é" * 300]

@@ -4,23 +4,17 @@ half-stored, and the event loop free while uploads are parsed. Each test here fa
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 import time
-import zipfile
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.ml.soft_prompt import prompt_to_bytes
-from tests.api.conftest import bearer, running
-from tests.api.test_datasets import jsonl, sentiment_file, upload
-from tests.api.test_quotas import quota_client
+from tests.helpers import adapter_zip, bearer, jsonl, quota_client, running, sentiment_file, upload
 
 
 def post_raw(client, path: str, text: str):
@@ -34,14 +28,6 @@ def refusal(response, param: str) -> dict:
     error = response.json()["error"]
     assert error["param"] == param, error
     return error
-
-
-def adapter_zip(virtual_tokens: int = 3, width: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("adapter_config.json", json.dumps({"peft_type": "PROMPT_TUNING"}))
-        archive.writestr("adapter_model.safetensors", prompt_to_bytes(torch.zeros(virtual_tokens, width)))
-    return buffer.getvalue()
 
 
 def import_adapter(client, task: str, headers=None, **form):

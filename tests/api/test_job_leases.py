@@ -15,7 +15,7 @@ from app.db.session import session_scope
 from app.ml.checkpoint import Checkpoint
 from app.services import checkpoints, leases, training
 from app.services.training import run_job
-from tests.api.test_datasets import sentiment_file, upload
+from tests.helpers import sentiment_file, upload
 
 TEMPLATE = "Review: {input}\nSentiment:"
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from app.services.hyperparameters import MAX_DEFAULT_STEPS, MIN_DEFAULT_STEPS, Hyperparameters, default_steps
-from tests.api.test_datasets import sentiment_file, upload
+from tests.helpers import sentiment_file, upload
 
 
 def create(client, headers=None, **body):

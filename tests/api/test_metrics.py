@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
-from tests.api.conftest import bearer
+from tests.helpers import bearer
 
 
 def scrape(client, token: str) -> dict[tuple[str, tuple], float]:

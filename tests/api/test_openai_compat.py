@@ -12,9 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.services.training import run_job
-from tests.api.conftest import TEMPLATE, bearer
-from tests.api.test_datasets import sentiment_file
-from tests.api.test_quotas import quota_client
+from tests.helpers import TEMPLATE, bearer, quota_client, sentiment_file
 
 
 def sdk_for(client, key: str) -> openai.OpenAI:

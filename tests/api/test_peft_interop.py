@@ -16,8 +16,7 @@ from app.ml import inference
 from app.ml.batching import build_batch, context_ids
 from app.ml.soft_prompt import prompt_to_bytes
 from app.ml.text import render
-from tests.api.conftest import TEMPLATE
-from tests.api.test_prompts_and_inference import _stored_prompt
+from tests.helpers import TEMPLATE, stored_prompt
 
 SENTENCE = "a gorgeous, witty, seductive movie."
 
@@ -61,7 +60,7 @@ def test_an_exported_version_loads_in_peft_with_identical_logits(
     )
     model.eval()
     theirs = model.get_prompt_embedding_to_save("default")  # [k, d]
-    ours = _stored_prompt(client.app.state.settings)
+    ours = stored_prompt(client.app.state.settings)
     assert torch.equal(theirs.float(), ours)
 
     text = render(TEMPLATE, SENTENCE)

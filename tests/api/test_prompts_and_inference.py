@@ -12,11 +12,9 @@ from sqlalchemy import update
 from app.db.models import JobCheckpoint, PromptVersion, TuningJob
 from app.db.session import session_scope
 from app.ml import inference
-from app.ml.soft_prompt import prompt_from_bytes
 from app.services import checkpoints
 from app.services.training import run_job
-from tests.api.conftest import TEMPLATE
-from tests.api.test_datasets import sentiment_file, upload
+from tests.helpers import TEMPLATE, sentiment_file, stored_prompt, upload
 
 
 def test_finished_job_reports_its_version(client, trained):
@@ -63,12 +61,6 @@ def test_a_new_version_is_served_without_a_restart(client, settings, trained, ti
     assert client.post("/v1/classify", json={**body, "task": "sst2@1"}).json()["version"] == 1
 
 
-def _stored_prompt(settings):
-    with session_scope(settings.registry_url) as session:
-        row = session.query(PromptVersion).one()
-        return prompt_from_bytes(row.vectors, embedding_dim=row.embedding_dim)
-
-
 def test_classify_matches_the_model_with_the_stored_prompt(client, settings, trained, tiny_backbone):
     inputs = ["a wonderful, moving film", "dull and far too long", "ok"]
     response = client.post("/v1/classify", json={"task": "sst2", "input": inputs})
@@ -77,7 +69,7 @@ def test_classify_matches_the_model_with_the_stored_prompt(client, settings, tra
     assert body["task"] == "sst2" and body["version"] == 1
     expected = inference.classify(
         tiny_backbone,
-        prompts=[_stored_prompt(settings)] * 3,
+        prompts=[stored_prompt(settings)] * 3,
         texts=[TEMPLATE.replace("{input}", t) for t in inputs],
         labels=["negative", "positive"],
     )
@@ -99,7 +91,7 @@ def test_generate_matches_the_no_cache_reference(client, settings, trained, tiny
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["version"] == 1 and len(body["outputs"]) == 2
-    prompt = _stored_prompt(settings)
+    prompt = stored_prompt(settings)
     for text, output in zip(["great film", "bad"], body["outputs"], strict=True):
         tokens = inference.generate_reference(
             tiny_backbone, prompt=prompt, text=TEMPLATE.replace("{input}", text), max_new_tokens=6

@@ -5,20 +5,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi.testclient import TestClient
-
-from app.main import create_app
-from tests.api.conftest import bearer, new_key
-from tests.api.test_api_keys import softprompt
-from tests.api.test_datasets import sentiment_file, upload
-
-TEMPLATE = "Review: {input}\nSentiment:"
-
-
-def quota_client(settings, key: str, **quotas) -> TestClient:
-    return TestClient(
-        create_app(settings.model_copy(update={"auth_cache_ttl_s": 0.0, **quotas})), headers=bearer(key)
-    )
+from tests.helpers import TEMPLATE, bearer, new_key, quota_client, sentiment_file, softprompt, upload
 
 
 def create_job(client, dataset_id: int, headers=None):

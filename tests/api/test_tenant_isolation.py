@@ -13,8 +13,7 @@ from sqlalchemy import text
 
 from app.db.session import get_engine
 from app.services.training import run_job
-from tests.api.conftest import bearer, new_key
-from tests.api.test_datasets import sentiment_file, upload
+from tests.helpers import bearer, new_key, sentiment_file, upload
 
 TEMPLATE = "Review: {input}\nSentiment:"
 # Path parameters that name a tenant's object, and which of the objects below fills each.

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.integration.conftest import free_port, running, service_env, wait_for_job, wait_ready
+from tests.integration.processes import free_port, running, service_env, wait_for_job, wait_ready
 from tests.paths import REPO, SST2_DEV, SST2_TRAIN
 
 pytestmark = [pytest.mark.e2e, pytest.mark.worker]

@@ -11,8 +11,8 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from tests.api.test_datasets import sentiment_file
-from tests.integration.conftest import free_port, migrated_api_process, service_env
+from tests.helpers import sentiment_file
+from tests.integration.processes import free_port, migrated_api_process, service_env
 
 pytestmark = pytest.mark.worker
 

@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
-from tests.api.test_datasets import sentiment_file
-from tests.integration.conftest import free_port, running, service_env, wait_for_job, wait_ready
+from tests.helpers import sentiment_file
+from tests.integration.processes import free_port, running, service_env, wait_for_job, wait_ready
 from tests.paths import REPO
 from tests.stacks import STACK_PARAMS, server_stack
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_datasets import sentiment_file
-from tests.integration.conftest import free_port, job_holder, migrated_api, running, service_env, stop
+from tests.helpers import sentiment_file
+from tests.integration.processes import free_port, job_holder, migrated_api, running, service_env, stop
 from tests.stacks import STACK_PARAMS, server_stack
 
 pytestmark = pytest.mark.worker

@@ -19,8 +19,8 @@ import redis
 
 from app.db.models import JobCheckpoint
 from app.db.session import session_scope
-from tests.api.test_datasets import sentiment_file
-from tests.integration.conftest import (
+from tests.helpers import sentiment_file
+from tests.integration.processes import (
     free_port,
     job_holder,
     migrated_api,
