@@ -1,5 +1,7 @@
 """Domain failures. Each has a stable ``code``; the HTTP status lives here too so the one mapping in
-``app.api.errors`` stays a lookup, and the worker can record the same code on a failed job."""
+``app.api.errors`` stays a lookup, and the worker can record the same code on a failed job. What the API
+turns into headers is plain data here: ``retry_after_s`` (Retry-After) and an Unauthorized's
+``challenge`` (WWW-Authenticate)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ class DomainError(Exception):
         param: str | None = None,
         line: int | None = None,
         code: str | None = None,
-        headers: dict[str, str] | None = None,
+        retry_after_s: float | None = None,
     ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.line = line
-        self.headers = headers or {}
+        self.retry_after_s = retry_after_s  # when the same request may succeed, for a busy or absent part
         if code:
             self.code = code
 
@@ -51,6 +53,10 @@ class Unauthorized(DomainError):
 
     status = 401
     code = "unauthorized"
+
+    def __init__(self, message: str, *, challenge: str, code: str | None = None):
+        super().__init__(message, code=code)
+        self.challenge = challenge  # how to authenticate: an RFC 6750 Bearer challenge
 
 
 class NotFound(DomainError):

@@ -55,7 +55,7 @@ class Authenticator:
             if caller is None:
                 raise Unauthorized(
                     "The API key is not valid: it is unknown or has been revoked.",
-                    headers={"WWW-Authenticate": f'{CHALLENGE}, error="invalid_token"'},
+                    challenge=f'{CHALLENGE}, error="invalid_token"',
                 )
             return caller
         if not self.keys_exist():
@@ -65,11 +65,11 @@ class Authenticator:
                 "No API keys exist yet, and without one this server answers only on the loopback interface. "
                 "Create a key with `softprompt keys create --tenant NAME` and send it as "
                 "`Authorization: Bearer KEY`.",
-                headers={"WWW-Authenticate": CHALLENGE},
+                challenge=CHALLENGE,
             )
         raise Unauthorized(
             "This request needs an API key: send `Authorization: Bearer KEY`.",
-            headers={"WWW-Authenticate": CHALLENGE},
+            challenge=CHALLENGE,
         )
 
     def keys_exist(self) -> bool:

@@ -16,6 +16,8 @@ from app.services.serving import Serving
 
 
 def _session(request: Request) -> Iterator[Session]:
+    """The request's unit of work: committed once when the route returns, before the response is sent (a
+    failed commit is the response), rolled back if the route raises. Routes and services do not commit."""
     with session_scope(request.app.state.settings.registry_url) as session:
         yield session
 
@@ -32,7 +34,7 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-SessionDep = Annotated[Session, Depends(_session)]
+SessionDep = Annotated[Session, Depends(_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ServingDep = Annotated[Serving, Depends(_serving)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import DomainError, Unavailable
+from app.errors import DomainError, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,17 @@ def error_body(error: DomainError) -> dict[str, Any]:
     return {"error": body}
 
 
+def error_headers(error: DomainError) -> dict[str, str]:
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))  # whole seconds, at least 1
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = error.challenge
+    return headers
+
+
 def error_response(error: DomainError) -> JSONResponse:
-    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers or None)
+    return JSONResponse(error_body(error), status_code=error.status, headers=error_headers(error) or None)
 
 
 # Missing parts that have a code of their own: an upload without its file is a common client mistake.
@@ -85,7 +95,7 @@ def install_error_handlers(app: FastAPI) -> None:
             Unavailable(
                 "The registry database is unreachable; retry shortly.",
                 code="database_unavailable",
-                headers={"Retry-After": "5"},
+                retry_after_s=5,
             )
         )
 

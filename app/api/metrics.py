@@ -59,7 +59,7 @@ def metrics(request: Request) -> Response:
     if not (allowed or (settings.trust_loopback and from_this_machine(request))):
         raise Unauthorized(
             "Metrics are served on the loopback interface, or with SOFTPROMPT_METRICS_TOKEN as Bearer token.",
-            headers={"WWW-Authenticate": 'Bearer realm="softprompt-metrics"'},
+            challenge='Bearer realm="softprompt-metrics"',
         )
     registry = request.app.state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -396,21 +396,19 @@ class Engine:
 
     def _admit(self, rows: int, tenant: Hashable | None) -> None:
         if self._stopping:
-            raise Unavailable(
-                "The server is shutting down.", code="shutting_down", headers={"Retry-After": "5"}
-            )
+            raise Unavailable("The server is shutting down.", code="shutting_down", retry_after_s=5)
         held = self._tenant_rows.get(tenant, 0)
         if self.max_tenant_rows is not None and held + rows > self.max_tenant_rows:
             raise Overloaded(
                 f"Your requests already hold {held} of the {self.max_tenant_rows} inference rows one caller "
                 f"may hold ({rows} asked); retry shortly.",
-                headers={"Retry-After": "1"},
+                retry_after_s=1,
             )
         capacity = self.max_batch_rows + self.max_queued_rows
         if self._outstanding + rows > capacity:
             raise Overloaded(
                 f"The inference queue is full ({rows} rows asked); retry shortly.",
-                headers={"Retry-After": "1"},
+                retry_after_s=1,
             )
         self._outstanding += rows
         if rows:

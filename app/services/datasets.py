@@ -31,8 +31,8 @@ def store_upload(
     count_tokens: Callable[[str], int] | None,
     idempotency_key: str | None,
 ) -> tuple[Dataset, bool]:
-    """An uploaded file read within its limit, parsed, stored and committed: POST /v1/datasets and POST
-    /v1/files both. Blocking, so run in a worker thread; a large file is parsed in a process of its own
+    """An uploaded file read within its limit, parsed and stored: POST /v1/datasets and POST /v1/files
+    both. Blocking, so run in a worker thread; a large file is parsed in a process of its own
     (app/services/uploads.py): parsing 50 MB takes seconds, and the event loop serves everyone meanwhile."""
     upload = uploads.receive(stream, limit=settings.max_upload_bytes)
     try:
@@ -50,7 +50,6 @@ def store_upload(
         )
     finally:
         upload.close()
-    session.commit()
     return dataset, created
 
 

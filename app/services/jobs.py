@@ -66,7 +66,7 @@ def submit_job(
                 f"Job {job.id} is saved but the broker is unreachable; retry the request with "
                 "the same Idempotency-Key.",
                 code="broker_unavailable",
-                headers={"Retry-After": "5"},
+                retry_after_s=5,
             ) from None
     return job, created
 

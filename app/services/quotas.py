@@ -4,7 +4,6 @@ second. Past one, QuotaExceeded: a 429 whose Retry-After says when the request c
 from __future__ import annotations
 
 import logging
-import math
 import time
 from datetime import timedelta
 
@@ -39,7 +38,7 @@ def check_active_jobs(session: Session, *, caller: Caller) -> None:
             f"Your tenant has {active} jobs queued or running; its limit is {caller.max_active_jobs}. "
             "Wait for one to finish, or cancel one.",
             code="job_quota_exceeded",
-            headers={"Retry-After": str(JOB_RETRY_AFTER_S)},
+            retry_after_s=JOB_RETRY_AFTER_S,
         )
 
 
@@ -86,7 +85,7 @@ def check_upload(session: Session, *, caller: Caller, size: int) -> None:
         f"of {limit} bytes per hour.",
         param="file",
         code="upload_quota_exceeded",
-        headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+        retry_after_s=wait_s,
     )
 
 
@@ -116,5 +115,5 @@ class InferenceRateLimiter:
         raise QuotaExceeded(
             f"Your tenant may send {caller.inference_rps} inference requests per second; retry shortly.",
             code="rate_limited",
-            headers={"Retry-After": str(max(1, math.ceil(reset_at - time.time())))},
+            retry_after_s=reset_at - time.time(),
         )

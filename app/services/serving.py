@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import PromptVersion
+from app.db.session import session_scope
 from app.errors import DomainError, InferenceFailed, InvalidRequest, NotFound, PromptCorrupt, Unavailable
 from app.ml import inference
 from app.ml.backbone import Backbone
@@ -119,17 +120,28 @@ class Serving:
             raise Unavailable(
                 "The backbone is not loaded in this process; inference is unavailable.",
                 code="engine_not_ready",
-                headers={"Retry-After": "10"},
+                retry_after_s=10,
             )
         return self.engine
 
-    def resolve(self, session: Session, *, tenant_id: int, ref: str | None) -> ResolvedPrompt:
-        engine = self._require_engine()
+    def resolve(self, *, tenant_id: int, ref: str | None) -> ResolvedPrompt:
+        """The version ``ref`` names among the tenant's, decoded. Blocking (the registry on a miss), so
+        called off the event loop; the read has a session of its own, closed before the engine runs."""
         if ref is None:
+            self._require_engine()
             return BARE
         cached = self._refs.get((tenant_id, ref))
         if cached is not None and time.monotonic() - cached[1] < self.settings.task_resolve_ttl_s:
             return cached[0]
+        with session_scope(self.settings.registry_url) as session:
+            resolved = self._read(session, tenant_id=tenant_id, ref=ref)
+        self._refs[(tenant_id, ref)] = (resolved, time.monotonic())
+        while len(self._refs) > RESOLVED_REFS:
+            self._refs.popitem(last=False)  # the oldest resolution; it costs one query to redo
+        return resolved
+
+    def _read(self, session: Session, *, tenant_id: int, ref: str) -> ResolvedPrompt:
+        engine = self._require_engine()
         row = prompts_service.resolve(session, tenant_id=tenant_id, ref=ref, with_vectors=False)
         if row.base_model != engine.backbone.name:
             raise InvalidRequest(
@@ -145,7 +157,7 @@ class Serving:
                 session, row_id=row.id, embedding_dim=engine.backbone.embedding_dim, ref=ref
             )
             self.prompts.put(key, prompt)
-        resolved = ResolvedPrompt(
+        return ResolvedPrompt(
             task=prompts_service.parse_task_ref(ref)[0],
             version=row.version,
             template=row.template,
@@ -153,12 +165,8 @@ class Serving:
             prompt=prompt,
             key=key,
         )
-        self._refs[(tenant_id, ref)] = (resolved, time.monotonic())
-        while len(self._refs) > RESOLVED_REFS:
-            self._refs.popitem(last=False)  # the oldest resolution; it costs one query to redo
-        return resolved
 
-    def resolve_model(self, session: Session, *, tenant_id: int, model: str) -> ResolvedPrompt:
+    def resolve_model(self, *, tenant_id: int, model: str) -> ResolvedPrompt:
         """The prompt to serve an OpenAI-style ``model`` with: none for the backbone this server runs,
         else the version it names among the tenant's own; anything else is a missing model."""
         served = self.require_backbone().name
@@ -169,7 +177,7 @@ class Serving:
             return BARE
         try:
             prompts_service.parse_task_ref(ref)
-            return self.resolve(session, tenant_id=tenant_id, ref=ref)
+            return self.resolve(tenant_id=tenant_id, ref=ref)
         except NotFound:
             raise missing(model) from None
         except InvalidRequest as error:

@@ -88,7 +88,7 @@ def parse(upload: Upload, *, filename: str, min_examples: int, max_examples: int
         raise Unavailable(
             "The upload could not be parsed: its parsing process stopped; retry shortly.",
             code="parser_unavailable",
-            headers={"Retry-After": "5"},
+            retry_after_s=5,
         ) from None
 
 

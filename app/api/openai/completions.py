@@ -17,7 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import InferenceCallerDep
-from app.api.deps import MetricsDep, ServingDep, SessionDep
+from app.api.deps import MetricsDep, ServingDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import error_body
 from app.api.openai.params import neutral_only, speaking_as
@@ -45,7 +45,6 @@ async def create_completion(
     body: CompletionCreate,
     request: Request,
     caller: InferenceCallerDep,
-    session: SessionDep,
     serving: ServingDep,
     metrics: MetricsDep,
 ):
@@ -56,8 +55,7 @@ async def create_completion(
 
     def prepare() -> tuple[ResolvedPrompt, list[GenerationRequest]]:
         """The database, the prompt's decoding and the tokenizer: off the event loop."""
-        resolved = serving.resolve_model(session, tenant_id=caller.tenant_id, model=body.model)
-        session.close()  # nothing more to read; don't hold a connection while the model runs
+        resolved = serving.resolve_model(tenant_id=caller.tenant_id, model=body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         with speaking_as({"input": "prompt"}):
             return resolved, generation.rows(serving, resolved, prompts, sampling, tenant_id=caller.tenant_id)
@@ -74,7 +72,6 @@ async def create_chat_completion(
     body: ChatCompletionCreate,
     request: Request,
     caller: InferenceCallerDep,
-    session: SessionDep,
     serving: ServingDep,
     metrics: MetricsDep,
 ):
@@ -84,8 +81,7 @@ async def create_chat_completion(
     sampling = _sampling(body, max_tokens, settings)
 
     def prepare() -> tuple[ResolvedPrompt, list[GenerationRequest]]:
-        resolved = serving.resolve_model(session, tenant_id=caller.tenant_id, model=body.model)
-        session.close()
+        resolved = serving.resolve_model(tenant_id=caller.tenant_id, model=body.model)
         text = _chat_input(body, resolved, serving)
         with speaking_as({"input": "messages"}):
             return resolved, generation.rows(serving, resolved, [text], sampling, tenant_id=caller.tenant_id)

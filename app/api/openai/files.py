@@ -79,5 +79,4 @@ def delete_file(file_id: str, caller: CallerDep, session: SessionDep) -> Deleted
     """Delete a file; refused while a queued or running job uses it."""
     number = ids.from_id(ids.FILE, file_id, what="file", param="file_id")
     service.delete_dataset(session, tenant_id=caller.tenant_id, dataset_id=number)
-    session.commit()
     return Deleted(id=file_id, object="file")

@@ -134,7 +134,6 @@ def retrieve_fine_tuning_job(
 def cancel_fine_tuning_job(fine_tuning_job_id: str, caller: CallerDep, session: SessionDep) -> FineTuningJob:
     """Cancel a queued or running job."""
     job = service.cancel_job(session, tenant_id=caller.tenant_id, job_id=_number(fine_tuning_job_id))
-    session.commit()
     return fine_tuning_job(job, caller.tenant)
 
 

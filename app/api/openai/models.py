@@ -82,5 +82,4 @@ def delete_model(model: str, caller: CallerDep, session: SessionDep, settings: S
     prompts.delete_version(
         session, tenant_id=caller.tenant_id, name=version.task.name, version=version.version
     )
-    session.commit()
     return Deleted(id=model, object="model")

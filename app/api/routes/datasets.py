@@ -69,5 +69,4 @@ def get_dataset(dataset_id: IdPath, caller: CallerDep, session: SessionDep) -> D
 def delete_dataset(dataset_id: IdPath, caller: CallerDep, session: SessionDep) -> Response:
     """Delete a dataset; refused while a queued or running job uses it."""
     service.delete_dataset(session, tenant_id=caller.tenant_id, dataset_id=dataset_id)
-    session.commit()
     return Response(status_code=204)

@@ -8,7 +8,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import InferenceCallerDep
-from app.api.deps import MetricsDep, ServingDep, SessionDep
+from app.api.deps import MetricsDep, ServingDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import error_body
 from app.api.responses import errors
@@ -61,7 +61,6 @@ async def generate(
     body: GenerateRequest,
     request: Request,
     caller: InferenceCallerDep,
-    session: SessionDep,
     serving: ServingDep,
     metrics: MetricsDep,
 ):
@@ -77,8 +76,7 @@ async def generate(
 
     def prepare() -> tuple[ResolvedPrompt, list[GenerationRequest]]:
         """The database, the prompt's decoding and the tokenizer: off the event loop."""
-        resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
-        session.close()  # nothing more to read; don't hold a connection while the model runs
+        resolved = serving.resolve(tenant_id=caller.tenant_id, ref=body.task)
         return resolved, generation.rows(
             serving, resolved, _as_list(body.input), sampling, tenant_id=caller.tenant_id
         )
@@ -133,16 +131,14 @@ async def classify(
     body: ClassifyRequest,
     request: Request,
     caller: InferenceCallerDep,
-    session: SessionDep,
     serving: ServingDep,
     metrics: MetricsDep,
 ) -> ClassifyResponse:
     """Score each candidate label by its likelihood after the input; returns probabilities over labels."""
 
     def prepare() -> tuple[ResolvedPrompt, list[str], list[str], list[int]]:
-        resolved = serving.resolve(session, tenant_id=caller.tenant_id, ref=body.task)
+        resolved = serving.resolve(tenant_id=caller.tenant_id, ref=body.task)
         texts, token_counts = serving.render_inputs(resolved, _as_list(body.input))
-        session.close()
         labels = serving.classification_labels(resolved, body.labels, len(texts))
         return resolved, labels, texts, token_counts
 

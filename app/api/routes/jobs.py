@@ -73,7 +73,6 @@ def get_job(job_id: IdPath, caller: CallerDep, session: SessionDep) -> JobPublic
 def cancel_job(job_id: IdPath, caller: CallerDep, session: SessionDep) -> JobPublic:
     """Cancel a queued job (it never starts) or a running one (it stops at the next step, writing nothing)."""
     job = service.cancel_job(session, tenant_id=caller.tenant_id, job_id=job_id)
-    session.commit()
     return JobPublic.of(job)
 
 

@@ -43,7 +43,6 @@ def get_version(task: str, version: IdPath, caller: CallerDep, session: SessionD
 def delete_version(task: str, version: IdPath, caller: CallerDep, session: SessionDep) -> Response:
     """Delete a version; its number is never reused."""
     service.delete_version(session, tenant_id=caller.tenant_id, name=task, version=version)
-    session.commit()
     return Response(status_code=204)
 
 
@@ -95,7 +94,6 @@ def import_peft(
         backbone=backbone,
         settings=settings,
     )
-    session.commit()
     return VersionPublic.of(row, task)
 
 
