@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from app.api import dashboard
-from app.api import metrics as metrics_api
+from app.api import prometheus as metrics_api
 from app.api.auth import Authenticator
 from app.api.body_limit import BodyLimit
 from app.api.errors import install_error_handlers
@@ -21,7 +21,7 @@ from app.api.routes import datasets, health, inference, jobs, prompts
 from app.config import Settings, get_settings
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone
 from app.services import leases
-from app.services.metrics import Metrics
+from app.services.api_metrics import Metrics
 from app.services.quotas import InferenceRateLimiter
 from app.services.serving import Serving
 

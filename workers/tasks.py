@@ -40,7 +40,7 @@ def _hand_back_the_running_job(**_: object) -> None:
 
 
 @celery.task(name=TRAIN_TASK)
-def train_prompt(job_id: int) -> RunOutcome:
+def run_tuning_job(job_id: int) -> RunOutcome:
     if HANDBACK.is_set():
         # Shutting down: a message fetched now goes back to the broker for another worker, untouched.
         raise Reject("worker shutting down", requeue=True)

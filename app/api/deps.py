@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.models import MAX_ID
 from app.db.session import session_scope
-from app.services.metrics import Metrics
+from app.services.api_metrics import Metrics
 from app.services.serving import Serving
 
 

@@ -19,12 +19,12 @@ from transformers import DynamicCache
 
 from app.ml.backbone import Backbone
 from app.ml.prompt_kv import PromptKV
-from app.ml.sequence import GenerationRequest, Sequence
+from app.ml.row import GenerationRequest, Row
 
 
 @dataclass
 class DecodeBatch:
-    sequences: list[Sequence]
+    sequences: list[Row]
     cache: DynamicCache  # per layer: keys and values [B, H_kv, T, Dh]
     attention_mask: torch.Tensor  # [B, T] long: 1 for prompt, input and generated entries, 0 for padding
     next_positions: torch.Tensor  # [B] long: position id of the token each row feeds next
@@ -82,7 +82,7 @@ def _cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynamic
 
 def prefill(
     backbone: Backbone,
-    sequences: list[Sequence],
+    sequences: list[Row],
     prompt_kv: Callable[[GenerationRequest], PromptKV | None],
 ) -> tuple[DecodeBatch, torch.Tensor]:
     """Run the new rows' inputs on top of their prompts' shared keys and values.

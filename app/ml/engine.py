@@ -33,7 +33,7 @@ from app.ml.backbone import Backbone
 from app.ml.decode_batch import DecodeBatch, decode_step, prefill
 from app.ml.memory import release_freed_memory
 from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
-from app.ml.sequence import GenerationRequest, Sequence, choose_tokens
+from app.ml.row import GenerationRequest, Row, choose_tokens
 
 log = logging.getLogger(__name__)
 # Prompt keys and values evicted before the idle engine hands freed memory back: about 18 prompts of the
@@ -51,7 +51,7 @@ class Observer(Protocol):
 
 # Called on the engine thread when a row has news: (row, text that became final, whether the row is over:
 # finished, cancelled or failed). The last call for a row is the only one with True.
-Listener = Callable[[Sequence, str, bool], None]
+Listener = Callable[[Row, str, bool], None]
 
 
 _NOBODY = object()  # no tenant served yet (None is a tenant: the anonymous one)
@@ -88,7 +88,7 @@ class Scheduler:
         # Each tenant's waiting rows in FIFO order. The dict's order is the turn order: the front tenant
         # is served next and then goes to the back, so a tenant with one row waits for at most one row of
         # each other tenant, however many those have queued. A tenant leaves when its queue is empty.
-        self.waiting: dict[Hashable | None, deque[Sequence]] = {}
+        self.waiting: dict[Hashable | None, deque[Row]] = {}
         self.running: DecodeBatch | None = None
         self._listeners: dict[int, Listener] = {}
         self._served_last: object = _NOBODY
@@ -97,7 +97,7 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and self.running is None
 
-    def add(self, sequence: Sequence, listener: Listener) -> None:
+    def add(self, sequence: Row, listener: Listener) -> None:
         self._listeners[id(sequence)] = listener
         tenant = sequence.request.tenant
         if tenant not in self.waiting:
@@ -124,7 +124,7 @@ class Scheduler:
             if self.observer is not None:
                 self.observer.stepped(len(running), time.perf_counter() - started)
 
-    def _joining(self) -> list[Sequence]:
+    def _joining(self) -> list[Row]:
         """The rows this step admits, taken in the tenants' turn order while they fit: in the batch's rows,
         in ``prefill_tokens`` for this prefill, and in ``max_batch_tokens`` for the batch's keys and values
         (an empty engine takes its first row whatever its size).
@@ -137,7 +137,7 @@ class Scheduler:
         busy = {s.request.tenant for s in rows}
         used = sum(batch_tokens(s.request) for s in rows)
         due = not rows or self._steps_since_admission >= self.admit_every_steps
-        joining: list[Sequence] = []
+        joining: list[Row] = []
         prefilled = 0
         while len(rows) + len(joining) < self.max_batch_rows:
             first = not rows and not joining
@@ -176,7 +176,7 @@ class Scheduler:
         room = self.max_batch_tokens - (self.max_batch_tokens // 4 if busy else 0)
         return used + batch_tokens(request) <= room
 
-    def _take(self, tenant: Hashable | None) -> Sequence:
+    def _take(self, tenant: Hashable | None) -> Row:
         """``tenant``'s oldest waiting row; the tenant goes to the back of the turn order."""
         queue = self.waiting.pop(tenant)
         sequence = queue.popleft()
@@ -185,7 +185,7 @@ class Scheduler:
         self._served_last = tenant
         return sequence
 
-    def _admit(self, joining: list[Sequence]) -> None:
+    def _admit(self, joining: list[Row]) -> None:
         batch, logits = prefill(self.backbone, joining, self._prompt_kv)
         batch = self._take_tokens(batch, logits)
         if batch is not None:
@@ -206,7 +206,7 @@ class Scheduler:
         batch.next_tokens = torch.tensor(chosen, dtype=torch.long, device=batch.next_tokens.device)
         return batch if len(keep) == len(batch) else batch.filter(keep)
 
-    def _notify(self, sequence: Sequence) -> bool:
+    def _notify(self, sequence: Row) -> bool:
         """Tell the row's listener what changed; True when that was the row's last word."""
         over = sequence.done or sequence.error is not None  # read once: cancel may land from any thread
         delta = sequence.stream_delta()
@@ -217,7 +217,7 @@ class Scheduler:
             listener(sequence, delta, over)
         return over
 
-    def _guarded(self, sequences: list[Sequence], work: Callable[[], None]) -> None:
+    def _guarded(self, sequences: list[Row], work: Callable[[], None]) -> None:
         """A failing step fails the rows it touched, not the engine: the others keep being served."""
         try:
             with torch.inference_mode():
@@ -247,10 +247,10 @@ def batch_tokens(request: GenerationRequest) -> int:
 
 def generate_all(
     backbone: Backbone, requests: list[GenerationRequest], *, max_batch_rows: int = 64
-) -> list[Sequence]:
+) -> list[Row]:
     """Run ``requests`` to completion in this thread, through the same scheduler the engine uses."""
     scheduler = Scheduler(backbone, max_batch_rows=max_batch_rows, prompt_kv_cache=None)
-    sequences = [Sequence(request=r) for r in requests]
+    sequences = [Row(request=r) for r in requests]
     for sequence in sequences:
         scheduler.add(sequence, lambda *_: None)
     while not scheduler.idle:
@@ -339,7 +339,7 @@ class Engine:
             observer=observer,
         )
         self._cv = threading.Condition()
-        self._incoming: deque[tuple[Sequence, Listener]] = deque()
+        self._incoming: deque[tuple[Row, Listener]] = deque()
         self._calls: deque[Call] = deque()  # in turn order: the front one runs its next chunk next
         # Seconds of engine time the decoder steps are owed: a chunk adds its length, a step takes its own.
         # Chunks wait while steps are owed time, so each kind gets half the engine when both have work.
@@ -365,13 +365,13 @@ class Engine:
             self._cv.notify()
         self._thread.join(timeout)
 
-    def submit(self, requests: list[GenerationRequest], listener: Listener) -> list[Sequence]:
+    def submit(self, requests: list[GenerationRequest], listener: Listener) -> list[Row]:
         """Queue the requests as rows; Overloaded at once when the queue, or the tenant's share of it, has
         no room for all of them. All rows of one submit are served for one tenant: the first request's."""
-        sequences = [Sequence(request=r) for r in requests]
+        sequences = [Row(request=r) for r in requests]
         tenant = requests[0].tenant if requests else None
 
-        def releasing(sequence: Sequence, delta: str, over: bool) -> None:
+        def releasing(sequence: Row, delta: str, over: bool) -> None:
             if over:
                 self._release(1, tenant)
             listener(sequence, delta, over)

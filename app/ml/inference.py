@@ -8,7 +8,9 @@ import torch
 
 from app.errors import InvalidRequest
 from app.ml.backbone import Backbone
-from app.ml.batching import (
+from app.ml.decode_batch import prefill
+from app.ml.engine import generate_all
+from app.ml.layout import (
     build_batch,
     context_ids,
     fit_context,
@@ -16,10 +18,8 @@ from app.ml.batching import (
     target_log_probs,
     token_groups,
 )
-from app.ml.decode_batch import prefill
-from app.ml.engine import generate_all
 from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
-from app.ml.sequence import Generation, GenerationRequest, Sequence
+from app.ml.row import Generation, GenerationRequest, Row
 
 
 def _virtual(prompt: torch.Tensor | None) -> int:
@@ -191,7 +191,7 @@ def _single_token_scores(
         return computed[id(request.prompt)]
 
     rows = [
-        Sequence(GenerationRequest(context=c, prompt=p, prompt_key=k, max_new_tokens=0))
+        Row(GenerationRequest(context=c, prompt=p, prompt_key=k, max_new_tokens=0))
         for p, k, c in zip(prompts, keys, contexts, strict=True)
     ]
     _, logits = prefill(backbone, rows, prompt_kv)  # [B, V]: the next-token logits after each input

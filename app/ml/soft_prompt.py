@@ -10,7 +10,7 @@ from safetensors.torch import save as st_save
 
 from app.errors import InvalidRequest, PromptCorrupt
 from app.ml.backbone import Backbone
-from app.ml.batching import encode
+from app.ml.layout import encode
 from app.ml.text import continuation
 
 PROMPT_KEY = "prompt_embeddings"

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from app.ml.backbone import Backbone
-from app.ml.batching import context_ids, fit_context, target_ids, target_log_probs, target_logits
 from app.ml.checkpoint import Checkpoint
 from app.ml.inference import label_log_likelihoods
-from app.ml.metrics import classification_report
+from app.ml.layout import context_ids, fit_context, target_ids, target_log_probs, target_logits
+from app.ml.scores import classification_report
 from app.ml.text import continuation, render
 
 log = logging.getLogger(__name__)

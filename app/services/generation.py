@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from app.config import Settings
 from app.errors import InvalidRequest
-from app.ml.sequence import Generation, GenerationRequest
-from app.services.metrics import Metrics
-from app.services.serving import GenerationHandle, ResolvedPrompt, RowUpdate, Serving
+from app.ml.row import Generation, GenerationRequest
+from app.services.api_metrics import Metrics
+from app.services.serving import GenerationHandle, ResolvedTask, RowUpdate, Serving
 from app.services.tenants import Caller
 
 
@@ -55,7 +55,7 @@ def check(settings: Settings, sampling: Sampling) -> None:
 
 
 def rows(
-    serving: Serving, resolved: ResolvedPrompt, inputs: list[str], sampling: Sampling, *, tenant_id: int
+    serving: Serving, resolved: ResolvedTask, inputs: list[str], sampling: Sampling, *, tenant_id: int
 ) -> list[GenerationRequest]:
     """Each input rendered into the template, tokenised, checked against the limits and repeated ``n``
     times. Blocking (tokenizer), so called off the event loop."""
@@ -87,7 +87,7 @@ def start(
     *,
     caller: Caller,
     route: str,
-    resolved: ResolvedPrompt,
+    resolved: ResolvedTask,
     requests: list[GenerationRequest],
 ) -> GenerationRun:
     """The rows queued now (a full queue answers 429 here, before any byte is sent)."""
@@ -106,7 +106,7 @@ class GenerationRun:
         *,
         caller: Caller,
         route: str,
-        resolved: ResolvedPrompt,
+        resolved: ResolvedTask,
     ):
         self.resolved = resolved
         self.generations: list[Generation] = []  # every row's result, in input order, once all are done

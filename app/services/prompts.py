@@ -166,7 +166,7 @@ def get_version(
     return found
 
 
-def resolve(session: Session, *, tenant_id: int, ref: str, with_vectors: bool = True) -> PromptVersion:
+def find_version(session: Session, *, tenant_id: int, ref: str, with_vectors: bool = True) -> PromptVersion:
     name, version = parse_task_ref(ref)
     return get_version(session, tenant_id=tenant_id, name=name, version=version, with_vectors=with_vectors)
 

@@ -6,6 +6,7 @@ from celery import Celery
 
 from app.config import Settings
 
+# The name on the wire, kept from the first release so that messages queued before an upgrade still run.
 TRAIN_TASK = "softprompt.train_prompt"
 
 

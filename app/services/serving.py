@@ -21,7 +21,7 @@ from app.errors import DomainError, InferenceFailed, InvalidRequest, NotFound, P
 from app.ml import inference
 from app.ml.backbone import Backbone
 from app.ml.engine import Call, Engine, Observer
-from app.ml.sequence import Generation, GenerationRequest, Sequence
+from app.ml.row import Generation, GenerationRequest, Row
 from app.ml.soft_prompt import prompt_from_bytes
 from app.ml.text import render
 from app.services import prompts as prompts_service
@@ -30,19 +30,20 @@ from app.services.model_names import missing, task_ref_of_model
 
 
 @dataclass(frozen=True)
-class ResolvedPrompt:
-    """Everything a request needs from a version, taken together: a reader never mixes two versions."""
+class ResolvedTask:
+    """What a request needs from the version a task reference names, taken together: a reader never mixes
+    two versions. The bare backbone is BARE."""
 
     task: str | None
     version: int | None
     template: str
     labels: list[str] | None
-    prompt: torch.Tensor | None  # [k, d] float32
+    soft_prompt: torch.Tensor | None  # [k, d] float32: the learned virtual tokens (None: the bare backbone)
     key: tuple[int, str] | None  # (version row id, checksum): names the immutable content
 
 
 RESOLVED_REFS = 4096
-BARE = ResolvedPrompt(task=None, version=None, template="{input}", labels=None, prompt=None, key=None)
+BARE = ResolvedTask(task=None, version=None, template="{input}", labels=None, soft_prompt=None, key=None)
 
 
 class PromptTensors:
@@ -86,7 +87,7 @@ class Serving:
         self.prompts = PromptTensors(settings.prompt_cache_bytes)
         # (tenant id, ref) -> (resolved, when): a task without a version follows new versions within the
         # TTL. The tenant is part of the key: a name resolved for one tenant means nothing for another.
-        self._refs: OrderedDict[tuple[int, str], tuple[ResolvedPrompt, float]] = OrderedDict()
+        self._refs: OrderedDict[tuple[int, str], tuple[ResolvedTask, float]] = OrderedDict()
         self.engine: Engine | None = None
         if backbone is not None:
             self.engine = Engine(
@@ -124,7 +125,7 @@ class Serving:
             )
         return self.engine
 
-    def resolve(self, *, tenant_id: int, ref: str | None) -> ResolvedPrompt:
+    def resolve_task(self, *, tenant_id: int, ref: str | None) -> ResolvedTask:
         """The version ``ref`` names among the tenant's, decoded. Blocking (the registry on a miss), so
         called off the event loop; the read has a session of its own, closed before the engine runs."""
         if ref is None:
@@ -140,9 +141,9 @@ class Serving:
             self._refs.popitem(last=False)  # the oldest resolution; it costs one query to redo
         return resolved
 
-    def _read(self, session: Session, *, tenant_id: int, ref: str) -> ResolvedPrompt:
+    def _read(self, session: Session, *, tenant_id: int, ref: str) -> ResolvedTask:
         engine = self._require_engine()
-        row = prompts_service.resolve(session, tenant_id=tenant_id, ref=ref, with_vectors=False)
+        row = prompts_service.find_version(session, tenant_id=tenant_id, ref=ref, with_vectors=False)
         if row.base_model != engine.backbone.name:
             raise InvalidRequest(
                 f"Task {ref!r} was trained on {row.base_model!r}, but this server serves "
@@ -157,16 +158,16 @@ class Serving:
                 session, row_id=row.id, embedding_dim=engine.backbone.embedding_dim, ref=ref
             )
             self.prompts.put(key, prompt)
-        return ResolvedPrompt(
+        return ResolvedTask(
             task=prompts_service.parse_task_ref(ref)[0],
             version=row.version,
             template=row.template,
             labels=row.labels,
-            prompt=prompt,
+            soft_prompt=prompt,
             key=key,
         )
 
-    def resolve_model(self, *, tenant_id: int, model: str) -> ResolvedPrompt:
+    def resolve_model(self, *, tenant_id: int, model: str) -> ResolvedTask:
         """The prompt to serve an OpenAI-style ``model`` with: none for the backbone this server runs,
         else the version it names among the tenant's own; anything else is a missing model."""
         served = self.require_backbone().name
@@ -177,7 +178,7 @@ class Serving:
             return BARE
         try:
             prompts_service.parse_task_ref(ref)
-            return self.resolve(tenant_id=tenant_id, ref=ref)
+            return self.resolve_task(tenant_id=tenant_id, ref=ref)
         except NotFound:
             raise missing(model) from None
         except InvalidRequest as error:
@@ -200,7 +201,7 @@ class Serving:
                 f"Prompt version {ref!r} is unusable: {error.message}", param="task"
             ) from None
 
-    def render_inputs(self, resolved: ResolvedPrompt, inputs: list[str]) -> tuple[list[str], list[int]]:
+    def render_inputs(self, resolved: ResolvedTask, inputs: list[str]) -> tuple[list[str], list[int]]:
         """Templated inputs and their token counts, refused before any model work when too many or too
         long."""
         engine = self._require_engine()
@@ -210,7 +211,7 @@ class Serving:
         if len(inputs) > limit:
             raise InvalidRequest(f"At most {limit} inputs per request; got {len(inputs)}.", param="input")
         texts = [render(resolved.template, text) for text in inputs]
-        virtual = 0 if resolved.prompt is None else resolved.prompt.shape[0]
+        virtual = 0 if resolved.soft_prompt is None else resolved.soft_prompt.shape[0]
         lengths = [
             len(ids) for ids in engine.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]
         ]
@@ -225,14 +226,14 @@ class Serving:
         return texts, lengths
 
     def generation_requests(
-        self, resolved: ResolvedPrompt, texts: list[str], *, tenant_id: int, **options
+        self, resolved: ResolvedTask, texts: list[str], *, tenant_id: int, **options
     ) -> list[GenerationRequest]:
         """Tokenised and checked against the window here, in the request's thread, before anything queues."""
         engine = self._require_engine()
         return inference.generation_requests(
             engine.backbone,
             tenant=tenant_id,
-            prompts=[resolved.prompt] * len(texts),
+            prompts=[resolved.soft_prompt] * len(texts),
             prompt_keys=[resolved.key] * len(texts),
             texts=texts,
             **options,
@@ -243,7 +244,7 @@ class Serving:
         return GenerationHandle(self._require_engine(), requests)
 
     def classification_labels(
-        self, resolved: ResolvedPrompt, labels: list[str] | None, inputs: int
+        self, resolved: ResolvedTask, labels: list[str] | None, inputs: int
     ) -> list[str]:
         """The labels a classification scores (the request's, else the task's), refused past the limits on
         their number, each one's tokens, and the request's work: its inputs times all labels' tokens."""
@@ -263,7 +264,7 @@ class Serving:
         return labels
 
     def start_classification(
-        self, resolved: ResolvedPrompt, texts: list[str], labels: list[str], *, tenant_id: int
+        self, resolved: ResolvedTask, texts: list[str], labels: list[str], *, tenant_id: int
     ) -> Call:
         """Queue the scoring now (Overloaded at once when full); the call's result is one {label: p} per
         input. It runs in chunks that take turns with other requests' work."""
@@ -271,7 +272,7 @@ class Serving:
         return engine.call(
             lambda backbone: inference.classify_steps(
                 backbone,
-                prompts=[resolved.prompt] * len(texts),
+                prompts=[resolved.soft_prompt] * len(texts),
                 texts=texts,
                 labels=labels,
                 prompt_keys=[resolved.key] * len(texts),
@@ -296,12 +297,12 @@ class GenerationHandle:
 
     def __init__(self, engine: Engine, requests: list[GenerationRequest]):
         self._loop = asyncio.get_running_loop()
-        self._updates: asyncio.Queue[tuple[Sequence, str, bool]] = asyncio.Queue()
+        self._updates: asyncio.Queue[tuple[Row, str, bool]] = asyncio.Queue()
         self._sequences = engine.submit(requests, self._on_update)
         self._index = {id(s): i for i, s in enumerate(self._sequences)}
         self._open = len(self._sequences)
 
-    def _on_update(self, sequence: Sequence, delta: str, over: bool) -> None:
+    def _on_update(self, sequence: Row, delta: str, over: bool) -> None:
         self._loop.call_soon_threadsafe(self._updates.put_nowait, (sequence, delta, over))
 
     def cancel(self) -> None:

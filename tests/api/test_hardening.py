@@ -60,7 +60,7 @@ def test_stop_strings_past_their_number_or_length_are_refused_at_once(client, se
 @pytest.mark.parametrize("route", ["generate", "classify"])
 def test_a_client_that_goes_away_stops_its_work(settings, api_key, tiny_backbone, monkeypatch, route):
     """Without a watch on the connection, the rows ran to their end for nobody."""
-    from app.ml import batching, decode_batch, engine, inference
+    from app.ml import decode_batch, engine, inference, layout
 
     def slowly(function):
         def slow(*args, **kwargs):
@@ -71,7 +71,7 @@ def test_a_client_that_goes_away_stops_its_work(settings, api_key, tiny_backbone
 
     monkeypatch.setattr(engine, "decode_step", slowly(decode_batch.decode_step))
     monkeypatch.setattr(engine, "prefill", slowly(decode_batch.prefill))
-    monkeypatch.setattr(inference, "target_log_probs", slowly(batching.target_log_probs))
+    monkeypatch.setattr(inference, "target_log_probs", slowly(layout.target_log_probs))
     settings.engine_chunk_tokens = 8  # classification: many small chunks, each one slowed
     app = create_app(settings)
     if route == "generate":

@@ -13,7 +13,7 @@ from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from app.ml import inference
-from app.ml.batching import build_batch, context_ids
+from app.ml.layout import build_batch, context_ids
 from app.ml.soft_prompt import prompt_to_bytes
 from app.ml.text import render
 from tests.helpers import TEMPLATE, stored_prompt

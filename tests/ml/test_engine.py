@@ -14,7 +14,7 @@ from app.errors import Overloaded
 from app.ml.engine import Abandoned, Engine, Scheduler, batch_tokens
 from app.ml.inference import classify, classify_steps, generate_reference, generation_requests
 from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv
-from app.ml.sequence import Generation, Sequence
+from app.ml.row import Generation, Row
 from tests.ml.rows import input_text, random_prompt
 
 
@@ -29,7 +29,7 @@ class _Collector:
         self.all_over = threading.Event()
         self._lock = threading.Lock()
 
-    def __call__(self, sequence: Sequence, delta: str, over: bool) -> None:
+    def __call__(self, sequence: Row, delta: str, over: bool) -> None:
         with self._lock:
             self.deltas.setdefault(id(sequence), []).append(delta)
             if over:
@@ -106,7 +106,7 @@ def test_a_prompt_shared_by_many_rows_has_its_keys_and_values_computed_once(tiny
         prompt_keys=["t"] * 6,
     )
     for request in requests:
-        scheduler.add(Sequence(request=request), lambda *_: None)
+        scheduler.add(Row(request=request), lambda *_: None)
     while not scheduler.idle:
         scheduler.step()
     assert len(cache._entries) == 1
@@ -165,8 +165,8 @@ def test_a_tenant_with_one_row_is_not_queued_behind_another_tenants_flood(tiny_b
     )
     (lone,) = generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=4, tenant="a")
     for request in flood:
-        scheduler.add(Sequence(request=request), lambda *_: None)
-    mine = Sequence(request=lone)
+        scheduler.add(Row(request=request), lambda *_: None)
+    mine = Row(request=lone)
     scheduler.add(mine, lambda *_: None)
     scheduler.step()  # one admission: first in, first served would take two of b's rows
     assert scheduler.running is not None and mine in scheduler.running.sequences
@@ -185,7 +185,7 @@ def test_free_places_go_round_robin_between_tenants_in_each_tenants_order(tiny_b
             tiny_backbone, prompts=[None] * count, texts=texts, max_new_tokens=1, tenant=tenant
         )
         for text, request in zip(texts, requests, strict=True):
-            scheduler.add(Sequence(request=request), lambda *_, t=text: served.append(t))
+            scheduler.add(Row(request=request), lambda *_, t=text: served.append(t))
 
     add("b", 4)
     scheduler.step()
@@ -265,7 +265,7 @@ def test_newcomers_join_a_running_batch_together_every_few_steps(tiny_backbone):
     scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, admit_every_steps=3)
     texts = [input_text(i) for i in range(4)]
     requests = generation_requests(tiny_backbone, prompts=[None] * 4, texts=texts, max_new_tokens=12)
-    rows = [Sequence(request=r) for r in requests]
+    rows = [Row(request=r) for r in requests]
     scheduler.add(rows[0], lambda *_: None)
     scheduler.step()
     assert len(scheduler.running) == 1
@@ -374,7 +374,7 @@ def test_an_admission_prefills_at_most_its_token_budget_unless_one_row_is_longer
     budget = lengths[0] + lengths[1]  # room for two rows, not three; the fourth is longer on its own
     assert lengths[3] > budget
     scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, prefill_tokens=budget)
-    rows = [Sequence(request=r) for r in requests]
+    rows = [Row(request=r) for r in requests]
     for row in rows:
         scheduler.add(row, lambda *_: None)
     admitted = []
@@ -396,11 +396,11 @@ def test_a_tenant_with_no_row_running_joins_at_once_and_alone(tiny_backbone):
     scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, admit_every_steps=4)
     busy = generation_requests(tiny_backbone, prompts=[None] * 3, texts=["a", "b", "c"], max_new_tokens=20)
     busy = [dataclasses.replace(r, tenant="busy") for r in busy]
-    scheduler.add(Sequence(request=busy[0]), lambda *_: None)
+    scheduler.add(Row(request=busy[0]), lambda *_: None)
     scheduler.step()  # busy's first row runs
-    scheduler.add(Sequence(request=busy[1]), lambda *_: None)  # waits for the cadence
+    scheduler.add(Row(request=busy[1]), lambda *_: None)  # waits for the cadence
     newcomer = generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=2)[0]
-    row = Sequence(request=dataclasses.replace(newcomer, tenant="quiet"))
+    row = Row(request=dataclasses.replace(newcomer, tenant="quiet"))
     scheduler.add(row, lambda *_: None)
     scheduler.step()
     assert [s.request.tenant for s in scheduler.running.sequences] == ["busy", "quiet"]
@@ -417,11 +417,11 @@ def test_the_batch_holds_at_most_its_token_budget_and_keeps_a_quarter_for_newcom
     budget = 4 * max(batch_tokens(r) for r in heavy)  # three quarters: three of heavy's rows at most
     scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, max_batch_tokens=budget)
     for request in heavy:
-        scheduler.add(Sequence(request=request), lambda *_: None)
+        scheduler.add(Row(request=request), lambda *_: None)
     scheduler.step()
     assert len(scheduler.running) == 3
     light = generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=2)[0]
-    scheduler.add(Sequence(request=dataclasses.replace(light, tenant="light")), lambda *_: None)
+    scheduler.add(Row(request=dataclasses.replace(light, tenant="light")), lambda *_: None)
     scheduler.step()  # heavy's fourth row does not fit; light's first row fits in the quarter kept for it
     assert [s.request.tenant for s in scheduler.running.sequences] == ["heavy"] * 3 + ["light"]
     assert sum(batch_tokens(s.request) for s in scheduler.running.sequences) <= budget

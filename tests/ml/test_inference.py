@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from app.errors import InvalidRequest
-from app.ml.batching import context_ids, target_ids
 from app.ml.inference import classify, generate, generate_reference, label_log_likelihoods, label_scores
-from app.ml.sequence import _sample
+from app.ml.layout import context_ids, target_ids
+from app.ml.row import _sample
 from tests.ml.rows import input_text, random_prompt
 
 LABELS = ["positive", "negative", "not sure"]

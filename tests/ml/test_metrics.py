@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.ml.metrics import classification_report
+from app.ml.scores import classification_report
 
 
 def test_precision_recall_and_macro_f1_by_hand():

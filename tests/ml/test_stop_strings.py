@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.ml.sequence import first_stop, partial_stop, unchanged_prefix
+from app.ml.row import first_stop, partial_stop, unchanged_prefix
 
 ALPHABET = st.sampled_from("ab\u00e9\ufffd ")  # few letters: stop strings and partial matches happen often
 TEXT = st.text(ALPHABET, max_size=40)

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.ml import batching
-from app.ml.batching import context_ids, target_ids, target_log_probs
+from app.ml import layout
 from app.ml.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from app.ml.inference import label_log_likelihoods
+from app.ml.layout import context_ids, target_ids, target_log_probs
 from app.ml.soft_prompt import init_prompt
 from app.ml.text import render
 from app.ml.trainer import Example, TrainConfig, _Best, _encode, _loss, evaluate, train_prompt
@@ -162,7 +162,7 @@ def test_training_on_the_label_loss_learns_the_labels(tiny_backbone):
 
 def test_packed_rows_score_as_if_each_ran_alone(tiny_backbone, monkeypatch):
     """Rows are packed end to end; a tight pack size forces several packs and a zero-filled tail."""
-    monkeypatch.setattr(batching, "PACK_ENTRIES", 40)
+    monkeypatch.setattr(layout, "PACK_ENTRIES", 40)
     data = _examples()
     prompt = init_prompt(tiny_backbone, num_virtual_tokens=5, strategy="random", seed=2)
     prompts = [prompt if i % 2 else None for i in range(len(data))]
@@ -240,7 +240,7 @@ def test_a_run_resumed_from_a_stored_checkpoint_ends_exactly_like_an_unbroken_on
 
 def test_a_prompt_shared_by_the_batch_scores_as_the_plain_model_does(tiny_backbone, monkeypatch):
     """Training's path: the prompt runs once as a cache prefix for every packed row."""
-    monkeypatch.setattr(batching, "PACK_ENTRIES", 30)
+    monkeypatch.setattr(layout, "PACK_ENTRIES", 30)
     data = _examples()
     prompt = init_prompt(tiny_backbone, num_virtual_tokens=5, strategy="random", seed=2)
     contexts = [context_ids(tiny_backbone, render(TEMPLATE, ex.input)) for ex in data]

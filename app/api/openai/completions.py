@@ -25,9 +25,9 @@ from app.api.openai.schemas import NEUTRAL, ChatCompletionCreate, CompletionCrea
 from app.api.responses import errors
 from app.config import Settings
 from app.errors import DomainError, InvalidRequest
-from app.ml.sequence import Generation, GenerationRequest
+from app.ml.row import Generation, GenerationRequest
 from app.services import generation
-from app.services.serving import ResolvedPrompt, Serving
+from app.services.serving import ResolvedTask, Serving
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 # The `object` of an answer, by (chat, chunk): a completion's stream chunks are text_completion objects too.
@@ -53,7 +53,7 @@ async def create_completion(
         raise InvalidRequest("echo is not supported by this service; omit it.", param="echo")
     sampling = _sampling(body, body.max_tokens, serving.settings)
 
-    def prepare() -> tuple[ResolvedPrompt, list[GenerationRequest]]:
+    def prepare() -> tuple[ResolvedTask, list[GenerationRequest]]:
         """The database, the prompt's decoding and the tokenizer: off the event loop."""
         resolved = serving.resolve_model(tenant_id=caller.tenant_id, model=body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -80,7 +80,7 @@ async def create_chat_completion(
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens
     sampling = _sampling(body, max_tokens, settings)
 
-    def prepare() -> tuple[ResolvedPrompt, list[GenerationRequest]]:
+    def prepare() -> tuple[ResolvedTask, list[GenerationRequest]]:
         resolved = serving.resolve_model(tenant_id=caller.tenant_id, model=body.model)
         text = _chat_input(body, resolved, serving)
         with speaking_as({"input": "messages"}):
@@ -109,7 +109,7 @@ def _sampling(body: Sampling, max_tokens: int, settings: Settings) -> generation
     return sampling
 
 
-def _chat_input(body: ChatCompletionCreate, resolved: ResolvedPrompt, serving: Serving) -> str:
+def _chat_input(body: ChatCompletionCreate, resolved: ResolvedTask, serving: Serving) -> str:
     if resolved.task is not None:
         if len(body.messages) != 1 or body.messages[0].role != "user":
             raise InvalidRequest(

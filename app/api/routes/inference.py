@@ -22,9 +22,9 @@ from app.api.schemas import (
     Usage,
 )
 from app.errors import DomainError
-from app.ml.sequence import GenerationRequest
+from app.ml.row import GenerationRequest
 from app.services import generation
-from app.services.serving import ResolvedPrompt
+from app.services.serving import ResolvedTask
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -74,9 +74,9 @@ async def generate(
     )
     generation.check(serving.settings, sampling)
 
-    def prepare() -> tuple[ResolvedPrompt, list[GenerationRequest]]:
+    def prepare() -> tuple[ResolvedTask, list[GenerationRequest]]:
         """The database, the prompt's decoding and the tokenizer: off the event loop."""
-        resolved = serving.resolve(tenant_id=caller.tenant_id, ref=body.task)
+        resolved = serving.resolve_task(tenant_id=caller.tenant_id, ref=body.task)
         return resolved, generation.rows(
             serving, resolved, _as_list(body.input), sampling, tenant_id=caller.tenant_id
         )
@@ -136,8 +136,8 @@ async def classify(
 ) -> ClassifyResponse:
     """Score each candidate label by its likelihood after the input; returns probabilities over labels."""
 
-    def prepare() -> tuple[ResolvedPrompt, list[str], list[str], list[int]]:
-        resolved = serving.resolve(tenant_id=caller.tenant_id, ref=body.task)
+    def prepare() -> tuple[ResolvedTask, list[str], list[str], list[int]]:
+        resolved = serving.resolve_task(tenant_id=caller.tenant_id, ref=body.task)
         texts, token_counts = serving.render_inputs(resolved, _as_list(body.input))
         labels = serving.classification_labels(resolved, body.labels, len(texts))
         return resolved, labels, texts, token_counts

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.auth import from_this_machine
 from app.errors import Unauthorized
-from app.services.metrics import Metrics
+from app.services.api_metrics import Metrics
 
 router = APIRouter(tags=["health"])
 

@@ -42,7 +42,7 @@ class Generation:
 
 
 @dataclass
-class Sequence:
+class Row:
     """A request's row while it is generating."""
 
     request: GenerationRequest
@@ -152,7 +152,7 @@ def partial_stop(head: str, stops: tuple[str, ...]) -> int:
 MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
-def choose_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+def choose_tokens(logits: torch.Tensor, sequences: list[Row]) -> list[int]:
     """[B, V] float32 logits -> each row's next token under its own sampling parameters."""
     chosen = logits.argmax(-1).tolist()
     for row, seq in enumerate(sequences):
