@@ -17,7 +17,12 @@ from pathlib import Path
 
 import httpx
 
-SST2 = Path(__file__).resolve().parents[2] / "shared/data/sst2"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.db.models import ACTIVE_STATUSES, JobStatus  # noqa: E402
+
+SST2 = ROOT.parent / "shared/data/sst2"
 TEMPLATE = "Review: {input}\nSentiment:"
 
 
@@ -79,7 +84,7 @@ def main() -> int:
     job.raise_for_status()
     job = job.json()
     print(f"job {job['id']} queued")
-    while job["status"] in ("queued", "running"):
+    while job["status"] in ACTIVE_STATUSES:
         time.sleep(2)
         job = client.get(f"/v1/tuning/jobs/{job['id']}").json()
         print(
@@ -87,7 +92,7 @@ def main() -> int:
             f"loss {job['metrics'].get('train_loss')}",
             flush=True,
         )
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         print(f"job ended {job['status']}: {job['error']}")
         return 1
     created, started, finished = (
