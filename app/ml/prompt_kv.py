@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from app.ml.backbone import Backbone
+from app.ml.soft_prompt import is_prefix
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,11 @@ class PromptKV:
 
 
 def compute_prompt_kv(backbone: Backbone, prompt: torch.Tensor) -> PromptKV:
-    """Run the k prompt vectors ([k, d]) alone through the decoder at positions 0..k-1."""
+    """Run the k prompt vectors ([k, d]) alone through the decoder at positions 0..k-1. A prefix
+    ([2, L, H_kv, k, Dh]) already is keys and values: it is only moved to the backbone's device and dtype."""
+    if is_prefix(prompt):
+        keys, values = prompt.detach().to(backbone.device, backbone.dtype).unbind(0)
+        return PromptKV(keys.contiguous(), values.contiguous())
     embeds = prompt.to(backbone.device, backbone.dtype)[None]  # [1, k, d]
     positions = torch.arange(len(prompt), device=backbone.device)[None]  # [1, k]
     cache = DynamicCache(config=backbone.model.config)

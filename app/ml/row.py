@@ -13,7 +13,7 @@ import torch
 @dataclass(frozen=True)
 class GenerationRequest:
     context: list[int]  # the rendered input's token ids, already fitted to the window
-    prompt: torch.Tensor | None  # [k, d] float32, or None for the bare backbone
+    prompt: torch.Tensor | None  # a soft prompt of either kind (app/ml/soft_prompt.py), or None: bare
     # Names the prompt's immutable content (a version's id and checksum) so its keys and values are
     # computed once for all requests; None computes them for this request alone.
     prompt_key: Hashable | None
@@ -29,7 +29,7 @@ class GenerationRequest:
 
     @property
     def virtual_tokens(self) -> int:
-        return 0 if self.prompt is None else int(self.prompt.shape[0])
+        return 0 if self.prompt is None else int(self.prompt.shape[-2])
 
 
 @dataclass

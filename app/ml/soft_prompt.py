@@ -1,4 +1,14 @@
-"""Soft prompts as plain tensors: how they start, and how they travel (safetensors bytes, never pickle)."""
+"""Soft prompts as plain tensors: how they start, and how they travel (safetensors bytes, never pickle).
+
+A soft prompt is one tensor, of one of two kinds:
+- **prompt tuning** (Lester et al.): ``[k, d]`` input embeddings, run through the backbone in front of
+  the input;
+- **prefix tuning** (deep prompts: Li & Liang; P-tuning v2): ``[2, L, H_kv, k, Dh]`` keys and values for
+  k positions in every layer (rotary position already applied, as the backbone's own positions 0..k-1
+  would leave them), which the input attends to directly (app/ml/prefix.py makes them).
+
+Either way the virtual tokens are the second-to-last dimension, and everything that runs a soft prompt
+turns it into keys and values first (app/ml/prompt_kv.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from app.errors import InvalidRequest, PromptCorrupt
-from app.ml.backbone import Backbone
-from app.ml.layout import encode
+from app.ml.backbone import Backbone, encode
 from app.ml.text import continuation
 
 PROMPT_KEY = "prompt_embeddings"
@@ -56,6 +65,16 @@ def init_prompt(
             f"unknown init strategy {strategy!r}; one of {', '.join(STRATEGIES)}", param="init"
         )
     return table[torch.tensor(ids, device=table.device)].float().cpu().clone()  # [k, d]
+
+
+def virtual_tokens(prompt: torch.Tensor | None) -> int:
+    """k, the positions a soft prompt of either kind occupies in front of the input (0 for none)."""
+    return 0 if prompt is None else int(prompt.shape[-2])
+
+
+def is_prefix(prompt: torch.Tensor) -> bool:
+    """Whether ``prompt`` is a prefix ([2, L, H_kv, k, Dh] keys and values) rather than embeddings."""
+    return prompt.ndim == 5
 
 
 def _cycle(ids: list[int], k: int) -> list[int]:

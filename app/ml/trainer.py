@@ -16,6 +16,7 @@ from app.ml.checkpoint import Checkpoint
 from app.ml.inference import label_log_likelihoods
 from app.ml.layout import context_ids, fit_context, target_ids, target_log_probs, target_logits
 from app.ml.scores import classification_report
+from app.ml.soft_prompt import virtual_tokens
 from app.ml.text import continuation, render
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ def _loss_pass(
     batch_size: int,
     append_eos: bool,
 ) -> float:
-    k = 0 if prompt is None else len(prompt)
+    k = virtual_tokens(prompt)
     encoded = _encode(backbone, validation, template, k, append_eos=append_eos)
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -258,7 +259,7 @@ def train_prompt(
         backbone,
         train,
         template,
-        len(prompt),
+        virtual_tokens(prompt),
         append_eos=config.append_eos,
         labels=labels if config.label_loss and not config.append_eos else None,
     )

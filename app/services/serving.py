@@ -22,7 +22,7 @@ from app.ml import inference
 from app.ml.backbone import Backbone
 from app.ml.engine import Call, Engine, Observer
 from app.ml.row import Generation, GenerationRequest, Row
-from app.ml.soft_prompt import prompt_from_bytes
+from app.ml.soft_prompt import prompt_from_bytes, virtual_tokens
 from app.ml.text import render
 from app.services import prompts as prompts_service
 from app.services.labels import LabelLimits, check_labels
@@ -211,7 +211,7 @@ class Serving:
         if len(inputs) > limit:
             raise InvalidRequest(f"At most {limit} inputs per request; got {len(inputs)}.", param="input")
         texts = [render(resolved.template, text) for text in inputs]
-        virtual = 0 if resolved.soft_prompt is None else resolved.soft_prompt.shape[0]
+        virtual = virtual_tokens(resolved.soft_prompt)
         lengths = [
             len(ids) for ids in engine.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]
         ]

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save
 
 from app.errors import InvalidRequest, PromptCorrupt
-from app.ml.layout import encode
+from app.ml.backbone import encode
 from app.ml.soft_prompt import init_prompt, prompt_from_bytes, prompt_to_bytes
 
 

@@ -7,6 +7,7 @@ from app.ml import layout
 from app.ml.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from app.ml.inference import label_log_likelihoods
 from app.ml.layout import context_ids, target_ids, target_log_probs
+from app.ml.prefix import init_prefix
 from app.ml.soft_prompt import init_prompt
 from app.ml.text import render
 from app.ml.trainer import Example, TrainConfig, _Best, _encode, _loss, evaluate, train_prompt
@@ -49,12 +50,14 @@ def _train(
     config: TrainConfig | None = None,
     k: int = 8,
     validation: list[Example] | None = None,
+    kind: str = "prompt",
     **extra,
 ):
     data = _examples()
+    start = init_prompt if kind == "prompt" else init_prefix
     return train_prompt(
         backbone,
-        prompt=init_prompt(backbone, num_virtual_tokens=k, strategy="random", seed=3),
+        prompt=start(backbone, num_virtual_tokens=k, strategy="random", seed=3),
         train=data,
         validation=data if validation is None else validation,
         template=TEMPLATE,
@@ -150,6 +153,26 @@ def test_labels_of_several_tokens_fall_back_to_the_token_loss(tiny_backbone):
         assert _loss(tiny_backbone, prompt, encoded).item() == pytest.approx(-log_probs.mean().item())
 
 
+def test_a_prefix_trains_too_and_its_step_runs_no_forward_pass_over_the_prompt(tiny_backbone, monkeypatch):
+    before = {name: p.detach().clone() for name, p in tiny_backbone.model.state_dict().items()}
+    untrained = _train(tiny_backbone, steps=0, kind="prefix")
+    decoder_calls = []
+    decoder = tiny_backbone.model.get_decoder()
+    original = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **kw: decoder_calls.append(1) or original(*a, **kw))
+    trained = _train(tiny_backbone, steps=40, kind="prefix")
+    monkeypatch.undo()
+    assert trained.prompt.shape == untrained.prompt.shape and trained.prompt.ndim == 5
+    assert trained.metrics["val_loss"] < untrained.metrics["val_loss"] * 0.7
+    assert trained.metrics["val_accuracy"] >= max(0.9, untrained.metrics["val_accuracy"])
+    # One decoder pass per step (the packed rows on top of the prefix) plus the evaluations': a prompt's
+    # step runs a second one over its k positions.
+    evaluations = len(decoder_calls) - 40
+    assert 0 < evaluations < 40
+    after = tiny_backbone.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_training_on_the_label_loss_learns_the_labels(tiny_backbone):
     config = _config(
         steps=40, batch_size=6, learning_rate=0.1, warmup_steps=2, append_eos=False, label_loss=True
@@ -210,8 +233,11 @@ def test_adafactor_learns_too(tiny_backbone):
     assert result.metrics["val_loss"] < untrained["val_loss"] * 0.7
 
 
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
-def test_a_run_resumed_from_a_stored_checkpoint_ends_exactly_like_an_unbroken_one(tiny_backbone, optimizer):
+def test_a_run_resumed_from_a_stored_checkpoint_ends_exactly_like_an_unbroken_one(
+    tiny_backbone, optimizer, kind
+):
     data = _examples()
     config = _config(
         steps=12,
@@ -226,7 +252,13 @@ def test_a_run_resumed_from_a_stored_checkpoint_ends_exactly_like_an_unbroken_on
     def run(**resume):
         saved: list[Checkpoint] = []
         result = _train(
-            tiny_backbone, config=config, k=4, validation=data[:6], on_checkpoint=saved.append, **resume
+            tiny_backbone,
+            config=config,
+            k=4,
+            validation=data[:6],
+            on_checkpoint=saved.append,
+            kind=kind,
+            **resume,
         )
         return result, saved
 
