@@ -99,7 +99,8 @@ def adapter_zip(virtual_tokens: int = 3, width: int = 64) -> bytes:
 
 
 def stored_prompt(settings: Settings) -> torch.Tensor:
-    """The one prompt version in the registry, decoded."""
+    """The one version in the registry, its soft prompt decoded (a prefix: [2, L, H_kv, k, Dh])."""
     with session_scope(settings.registry_url) as session:
         row = session.query(PromptVersion).one()
-        return prompt_from_bytes(row.vectors, embedding_dim=row.embedding_dim)
+        shape = (2, None, None, None, None) if row.method == "prefix" else (None, row.embedding_dim)
+        return prompt_from_bytes(row.vectors, shape=shape)

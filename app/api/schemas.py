@@ -8,6 +8,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.db.models import MAX_ID, Dataset, JobStatus, PromptVersion, Task, TuningJob
+from app.ml.method import Method
 from app.ml.text import DEFAULT_TEMPLATE
 from app.services.hyperparameters import DEFAULT_VIRTUAL_TOKENS, Hyperparameters
 
@@ -67,7 +68,10 @@ class DatasetPublic(BaseModel):
 
 class InitSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    strategy: Literal["labels", "text", "vocab", "random"]
+    strategy: Literal["labels", "text", "vocab", "random", "zero"] = Field(
+        description="labels, text, vocab: from those tokens (a prefix: the keys and values they leave); "
+        "random; zero (prefix only)."
+    )
     text: str | None = Field(default=None, max_length=10_000)
 
 
@@ -100,6 +104,11 @@ class JobCreate(BaseModel):
     )
     base_model: str | None = Field(
         default=None, description="A registered backbone; default: the service's default backbone."
+    )
+    method: Method = Field(
+        default=Method.PROMPT,
+        description="prompt: input embeddings in front of the input (prompt tuning); prefix: keys and "
+        "values in every layer (prefix tuning, P-tuning v2).",
     )
     num_virtual_tokens: int = Field(
         default=DEFAULT_VIRTUAL_TOKENS, ge=1, description="Length of the soft prompt."
@@ -160,6 +169,7 @@ class JobPublic(BaseModel):
     training_dataset: int | None
     validation_dataset: int | None
     base_model: str
+    method: Method
     num_virtual_tokens: int
     template: str
     init: dict[str, Any]
@@ -183,6 +193,7 @@ class JobPublic(BaseModel):
             training_dataset=row.training_dataset_id,
             validation_dataset=row.validation_dataset_id,
             base_model=row.base_model,
+            method=row.method,
             num_virtual_tokens=row.num_virtual_tokens,
             template=row.template,
             init=row.init,
@@ -220,6 +231,7 @@ class VersionPublic(BaseModel):
     task: str
     version: int
     base_model: str
+    method: Method
     num_virtual_tokens: int
     embedding_dim: int
     template: str
@@ -237,6 +249,7 @@ class VersionPublic(BaseModel):
             task=task,
             version=row.version,
             base_model=row.base_model,
+            method=row.method,
             num_virtual_tokens=row.num_virtual_tokens,
             embedding_dim=row.embedding_dim,
             template=row.template,

@@ -157,6 +157,8 @@ class PromptVersion(Base):
     base_model: Mapped[str] = mapped_column(String(200))
     num_virtual_tokens: Mapped[int]
     embedding_dim: Mapped[int]
+    # app/ml/soft_prompt.py Method: "prompt" ([k, d] embeddings) or "prefix" (keys and values per layer).
+    method: Mapped[str] = mapped_column(String(16), default="prompt", server_default="prompt")
     template: Mapped[str] = mapped_column(Text)
     labels: Mapped[list[str] | None]
     kind: Mapped[str] = mapped_column(String(32))
@@ -187,6 +189,7 @@ class TuningJob(Base):
     training_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     validation_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     base_model: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(16), default="prompt", server_default="prompt")
     num_virtual_tokens: Mapped[int]
     template: Mapped[str] = mapped_column(Text)
     init: Mapped[dict[str, Any]]

@@ -9,13 +9,12 @@ import torch
 
 from app.errors import InvalidRequest
 from app.ml.backbone import Backbone
+from app.ml.method import PREFIX_INITS as STRATEGIES
 from app.ml.prompt_kv import compute_prompt_kv
-from app.ml.soft_prompt import STRATEGIES as PROMPT_STRATEGIES
 from app.ml.soft_prompt import init_prompt
 
 # "zero": keys and values of zero (the input at first attends a little to nothing); "random": Gaussian at
 # the scale of real tokens' keys and values; the rest: the keys and values real tokens leave (below).
-STRATEGIES = (*PROMPT_STRATEGIES, "zero")
 
 
 def init_prefix(

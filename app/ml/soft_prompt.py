@@ -20,10 +20,13 @@ from safetensors.torch import save as st_save
 
 from app.errors import InvalidRequest, PromptCorrupt
 from app.ml.backbone import Backbone, encode
+from app.ml.method import PROMPT_INITS, Method
 from app.ml.text import continuation
 
 PROMPT_KEY = "prompt_embeddings"
-STRATEGIES = ("text", "labels", "vocab", "random")
+
+
+STRATEGIES = PROMPT_INITS
 # Lester et al. initialise from the 5,000 most frequent tokens; BPE vocabularies are built merge by merge,
 # so low ids are a cheap stand-in for frequency.
 FREQUENT_VOCAB = 5000
@@ -85,8 +88,23 @@ def prompt_to_bytes(prompt: torch.Tensor) -> bytes:
     return st_save({PROMPT_KEY: prompt.detach().to("cpu", torch.float32).contiguous()})
 
 
-def prompt_from_bytes(data: bytes, *, embedding_dim: int) -> torch.Tensor:
-    """The [k, d] float32 prompt stored in ``data``; PromptCorrupt unless it is exactly that and finite."""
+def stored_shape(backbone: Backbone, method: Method) -> tuple[int | None, ...]:
+    """The shape a ``method``'s soft prompt has on ``backbone``; None where k goes."""
+    if method == Method.PREFIX:
+        config = backbone.model.config
+        heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return (2, config.num_hidden_layers, heads, None, head_dim)
+    return (None, backbone.embedding_dim)
+
+
+def prompt_from_bytes(
+    data: bytes, *, embedding_dim: int | None = None, shape: tuple[int | None, ...] | None = None
+) -> torch.Tensor:
+    """The float32 soft prompt stored in ``data``: ``[k, embedding_dim]``, or of ``shape`` (None where k
+    goes, k >= 1); PromptCorrupt unless it is exactly that and finite."""
+    if shape is None:
+        shape = (None, embedding_dim)
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types and OSError on garbage
@@ -96,8 +114,12 @@ def prompt_from_bytes(data: bytes, *, embedding_dim: int) -> torch.Tensor:
     prompt = tensors[PROMPT_KEY]
     if prompt.dtype != torch.float32:
         raise PromptCorrupt(f"prompt must be float32, found {prompt.dtype}")
-    if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] != embedding_dim:
-        raise PromptCorrupt(f"prompt shape {tuple(prompt.shape)} is not [k >= 1, {embedding_dim}]")
+    fits = prompt.ndim == len(shape) and all(
+        (size >= 1) if want is None else size == want for size, want in zip(prompt.shape, shape, strict=True)
+    )
+    if not fits:
+        wanted = ", ".join("k >= 1" if want is None else str(want) for want in shape)
+        raise PromptCorrupt(f"prompt shape {tuple(prompt.shape)} is not [{wanted}]")
     if not torch.isfinite(prompt).all():
         raise PromptCorrupt("prompt contains NaN or infinite values")
     return prompt

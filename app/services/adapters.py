@@ -9,9 +9,10 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import PromptVersion
-from app.errors import InvalidRequest, PromptCorrupt
+from app.errors import Conflict, InvalidRequest, PromptCorrupt
 from app.input_text import check_text, text_fault
 from app.ml.backbone import Backbone
+from app.ml.method import Method
 from app.ml.peft_format import export_zip, import_zip
 from app.ml.soft_prompt import prompt_from_bytes, prompt_to_bytes
 from app.services import prompts, quotas
@@ -31,6 +32,11 @@ def export_version(
     session: Session, *, tenant_id: int, name: str, version: int, backbone: Backbone | None
 ) -> Export:
     row = prompts.get_version(session, tenant_id=tenant_id, name=name, version=version, with_vectors=True)
+    if row.method != Method.PROMPT:
+        raise Conflict(
+            f"{name}@{version} is a {row.method} version; PEFT export is available for prompt versions only.",
+            code="export_unavailable",
+        )
     if hashlib.sha256(row.vectors).hexdigest() != row.sha256:
         raise PromptCorrupt(f"Prompt version {name}@{version} fails its checksum; it cannot be exported.")
     prompt = prompt_from_bytes(row.vectors, embedding_dim=row.embedding_dim)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.models import FINISHED_STATUSES, JobEvent, JobStatus, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from app.ml.method import INITS, Method
 from app.services import checkpoints, idempotency, quotas
 from app.services.datasets import get_dataset
 from app.services.hyperparameters import Hyperparameters
@@ -25,7 +26,6 @@ from app.services.tenants import Caller
 
 log = logging.getLogger(__name__)
 TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-INIT_STRATEGIES = ("labels", "text", "vocab", "random")
 
 # Held out for validation when the job names no validation dataset.
 HOLDOUT_FRACTION = 0.1
@@ -43,9 +43,13 @@ class JobRequest:
     template: str
     init: dict[str, Any] | None
     hyperparameters: Hyperparameters  # as given; the job stores them resolved
+    method: Method = Method.PROMPT
 
     def fingerprint(self) -> str:
-        return idempotency.fingerprint({**self.__dict__, "hyperparameters": self.hyperparameters.given()})
+        fields = {**self.__dict__, "hyperparameters": self.hyperparameters.given()}
+        if self.method == Method.PROMPT:
+            del fields["method"]  # as requests were hashed before there were methods: their retries match
+        return idempotency.fingerprint(fields)
 
 
 def submit_job(
@@ -152,7 +156,7 @@ def _validated_fields(
                 param="validation_dataset",
             )
 
-    init = _validated_init(request.init, kind=training.kind)
+    init = _validated_init(request.init, kind=training.kind, method=request.method)
     holdout = 0 if validation is not None else holdout_size(training.num_examples)
     hyperparameters = request.hyperparameters.resolve(
         training.num_examples - holdout, max_steps=settings.max_steps
@@ -162,6 +166,7 @@ def _validated_fields(
         "training_dataset_id": training.id,
         "validation_dataset_id": validation.id if validation else None,
         "base_model": base_model,
+        "method": request.method,
         "num_virtual_tokens": request.num_virtual_tokens,
         "template": request.template,
         "init": init,
@@ -176,13 +181,14 @@ def holdout_size(num_examples: int) -> int:
     return min(HOLDOUT_MAX, max(1, int(num_examples * HOLDOUT_FRACTION)))
 
 
-def _validated_init(init: dict[str, Any] | None, *, kind: str) -> dict[str, Any]:
+def _validated_init(init: dict[str, Any] | None, *, kind: str, method: Method) -> dict[str, Any]:
     if not init:
         return {"strategy": "labels" if kind == "classification" else "vocab"}
     strategy = init.get("strategy")
-    if strategy not in INIT_STRATEGIES:
+    strategies = INITS[method]
+    if strategy not in strategies:
         raise InvalidRequest(
-            f"init.strategy must be one of {', '.join(INIT_STRATEGIES)}; got {strategy!r}.",
+            f"init.strategy must be one of {', '.join(strategies)} for method {method!r}; got {strategy!r}.",
             param="init.strategy",
         )
     if strategy == "text" and not (init.get("text") or "").strip():

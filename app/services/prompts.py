@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, undefer
 
 from app.db.models import PromptVersion, Task, TuningJob, utcnow
 from app.errors import InvalidRequest, NotFound
+from app.ml.method import Method
 from app.ml.text import INPUT_PLACEHOLDER
 from app.services.pagination import paginate
 
@@ -64,6 +65,7 @@ def publish_version(
         name=job.task,
         vectors=vectors,
         base_model=job.base_model,
+        method=job.method,
         num_virtual_tokens=job.num_virtual_tokens,
         embedding_dim=embedding_dim,
         template=job.template,
@@ -88,6 +90,7 @@ def add_version(
     labels: list[str] | None,
     kind: str,
     metrics: dict[str, Any],
+    method: str = Method.PROMPT,
     source_job_id: int | None = None,
     source_dataset_id: int | None = None,
     upload_bytes: int | None = None,
@@ -101,6 +104,7 @@ def add_version(
         base_model=base_model,
         num_virtual_tokens=num_virtual_tokens,
         embedding_dim=embedding_dim,
+        method=method,
         template=template,
         labels=labels,
         kind=kind,

@@ -21,8 +21,9 @@ from app.errors import DomainError, InferenceFailed, InvalidRequest, NotFound, P
 from app.ml import inference
 from app.ml.backbone import Backbone
 from app.ml.engine import Call, Engine, Observer
+from app.ml.method import Method
 from app.ml.row import Generation, GenerationRequest, Row
-from app.ml.soft_prompt import prompt_from_bytes, virtual_tokens
+from app.ml.soft_prompt import prompt_from_bytes, stored_shape, virtual_tokens
 from app.ml.text import render
 from app.services import prompts as prompts_service
 from app.services.labels import LabelLimits, check_labels
@@ -154,9 +155,8 @@ class Serving:
         key = (row.id, row.sha256)
         prompt = self.prompts.get(key)
         if prompt is None:
-            prompt = self._decode(
-                session, row_id=row.id, embedding_dim=engine.backbone.embedding_dim, ref=ref
-            )
+            shape = stored_shape(engine.backbone, Method(row.method))
+            prompt = self._decode(session, row_id=row.id, shape=shape, ref=ref)
             self.prompts.put(key, prompt)
         return ResolvedTask(
             task=prompts_service.parse_task_ref(ref)[0],
@@ -188,14 +188,14 @@ class Serving:
             raise
 
     @staticmethod
-    def _decode(session: Session, *, row_id: int, embedding_dim: int, ref: str) -> torch.Tensor:
+    def _decode(session: Session, *, row_id: int, shape: tuple[int | None, ...], ref: str) -> torch.Tensor:
         row = session.get(PromptVersion, row_id)
         if hashlib.sha256(row.vectors).hexdigest() != row.sha256:
             raise PromptCorrupt(
                 f"Prompt version {ref!r} fails its checksum; retrain or delete it.", param="task"
             )
         try:
-            return prompt_from_bytes(row.vectors, embedding_dim=embedding_dim)
+            return prompt_from_bytes(row.vectors, shape=shape)
         except PromptCorrupt as error:
             raise PromptCorrupt(
                 f"Prompt version {ref!r} is unusable: {error.message}", param="task"

@@ -23,6 +23,8 @@ from app.db.session import session_scope
 from app.errors import DomainError, NotFound
 from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint
+from app.ml.method import Method
+from app.ml.prefix import init_prefix
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
 from app.ml.trainer import Example, Progress, TrainResult, train_prompt
 from app.services import checkpoints, leases, worker_metrics
@@ -160,7 +162,8 @@ def _train_and_publish(
     lost: threading.Event,
 ) -> RunOutcome:
     hp = Hyperparameters.model_validate(job.hyperparameters)
-    prompt = init_prompt(
+    start = init_prefix if job.method == Method.PREFIX else init_prompt
+    prompt = start(
         backbone,
         num_virtual_tokens=job.num_virtual_tokens,
         strategy=job.init["strategy"],

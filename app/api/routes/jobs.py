@@ -41,6 +41,7 @@ def create_job(
         training_dataset=body.training_dataset,
         validation_dataset=body.validation_dataset,
         base_model=body.base_model,
+        method=body.method,
         num_virtual_tokens=body.num_virtual_tokens,
         template=body.template,
         init=body.init.model_dump(exclude_none=True) if body.init else None,
