@@ -257,3 +257,35 @@ def test_inference_errors_name_the_openai_fields(sdk, settings, tiny_backbone):
             model=model, messages=[{"role": "user", "content": "word " * 400}], max_tokens=1
         )
     assert long.value.param == "messages"
+
+
+def test_a_prefix_tuning_job_through_the_sdk_is_served_like_a_native_one(
+    sdk, client, settings, tiny_backbone
+):
+    uploaded = sdk.files.create(file=("reviews.jsonl", io.BytesIO(sentiment_file())), purpose="fine-tune")
+    settings_block = {"template": TEMPLATE, "num_virtual_tokens": 4, "hyperparameters": {"steps": 3}}
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        suffix="deep",
+        extra_body={"method": {"type": "prefix_tuning", "prefix_tuning": settings_block}},
+    )
+    number = int(job.id.removeprefix("ftjob-"))
+    assert run_job(db_url=settings.registry_url, job_id=number, backbone=tiny_backbone) == "succeeded"
+    job = sdk.fine_tuning.jobs.retrieve(job.id)
+    assert job.method.type == "prefix_tuning" and job.fine_tuned_model == "ft:tiny:deep:1"
+    assert client.get("/v1/prompts/deep/versions/1").json()["method"] == "prefix"
+    completion = sdk.completions.create(
+        model=job.fine_tuned_model, prompt="a witty movie", max_tokens=5, temperature=0
+    )
+    native = client.post(
+        "/v1/generate", json={"task": "deep@1", "input": "a witty movie", "max_new_tokens": 5}
+    ).json()
+    assert completion.choices[0].text == native["outputs"][0]["text"]
+    with pytest.raises(openai.UnprocessableEntityError) as mixed:
+        sdk.fine_tuning.jobs.create(
+            model="tiny",
+            training_file=uploaded.id,
+            extra_body={"method": {"type": "prompt_tuning", "prefix_tuning": settings_block}},
+        )
+    assert mixed.value.param == "method"

@@ -24,6 +24,7 @@ from app.api.openai.schemas import (
 from app.api.responses import errors
 from app.db.models import JobEvent, JobStatus, TuningJob
 from app.errors import InvalidRequest
+from app.ml.method import Method as TuningMethod
 from app.services import jobs as service
 from app.services.hyperparameters import Hyperparameters
 from app.services.model_names import fine_tuned_model
@@ -36,9 +37,10 @@ PARAMS = {
     "base_model": "model",
     "training_dataset": "training_file",
     "validation_dataset": "validation_file",
-    "num_virtual_tokens": "method.prompt_tuning.num_virtual_tokens",
-    "template": "method.prompt_tuning.template",
 }
+# A job's method as OpenAI's `method.type` names it, and back.
+TYPES = {TuningMethod.PROMPT: "prompt_tuning", TuningMethod.PREFIX: "prefix_tuning"}
+METHODS = {name: method for method, name in TYPES.items()}
 
 
 @router.post("", response_model=FineTuningJob, responses=errors(401, 404, 409, 422, 429))
@@ -62,7 +64,8 @@ def create_fine_tuning_job(
         if body.validation_file is not None
         else None
     )
-    tuning = body.method.prompt_tuning if body.method else PromptTuning()
+    kind = body.method.type if body.method else "prompt_tuning"
+    tuning = body.method.tuning if body.method else PromptTuning()
     request = service.JobRequest(
         task=body.suffix if body.suffix is not None else f"ft-{training}",
         training_dataset=training,
@@ -72,8 +75,11 @@ def create_fine_tuning_job(
         template=tuning.template,
         init=tuning.init.model_dump(exclude_none=True) if tuning.init else None,
         hyperparameters=_hyperparameters(body, tuning.hyperparameters),
+        method=METHODS[kind],
     )
-    with speaking_as(PARAMS):
+    settings_fields = ("num_virtual_tokens", "template", "init.strategy", "init.text")
+    names = {field: f"method.{kind}.{field}" for field in settings_fields}
+    with speaking_as(PARAMS | names):
         job, _ = service.submit_job(
             session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
         )
@@ -203,8 +209,8 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
             "learning_rate_multiplier": hp.learning_rate / DEFAULTS.learning_rate,
         },
         method={
-            "type": "prompt_tuning",
-            "prompt_tuning": {
+            "type": TYPES[TuningMethod(row.method)],
+            TYPES[TuningMethod(row.method)]: {
                 "num_virtual_tokens": row.num_virtual_tokens,
                 "template": row.template,
                 "init": row.init,

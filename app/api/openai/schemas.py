@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from app.api.schemas import InitSpec
 from app.db.models import JobStatus
@@ -76,11 +76,24 @@ class PromptTuning(Strict):
 
 
 class Method(Strict):
-    type: Literal["prompt_tuning"] = Field(
-        description="Only prompt tuning: a soft prompt in front of the frozen model ('supervised' would "
-        "change its weights)."
+    type: Literal["prompt_tuning", "prefix_tuning"] = Field(
+        description="prompt_tuning: a soft prompt in front of the frozen model's input; prefix_tuning: keys "
+        "and values in every layer of the frozen model ('supervised' would change its weights)."
     )
-    prompt_tuning: PromptTuning = Field(default_factory=PromptTuning)
+    prompt_tuning: PromptTuning | None = Field(default=None, description="With type prompt_tuning.")
+    prefix_tuning: PromptTuning | None = Field(default=None, description="With type prefix_tuning.")
+
+    @model_validator(mode="after")
+    def _settings_match_the_type(self) -> Method:
+        other = "prefix_tuning" if self.type == "prompt_tuning" else "prompt_tuning"
+        if getattr(self, other) is not None:
+            raise ValueError(f"{other} settings were given with type {self.type!r}")
+        return self
+
+    @property
+    def tuning(self) -> PromptTuning:
+        """The settings of the chosen type (its defaults when none were given)."""
+        return getattr(self, self.type) or PromptTuning()
 
 
 class FineTuningJobCreate(Strict):
