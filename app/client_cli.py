@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from app.client import DEFAULT_URL, ApiError, Client
 from app.db.models import JobStatus
+from app.ml.method import Method
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="SOFTPROMPT_URL", help="The service's address.")]
 KeyOption = Annotated[
@@ -91,6 +92,9 @@ def tune(
     template: Annotated[str | None, typer.Option(help="Text around each input, with {input}.")] = None,
     validation_dataset: Annotated[int | None, typer.Option()] = None,
     virtual_tokens: Annotated[int | None, typer.Option(help="Soft prompt length.")] = None,
+    method: Annotated[
+        Method | None, typer.Option(help="prompt: input embeddings; prefix: keys and values in every layer.")
+    ] = None,
     steps: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     learning_rate: Annotated[float | None, typer.Option()] = None,
@@ -104,6 +108,7 @@ def tune(
         "template": template,
         "validation_dataset": validation_dataset,
         "num_virtual_tokens": virtual_tokens,
+        "method": method,
         "hyperparameters": {k: v for k, v in hyperparameters.items() if v is not None},
     }
     with _client(url, key) as client:

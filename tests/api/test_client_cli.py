@@ -171,3 +171,15 @@ def test_following_a_job_gives_up_when_the_service_stays_away(monkeypatch):
     http = httpx.Client(base_url="http://service", transport=httpx.MockTransport(refuse))
     with Client(http=http) as client, pytest.raises(httpx.ConnectError):
         list(client.follow_job(1, reconnect_for_s=0.1))
+
+
+def test_tune_takes_the_method(softprompt, tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(sentiment_file())
+    dataset = re.match(r"dataset (\d+)", softprompt("datasets", "upload", str(data)).stdout)[1]
+    tuned = softprompt("tune", "--task", "deep", "--dataset", dataset, "--method", "prefix")
+    assert tuned.exit_code == 0, tuned.output
+    job_id = re.match(r"job (\d+) queued", tuned.stdout)[1]
+    assert json.loads(softprompt("jobs", "show", job_id).stdout)["method"] == "prefix"
+    wrong = softprompt("tune", "--task", "deep", "--dataset", dataset, "--method", "lora")
+    assert wrong.exit_code != 0 and "lora" in wrong.output

@@ -50,7 +50,7 @@ async function refreshTasks() {
       const row = body.insertRow();
       row.dataset.task = task.name;
       const m = version.metrics || {};
-      [task.name, version.version, version.kind, percent(m.val_accuracy), percent(m.val_macro_f1),
+      [task.name, version.version, version.method, version.kind, percent(m.val_accuracy), percent(m.val_macro_f1),
         percent(m.zero_shot_accuracy), day(version.created_at)].forEach((text) => cell(row, text));
     }
   }
