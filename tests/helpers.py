@@ -23,7 +23,8 @@ from app.config import Settings
 from app.db.models import PromptVersion
 from app.db.session import session_scope
 from app.main import create_app
-from app.ml.soft_prompt import prompt_from_bytes, prompt_to_bytes
+from app.ml.method import Method
+from app.ml.soft_prompt import loose_shape, prompt_from_bytes, prompt_to_bytes
 from app.services.api_keys import create_key
 from tests.paths import REPO
 from tests.stacks import Stack
@@ -102,5 +103,4 @@ def stored_prompt(settings: Settings) -> torch.Tensor:
     """The one version in the registry, its soft prompt decoded (a prefix: [2, L, H_kv, k, Dh])."""
     with session_scope(settings.registry_url) as session:
         row = session.query(PromptVersion).one()
-        shape = (2, None, None, None, None) if row.method == "prefix" else (None, row.embedding_dim)
-        return prompt_from_bytes(row.vectors, shape=shape)
+        return prompt_from_bytes(row.vectors, shape=loose_shape(Method(row.method), row.embedding_dim))

@@ -1,7 +1,13 @@
-"""PEFT's prompt-tuning adapter format, as a zip: `adapter_config.json` and `adapter_model.safetensors`
-holding `prompt_embeddings` [k, d]. PEFT prepends those vectors to the input embeddings exactly as we do,
-so an adapter moves between the two with its numbers unchanged. Never pickle: `.bin` adapters are refused.
-"""
+"""PEFT's prompt-learning adapter format, as a zip: `adapter_config.json` and `adapter_model.safetensors`
+holding `prompt_embeddings`. Never pickle: `.bin` adapters are refused.
+
+- PROMPT_TUNING: `prompt_embeddings` is [k, d]. PEFT prepends those vectors to the input embeddings
+  exactly as we do.
+- PREFIX_TUNING (without `prefix_projection`): `prompt_embeddings` is [k, L * 2 * H_kv * Dh], each virtual
+  token's keys and values for every layer, layer by layer, keys before values. PEFT hands them to the
+  backbone as its past keys and values, as we do.
+
+Either way an adapter moves between the two with its numbers unchanged."""
 
 from __future__ import annotations
 
@@ -16,12 +22,14 @@ from safetensors.torch import load as st_load
 
 from app.errors import InvalidRequest
 from app.ml.backbone import Backbone
-from app.ml.soft_prompt import PROMPT_KEY, prompt_to_bytes
+from app.ml.method import Method
+from app.ml.soft_prompt import PROMPT_KEY, is_prefix, prompt_to_bytes, stored_shape, virtual_tokens
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # What PEFT would not read but a person (or a later import) may want: template, labels, where it came from.
 ABOUT_FILE = "softprompt.json"
+PEFT_TYPES = {"PROMPT_TUNING": Method.PROMPT, "PREFIX_TUNING": Method.PREFIX}
 # An adapter is a few hundred KB; anything that inflates far past that is not one.
 MAX_UNZIPPED_BYTES = 64 * 1024 * 1024
 
@@ -29,10 +37,24 @@ MAX_UNZIPPED_BYTES = 64 * 1024 * 1024
 def export_zip(
     *, prompt: torch.Tensor, base_model: str, backbone_config: Any | None, about: dict[str, Any]
 ) -> bytes:
-    """The zip whose unpacked folder PEFT's `PeftModel.from_pretrained` reads. ``backbone_config`` (the
-    Hugging Face config) gives the layers and heads PEFT records; without it PEFT fills them in itself."""
+    """The zip whose unpacked folder PEFT's `PeftModel.from_pretrained` reads, for a soft prompt of either
+    kind. ``backbone_config`` (the Hugging Face config) gives the layers and heads PEFT records for a prompt;
+    without it PEFT fills them in itself."""
+    if is_prefix(prompt):
+        config, weights = _prefix_adapter(prompt, base_model)
+    else:
+        config, weights = _prompt_adapter(prompt, base_model, backbone_config), prompt
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(CONFIG_FILE, json.dumps(config, indent=2))
+        archive.writestr(WEIGHTS_FILE, prompt_to_bytes(weights))
+        archive.writestr(ABOUT_FILE, json.dumps(about, indent=2, ensure_ascii=False))
+    return buffer.getvalue()
+
+
+def _prompt_adapter(prompt: torch.Tensor, base_model: str, backbone_config: Any | None) -> dict[str, Any]:
     k, d = prompt.shape
-    config = {
+    return {
         "peft_type": "PROMPT_TUNING",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -47,24 +69,54 @@ def export_zip(
         "inference_mode": True,
         "revision": None,
     }
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(CONFIG_FILE, json.dumps(config, indent=2))
-        archive.writestr(WEIGHTS_FILE, prompt_to_bytes(prompt))
-        archive.writestr(ABOUT_FILE, json.dumps(about, indent=2, ensure_ascii=False))
-    return buffer.getvalue()
+
+
+def _prefix_adapter(prefix: torch.Tensor, base_model: str) -> tuple[dict[str, Any], torch.Tensor]:
+    """PEFT's config and [k, L * 2 * H_kv * Dh] table for a prefix [2, L, H_kv, k, Dh]."""
+    _, layers, heads, k, head_dim = prefix.shape
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "num_virtual_tokens": k,
+        # PEFT's names for a grouped-query backbone: the key/value heads, and their width together.
+        "token_dim": heads * head_dim,
+        "num_attention_heads": heads,
+        "num_layers": layers,
+        "num_transformer_submodules": 1,
+        "encoder_hidden_size": heads * head_dim,
+        "prefix_projection": False,
+        "inference_mode": True,
+        "revision": None,
+    }
+    table = prefix.permute(3, 1, 0, 2, 4).reshape(k, layers * 2 * heads * head_dim)  # [k, L*2*H*Dh]
+    return config, table
+
+
+def _prefix_from_table(table: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+    """The prefix [2, L, H_kv, k, Dh] in PEFT's [k, L * 2 * H_kv * Dh] table, checked against ``backbone``."""
+    _, layers, heads, _, head_dim = stored_shape(backbone, Method.PREFIX)
+    width = layers * 2 * heads * head_dim
+    if table.ndim != 2 or table.shape[0] < 1 or table.shape[1] != width:
+        raise _invalid(
+            f"{PROMPT_KEY} has shape {tuple(table.shape)}; a prefix for this backbone is [k, {width}] "
+            f"({layers} layers x keys and values x {heads} heads x {head_dim})"
+        )
+    k = table.shape[0]
+    return table.view(k, layers, 2, heads, head_dim).permute(2, 1, 3, 0, 4).contiguous()
 
 
 @dataclass(frozen=True)
 class ImportedAdapter:
-    prompt: torch.Tensor  # [k, d] float32
+    prompt: torch.Tensor  # [k, d] or, for a prefix, [2, L, H_kv, k, Dh]; float32
+    method: Method
     config: dict[str, Any]
     about: dict[str, Any]  # our own export's softprompt.json (template, labels), or empty
 
 
 def import_zip(data: bytes, *, backbone: Backbone) -> ImportedAdapter:
-    """The prompt in a PEFT prompt-tuning adapter zip, checked against ``backbone``; InvalidRequest naming
-    what is wrong otherwise."""
+    """The soft prompt in a PEFT prompt-tuning or prefix-tuning adapter zip, checked against ``backbone``;
+    InvalidRequest naming what is wrong otherwise."""
     files = _read_zip(data)
     if CONFIG_FILE not in files:
         raise _invalid(f"the zip has no {CONFIG_FILE}; found {sorted(files) or 'nothing'}")
@@ -72,9 +124,14 @@ def import_zip(data: bytes, *, backbone: Backbone) -> ImportedAdapter:
         config = json.loads(files[CONFIG_FILE])
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _invalid(f"{CONFIG_FILE} is not JSON: {error}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
-        found = config.get("peft_type") if isinstance(config, dict) else None
-        raise _invalid(f"only PEFT prompt-tuning adapters can be imported; peft_type is {found!r}")
+    found = config.get("peft_type") if isinstance(config, dict) else None
+    if found not in PEFT_TYPES:
+        raise _invalid(
+            f"only PEFT prompt-tuning and prefix-tuning adapters can be imported; peft_type is {found!r}"
+        )
+    method = PEFT_TYPES[found]
+    if method == Method.PREFIX and config.get("prefix_projection"):
+        raise _invalid("prefix_projection adapters hold an encoder, not the prefix; save one without it")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise _invalid(f"task_type must be CAUSAL_LM; got {config.get('task_type')!r}")
     if config.get("num_transformer_submodules", 1) != 1:
@@ -88,22 +145,24 @@ def import_zip(data: bytes, *, backbone: Backbone) -> ImportedAdapter:
         raise _invalid(f"{WEIGHTS_FILE} is not a readable safetensors file: {error}") from None
     if PROMPT_KEY not in tensors:
         raise _invalid(f"{WEIGHTS_FILE} has no {PROMPT_KEY!r} tensor; found {sorted(tensors)}")
-    prompt = tensors[PROMPT_KEY].to(torch.float32)  # [k, d]; PEFT may have saved half precision
-    d = backbone.embedding_dim
-    if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] != d:
-        raise _invalid(f"{PROMPT_KEY} has shape {tuple(prompt.shape)}; this backbone needs [k, {d}]")
-    declared = config.get("num_virtual_tokens")
-    if declared is not None and declared != prompt.shape[0]:
-        raise _invalid(f"num_virtual_tokens is {declared} but {PROMPT_KEY} holds {prompt.shape[0]}")
-    if not torch.isfinite(prompt).all():
+    table = tensors[PROMPT_KEY].to(torch.float32)  # PEFT may have saved half precision
+    if not torch.isfinite(table).all():
         raise _invalid(f"{PROMPT_KEY} contains NaN or infinite values")
+    if method == Method.PREFIX:
+        prompt = _prefix_from_table(table, backbone)
+    else:
+        prompt, d = table, backbone.embedding_dim  # [k, d]
+        if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] != d:
+            raise _invalid(f"{PROMPT_KEY} has shape {tuple(prompt.shape)}; this backbone needs [k, {d}]")
+    declared = config.get("num_virtual_tokens")
+    if declared is not None and declared != virtual_tokens(prompt):
+        raise _invalid(f"num_virtual_tokens is {declared} but {PROMPT_KEY} holds {virtual_tokens(prompt)}")
     try:
         about = json.loads(files.get(ABOUT_FILE, b"{}"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         about = {}  # PEFT does not read it either; the caller's form fields decide
-    return ImportedAdapter(
-        prompt=prompt.contiguous(), config=config, about=about if isinstance(about, dict) else {}
-    )
+    about = about if isinstance(about, dict) else {}
+    return ImportedAdapter(prompt=prompt.contiguous(), method=method, config=config, about=about)
 
 
 def _read_zip(data: bytes) -> dict[str, bytes]:

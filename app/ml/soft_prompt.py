@@ -98,6 +98,12 @@ def stored_shape(backbone: Backbone, method: Method) -> tuple[int | None, ...]:
     return (None, backbone.embedding_dim)
 
 
+def loose_shape(method: Method, embedding_dim: int) -> tuple[int | None, ...]:
+    """The shape of a stored soft prompt when its backbone is not at hand (an export): a prefix's layers
+    and heads are whatever it holds."""
+    return (2, None, None, None, None) if method == Method.PREFIX else (None, embedding_dim)
+
+
 def prompt_from_bytes(
     data: bytes, *, embedding_dim: int | None = None, shape: tuple[int | None, ...] | None = None
 ) -> torch.Tensor:

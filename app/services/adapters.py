@@ -9,12 +9,12 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import PromptVersion
-from app.errors import Conflict, InvalidRequest, PromptCorrupt
+from app.errors import InvalidRequest, PromptCorrupt
 from app.input_text import check_text, text_fault
 from app.ml.backbone import Backbone
 from app.ml.method import Method
 from app.ml.peft_format import export_zip, import_zip
-from app.ml.soft_prompt import prompt_from_bytes, prompt_to_bytes
+from app.ml.soft_prompt import loose_shape, prompt_from_bytes, prompt_to_bytes, virtual_tokens
 from app.services import prompts, quotas
 from app.services.jobs import TASK_NAME
 from app.services.labels import LabelLimits, check_labels
@@ -32,14 +32,9 @@ def export_version(
     session: Session, *, tenant_id: int, name: str, version: int, backbone: Backbone | None
 ) -> Export:
     row = prompts.get_version(session, tenant_id=tenant_id, name=name, version=version, with_vectors=True)
-    if row.method != Method.PROMPT:
-        raise Conflict(
-            f"{name}@{version} is a {row.method} version; PEFT export is available for prompt versions only.",
-            code="export_unavailable",
-        )
     if hashlib.sha256(row.vectors).hexdigest() != row.sha256:
         raise PromptCorrupt(f"Prompt version {name}@{version} fails its checksum; it cannot be exported.")
-    prompt = prompt_from_bytes(row.vectors, embedding_dim=row.embedding_dim)
+    prompt = prompt_from_bytes(row.vectors, shape=loose_shape(Method(row.method), row.embedding_dim))
     config = backbone.model.config if backbone is not None and backbone.name == row.base_model else None
     about = {
         "task": name,
@@ -76,10 +71,10 @@ def import_version(
         )
     quotas.check_upload(session, caller=caller, size=len(data))
     adapter = import_zip(data, backbone=backbone)
-    if adapter.prompt.shape[0] > settings.max_virtual_tokens:
+    k = virtual_tokens(adapter.prompt)
+    if k > settings.max_virtual_tokens:
         raise InvalidRequest(
-            f"The adapter has {adapter.prompt.shape[0]} virtual tokens; the limit is "
-            f"{settings.max_virtual_tokens}.",
+            f"The adapter has {k} virtual tokens; the limit is {settings.max_virtual_tokens}.",
             param="file",
             code="invalid_adapter",
         )
@@ -101,7 +96,8 @@ def import_version(
         name=name,
         vectors=prompt_to_bytes(adapter.prompt),
         base_model=backbone.name,
-        num_virtual_tokens=adapter.prompt.shape[0],
+        method=adapter.method,
+        num_virtual_tokens=k,
         embedding_dim=backbone.embedding_dim,
         template=template,
         labels=labels,

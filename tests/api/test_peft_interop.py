@@ -9,14 +9,15 @@ import zipfile
 
 import pytest
 import torch
-from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from app.ml import inference
-from app.ml.layout import build_batch, context_ids
+from app.ml.layout import build_batch, context_ids, target_ids
 from app.ml.soft_prompt import prompt_to_bytes
 from app.ml.text import render
-from tests.helpers import TEMPLATE, stored_prompt
+from app.services.training import run_job
+from tests.helpers import TEMPLATE, sentiment_file, stored_prompt, upload
 
 SENTENCE = "a gorgeous, witty, seductive movie."
 
@@ -142,3 +143,80 @@ def test_a_broken_adapter_is_refused_with_the_reason(client, files, fault):
     assert client.get("/v1/prompts/x").status_code == 404  # nothing stored
     not_zip = client.post("/v1/prompts/x/versions", files={"file": ("a.zip", b"PK not really")})
     assert not_zip.status_code == 422 and "not a zip" in not_zip.json()["error"]["message"]
+
+
+def _prefix_version(client, settings, tiny_backbone) -> None:
+    """A prefix version "deep@1", trained for a few steps in this process."""
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    job = client.post(
+        "/v1/tuning/jobs",
+        json={
+            "task": "deep",
+            "training_dataset": dataset_id,
+            "template": TEMPLATE,
+            "method": "prefix",
+            "num_virtual_tokens": 4,
+            "hyperparameters": {"steps": 3, "batch_size": 4},
+        },
+    ).json()
+    assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
+
+
+def test_an_exported_prefix_loads_in_peft_with_the_same_label_log_probabilities(
+    client, settings, tiny_backbone, tiny_backbone_dir, tmp_path
+):
+    _prefix_version(client, settings, tiny_backbone)
+    response = client.get("/v1/prompts/deep/versions/1/peft")
+    assert response.status_code == 200, response.text
+    unzip(response.content, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    backbone = AutoModelForCausalLM.from_pretrained(tiny_backbone_dir)
+    model = PeftModel.from_pretrained(backbone, tmp_path / "adapter")
+    model.eval()
+
+    labels = ["negative", "positive"]
+    text = render(TEMPLATE, SENTENCE)
+    ours = inference.label_log_likelihoods(
+        tiny_backbone, prompts=[stored_prompt(settings)], texts=[text], labels=labels
+    )[0]
+    context = context_ids(tiny_backbone, text)
+    for label, our_score in zip(labels, ours.tolist(), strict=True):
+        label_ids = target_ids(tiny_backbone, text, label, with_eos=False)
+        ids = torch.tensor([context + label_ids])
+        with torch.inference_mode():
+            log_probs = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].log_softmax(-1)
+        theirs = sum(log_probs[len(context) - 1 + j, t].item() for j, t in enumerate(label_ids))
+        assert theirs == pytest.approx(our_score, abs=1e-4), label
+
+
+def test_a_prefix_adapter_made_by_peft_is_imported_and_served(
+    client, tiny_backbone, tiny_backbone_dir, tmp_path
+):
+    torch.manual_seed(0)
+    config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_backbone_dir), config)
+    with torch.no_grad():  # PEFT starts from N(0, 1); make it the scale of real keys and values
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "made", safe_serialization=True)
+    model.eval()
+
+    imported = client.post(
+        "/v1/prompts/peft-prefix/versions",
+        files={"file": ("adapter.zip", zipped(tmp_path / "made"))},
+        data={"template": "Q: {input}\nA:"},
+    )
+    assert imported.status_code == 201, imported.text
+    assert imported.json()["method"] == "prefix" and imported.json()["num_virtual_tokens"] == 3
+
+    served = client.post("/v1/generate", json={"task": "peft-prefix", "input": "hello", "max_new_tokens": 6})
+    assert served.status_code == 200, served.text
+    ids = context_ids(tiny_backbone, render("Q: {input}\nA:", "hello"))
+    produced: list[int] = []
+    with torch.inference_mode():  # PEFT's own greedy decoding, recomputed from scratch at every step
+        for _ in range(6):
+            step = torch.tensor([ids + produced])
+            token = int(model(input_ids=step, attention_mask=torch.ones_like(step)).logits[0, -1].argmax())
+            if token == tiny_backbone.eos_token_id:
+                break
+            produced.append(token)
+    assert served.json()["outputs"][0]["text"] == tiny_backbone.tokenizer.decode(produced)

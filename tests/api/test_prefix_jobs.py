@@ -63,9 +63,3 @@ def test_a_prefix_may_start_at_zero_and_a_prompt_may_not(client, settings, tiny_
         json={"task": "flat", "training_dataset": dataset_id, "init": {"strategy": "zero"}},
     )
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "init.strategy"
-
-
-def test_a_prefix_version_is_not_exported_as_a_prompt_adapter(client, settings, tiny_backbone):
-    _prefix_job(client, settings, tiny_backbone)
-    refused = client.get("/v1/prompts/deep/versions/1/peft")
-    assert refused.status_code == 409 and refused.json()["error"]["code"] == "export_unavailable"

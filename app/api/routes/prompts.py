@@ -51,7 +51,7 @@ def delete_version(task: str, version: IdPath, caller: CallerDep, session: Sessi
     response_class=Response,
     responses={
         200: {"content": {"application/zip": {}}, "description": "A PEFT prompt-tuning adapter, zipped."},
-        **errors(401, 404, 409, 422),
+        **errors(401, 404, 422),
     },
 )
 def export_peft(task: str, version: IdPath, caller: CallerDep, session: SessionDep, serving: ServingDep):
