@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 from app.config import Settings  # noqa: E402
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone  # noqa: E402
 from app.ml.inference import classify  # noqa: E402
+from app.ml.method import Method  # noqa: E402
+from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.text import render  # noqa: E402
 from app.ml.trainer import BatchOrder, Example, TrainConfig, lr_factor, train_prompt  # noqa: E402
@@ -84,16 +86,30 @@ def accuracy(backbone: Backbone, prompt: torch.Tensor | None, dev: list[Example]
     return correct / len(dev)
 
 
-def config(steps: int, batch_size: int, *, warmup: bool = True) -> TrainConfig:
+def config(
+    steps: int, batch_size: int, *, warmup: bool = True, learning_rate: float | None = None
+) -> TrainConfig:
     """A job's defaults at this length and batch; without ``warmup``, none."""
-    given = Hyperparameters(steps=steps, batch_size=batch_size, **({} if warmup else {"warmup_steps": 0}))
-    return given.resolve(steps * batch_size, max_steps=steps).train_config(classification=True)
+    given = {"steps": steps, "batch_size": batch_size}
+    given |= {} if warmup else {"warmup_steps": 0}
+    given |= {} if learning_rate is None else {"learning_rate": learning_rate}
+    resolved = Hyperparameters(**given).resolve(steps * batch_size, max_steps=steps)
+    return resolved.train_config(classification=True)
 
 
-def run_ours(train: list[Example], dev: list[Example], steps: int, batch_size: int) -> dict:
+def run_ours(
+    train: list[Example],
+    dev: list[Example],
+    steps: int,
+    batch_size: int,
+    *,
+    method: Method = Method.PROMPT,
+    learning_rate: float | None = None,
+) -> dict:
     backbone = load()
     baseline = max_rss()
-    prompt = init_prompt(backbone, num_virtual_tokens=VIRTUAL_TOKENS, strategy="labels", labels=LABELS)
+    start = init_prefix if method == Method.PREFIX else init_prompt
+    prompt = start(backbone, num_virtual_tokens=VIRTUAL_TOKENS, strategy="labels", labels=LABELS)
     stamps: list[float] = []
     result = train_prompt(
         backbone,
@@ -102,7 +118,7 @@ def run_ours(train: list[Example], dev: list[Example], steps: int, batch_size: i
         validation=[],
         template=TEMPLATE,
         labels=LABELS,
-        config=config(steps, batch_size),
+        config=config(steps, batch_size, learning_rate=learning_rate),
         on_progress=lambda _: stamps.append(time.perf_counter()),
         should_stop=lambda: False,
     )
@@ -119,28 +135,47 @@ def run_ours(train: list[Example], dev: list[Example], steps: int, batch_size: i
 GUIDE_INIT_TEXT = "Classify if the review is positive or negative:"
 # Child process name -> PEFT recipe (None: our trainer).
 TRAINERS = {"ours": None, "peft-guide": "guide", "peft-ours": "ours"}
+# The other methods (--methods): ours as prefix tuning, PEFT's prefix tuning and LoRA, at the learning
+# rates the hardening issue's table used for PEFT (1e-2 prefix, 1e-3 LoRA) and ours as given.
+METHOD_TRAINERS = {"ours-prefix": None, "peft-prefix": "prefix", "peft-lora": "lora"}
+PEFT_RATES = {"prefix": 1e-2, "lora": 1e-3}
 
 
 def run_peft(train: list[Example], dev: list[Example], steps: int, batch_size: int, recipe: str) -> dict:
-    """``recipe`` "guide": PEFT's prompt-tuning guide; "ours": our defaults, for the equal-work timing."""
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    """``recipe`` "guide": PEFT's prompt-tuning guide; "ours": our defaults, for the equal-work timing;
+    "prefix": PEFT's prefix tuning (its own init); "lora": LoRA r 8 on every linear projection."""
+    from peft import (
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+        TaskType,
+        get_peft_model,
+    )
 
     backbone = load()
     baseline = max_rss()
     tokenizer = backbone.tokenizer
     guide = recipe == "guide"
-    peft_config = PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=VIRTUAL_TOKENS,
-        prompt_tuning_init=PromptTuningInit.TEXT,
-        # Ours starts from the label words; PEFT's TEXT init cycles the text's tokens the same way.
-        prompt_tuning_init_text=GUIDE_INIT_TEXT if guide else " negative positive",
-        tokenizer_name_or_path=str(backbone.model.name_or_path),
-    )
+    if recipe == "prefix":
+        peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=VIRTUAL_TOKENS)
+    elif recipe == "lora":
+        peft_config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"
+        )
+    else:
+        peft_config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=VIRTUAL_TOKENS,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            # Ours starts from the label words; PEFT's TEXT init cycles the text's tokens the same way.
+            prompt_tuning_init_text=GUIDE_INIT_TEXT if guide else " negative positive",
+            tokenizer_name_or_path=str(backbone.model.name_or_path),
+        )
     model = get_peft_model(backbone.model, peft_config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    train_config = config(steps, batch_size, warmup=not guide)
+    train_config = config(steps, batch_size, warmup=not guide, learning_rate=PEFT_RATES.get(recipe))
     optimizer = torch.optim.AdamW(params, lr=train_config.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_config))
     batches = BatchOrder(batch_size, len(train), train_config.seed)
@@ -158,10 +193,12 @@ def run_peft(train: list[Example], dev: list[Example], steps: int, batch_size: i
         stamps.append(time.perf_counter())
     peak = max_rss() - baseline
     model.eval()
+    # Prompt tuning puts its virtual tokens in the logits too; prefix tuning and LoRA do not.
+    offset = VIRTUAL_TOKENS if recipe in ("guide", "ours") else 0
     return {
         "step_seconds": _median_step(stamps),
         "peak_bytes": peak,
-        "accuracy": _peft_accuracy(model, tokenizer, dev),
+        "accuracy": _peft_accuracy(model, tokenizer, dev, offset=offset),
     }
 
 
@@ -182,9 +219,9 @@ def _peft_batch(tokenizer, batch: list[Example], *, end_token: bool):
     return input_ids, attention_mask, labels
 
 
-def _peft_accuracy(model, tokenizer, dev: list[Example]) -> float:
+def _peft_accuracy(model, tokenizer, dev: list[Example], *, offset: int) -> float:
     """Rank classification with the PEFT model, 32 rows at a time, right-padded: each row is read at its
-    own last input position (after the virtual tokens PEFT puts first)."""
+    own last input position (after the ``offset`` virtual tokens PEFT puts first in prompt tuning)."""
     label_ids = [tokenizer(" " + label, add_special_tokens=False)["input_ids"][0] for label in LABELS]
     correct = 0
     with torch.inference_mode():
@@ -197,7 +234,7 @@ def _peft_accuracy(model, tokenizer, dev: list[Example]) -> float:
             input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in ids])
             attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, k + width, V]
-            last = torch.tensor([VIRTUAL_TOKENS + len(row) - 1 for row in ids])
+            last = torch.tensor([offset + len(row) - 1 for row in ids])
             picked = logits[torch.arange(len(ids)), last][:, label_ids]  # [B, labels]
             correct += sum(LABELS[int(p.argmax())] == ex.output for p, ex in zip(picked, chunk, strict=True))
     return correct / len(dev)
@@ -244,33 +281,46 @@ def main() -> int:
     parser.add_argument(
         "--train-rows", type=int, default=400, help="rows from the start of the training split"
     )
+    parser.add_argument("--dev-rows", type=int, default=872, help="dev rows scored, from the start")
     parser.add_argument("--full-job", action="store_true")
-    parser.add_argument("--trainer", choices=[*TRAINERS, "full"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--methods", action="store_true", help="also ours as prefix tuning, PEFT prefix tuning and PEFT LoRA"
+    )
+    parser.add_argument("--prefix-lr", type=float, default=None, help="learning rate of ours-prefix")
+    parser.add_argument("--trainer", choices=[*TRAINERS, *METHOD_TRAINERS, "full"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.trainer:  # a child process: one trainer, its figures as JSON on the last line
-        train, dev = rows("train")[: args.train_rows], rows("dev")
+        train, dev = rows("train")[: args.train_rows], rows("dev")[: args.dev_rows]
         if args.trainer == "full":
             figures = run_full_job()
         elif args.trainer == "ours":
             figures = run_ours(train, dev, args.steps, args.batch_size)
+        elif args.trainer == "ours-prefix":
+            figures = run_ours(
+                train, dev, args.steps, args.batch_size, method=Method.PREFIX, learning_rate=args.prefix_lr
+            )
         else:
-            figures = run_peft(train, dev, args.steps, args.batch_size, recipe=TRAINERS[args.trainer])
+            recipe = {**TRAINERS, **METHOD_TRAINERS}[args.trainer]
+            figures = run_peft(train, dev, args.steps, args.batch_size, recipe=recipe)
         print(json.dumps(figures))
         return 0
 
     def child(trainer: str) -> dict:
         argv = [sys.executable, __file__, "--trainer", trainer, "--steps", str(args.steps)]
         argv += ["--batch-size", str(args.batch_size), "--train-rows", str(args.train_rows)]
+        argv += ["--dev-rows", str(args.dev_rows)]
+        argv += [] if args.prefix_lr is None else ["--prefix-lr", str(args.prefix_lr)]
         done = subprocess.run(argv, capture_output=True, text=True, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     log(
         f"{args.train_rows} SST-2 training rows, {args.steps} steps of batch {args.batch_size}, "
-        f"{VIRTUAL_TOKENS} virtual tokens; dev accuracy on all 872 dev rows; "
+        f"{VIRTUAL_TOKENS} virtual tokens; dev accuracy on the first {args.dev_rows} of the 872 dev rows; "
         f"torch threads {torch.get_num_threads()}"
     )
-    figures = {name: child(name) for name in TRAINERS}
+    names = [*TRAINERS, *(METHOD_TRAINERS if args.methods else [])]
+    figures = {name: child(name) for name in names}
     ours, guide, same = figures["ours"], figures["peft-guide"], figures["peft-ours"]
     for name, row in figures.items():
         log(
@@ -286,6 +336,17 @@ def main() -> int:
         f"dev accuracy, ours - PEFT = {ours['accuracy'] - guide['accuracy']:+.3f} against its guide's "
         f"settings   (target > 0); {ours['accuracy'] - same['accuracy']:+.3f} against our settings"
     )
+    if args.methods:
+        prefix, best_soft = figures["ours-prefix"], max(guide["accuracy"], figures["peft-prefix"]["accuracy"])
+        log(
+            f"dev accuracy, ours prefix - PEFT's best soft prompt = {prefix['accuracy'] - best_soft:+.3f}   "
+            f"(target >= +0.020); ours prefix - PEFT LoRA = "
+            f"{prefix['accuracy'] - figures['peft-lora']['accuracy']:+.3f}   (target >= -0.010)"
+        )
+        log(
+            f"time per step, ours prefix / PEFT prefix = "
+            f"{prefix['step_seconds'] / figures['peft-prefix']['step_seconds']:.2f}   (target <= 0.7)"
+        )
     if args.full_job:
         full = child("full")
         log(
