@@ -26,6 +26,7 @@ from app.main import create_app
 from app.ml.method import Method
 from app.ml.soft_prompt import loose_shape, prompt_from_bytes, prompt_to_bytes
 from app.services.api_keys import create_key
+from app.services.training import run_job
 from tests.paths import REPO
 from tests.stacks import Stack
 
@@ -104,3 +105,21 @@ def stored_prompt(settings: Settings) -> torch.Tensor:
     with session_scope(settings.registry_url) as session:
         row = session.query(PromptVersion).one()
         return prompt_from_bytes(row.vectors, shape=loose_shape(Method(row.method), row.embedding_dim))
+
+
+def tune_here(client, settings: Settings, backbone, **job) -> dict:
+    """A job on the 20 reviews, 3 steps of 4 with 4 virtual tokens unless ``job`` says otherwise, trained
+    in this process as a worker would; its body as created."""
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    body = {
+        "training_dataset": dataset_id,
+        "template": TEMPLATE,
+        "num_virtual_tokens": 4,
+        "hyperparameters": {"steps": 3, "batch_size": 4},
+        **job,
+    }
+    created = client.post("/v1/tuning/jobs", json=body)
+    assert created.status_code == 201, created.text
+    outcome = run_job(db_url=settings.registry_url, job_id=created.json()["id"], backbone=backbone)
+    assert outcome == "succeeded"
+    return created.json()

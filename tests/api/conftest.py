@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.db.migrate import upgrade
 from app.main import create_app
-from tests.helpers import TEMPLATE, bearer, new_key, running, sentiment_file, upload
+from tests.helpers import bearer, new_key, running, tune_here
 from tests.stacks import STACK_PARAMS, make_stack
 
 
@@ -50,21 +50,7 @@ def client(settings, api_key):
 @pytest.fixture
 def trained(client, settings, tiny_backbone):
     """A task 'sst2' of the tenant "acme" with one version trained for a few steps, in this process."""
-    from app.services.training import run_job
-
-    dataset_id = upload(client, sentiment_file()).json()["id"]
-    job = client.post(
-        "/v1/tuning/jobs",
-        json={
-            "task": "sst2",
-            "training_dataset": dataset_id,
-            "template": TEMPLATE,
-            "num_virtual_tokens": 4,
-            "hyperparameters": {"steps": 3, "batch_size": 4},
-        },
-    ).json()
-    assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
-    return job
+    return tune_here(client, settings, tiny_backbone, task="sst2")
 
 
 @pytest.fixture

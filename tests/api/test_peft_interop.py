@@ -16,8 +16,7 @@ from app.ml import inference
 from app.ml.layout import build_batch, context_ids, target_ids
 from app.ml.soft_prompt import prompt_to_bytes
 from app.ml.text import render
-from app.services.training import run_job
-from tests.helpers import TEMPLATE, sentiment_file, stored_prompt, upload
+from tests.helpers import TEMPLATE, stored_prompt, tune_here
 
 SENTENCE = "a gorgeous, witty, seductive movie."
 
@@ -145,27 +144,10 @@ def test_a_broken_adapter_is_refused_with_the_reason(client, files, fault):
     assert not_zip.status_code == 422 and "not a zip" in not_zip.json()["error"]["message"]
 
 
-def _prefix_version(client, settings, tiny_backbone) -> None:
-    """A prefix version "deep@1", trained for a few steps in this process."""
-    dataset_id = upload(client, sentiment_file()).json()["id"]
-    job = client.post(
-        "/v1/tuning/jobs",
-        json={
-            "task": "deep",
-            "training_dataset": dataset_id,
-            "template": TEMPLATE,
-            "method": "prefix",
-            "num_virtual_tokens": 4,
-            "hyperparameters": {"steps": 3, "batch_size": 4},
-        },
-    ).json()
-    assert run_job(db_url=settings.registry_url, job_id=job["id"], backbone=tiny_backbone) == "succeeded"
-
-
 def test_an_exported_prefix_loads_in_peft_with_the_same_label_log_probabilities(
     client, settings, tiny_backbone, tiny_backbone_dir, tmp_path
 ):
-    _prefix_version(client, settings, tiny_backbone)
+    tune_here(client, settings, tiny_backbone, task="deep", method="prefix")
     response = client.get("/v1/prompts/deep/versions/1/peft")
     assert response.status_code == 200, response.text
     unzip(response.content, tmp_path / "adapter")

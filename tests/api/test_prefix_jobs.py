@@ -5,29 +5,13 @@ from __future__ import annotations
 
 from app.ml import inference
 from app.ml.layout import context_ids
-from app.services.training import run_job
-from tests.helpers import TEMPLATE, sentiment_file, stored_prompt, upload
+from tests.helpers import TEMPLATE, sentiment_file, stored_prompt, tune_here, upload
 
 
 def _prefix_job(client, settings, tiny_backbone, **body) -> dict:
-    dataset_id = upload(client, sentiment_file()).json()["id"]
-    job = client.post(
-        "/v1/tuning/jobs",
-        json={
-            "task": "deep",
-            "training_dataset": dataset_id,
-            "template": TEMPLATE,
-            "method": "prefix",
-            "num_virtual_tokens": 4,
-            "hyperparameters": {"steps": 3, "batch_size": 4},
-            **body,
-        },
-    )
-    assert job.status_code == 201, job.text
-    assert job.json()["method"] == "prefix"
-    outcome = run_job(db_url=settings.registry_url, job_id=job.json()["id"], backbone=tiny_backbone)
-    assert outcome == "succeeded"
-    return job.json()
+    job = tune_here(client, settings, tiny_backbone, task="deep", method="prefix", **body)
+    assert job["method"] == "prefix"
+    return job
 
 
 def test_a_prefix_job_publishes_a_prefix_version_that_is_served_exactly(client, settings, tiny_backbone):
