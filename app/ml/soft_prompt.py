@@ -104,13 +104,9 @@ def loose_shape(method: Method, embedding_dim: int) -> tuple[int | None, ...]:
     return (2, None, None, None, None) if method == Method.PREFIX else (None, embedding_dim)
 
 
-def prompt_from_bytes(
-    data: bytes, *, embedding_dim: int | None = None, shape: tuple[int | None, ...] | None = None
-) -> torch.Tensor:
-    """The float32 soft prompt stored in ``data``: ``[k, embedding_dim]``, or of ``shape`` (None where k
-    goes, k >= 1); PromptCorrupt unless it is exactly that and finite."""
-    if shape is None:
-        shape = (None, embedding_dim)
+def prompt_from_bytes(data: bytes, *, shape: tuple[int | None, ...]) -> torch.Tensor:
+    """The float32 soft prompt stored in ``data``, of ``shape`` (None where k goes, k >= 1: see
+    ``stored_shape`` and ``loose_shape``); PromptCorrupt unless it is exactly that and finite."""
     try:
         tensors = st_load(data)
     except Exception as exc:  # safetensors raises its own error types and OSError on garbage

@@ -15,7 +15,7 @@ def _table(backbone) -> torch.Tensor:
 
 def test_bytes_round_trip_exactly():
     prompt = torch.randn(7, 64)
-    restored = prompt_from_bytes(prompt_to_bytes(prompt), embedding_dim=64)
+    restored = prompt_from_bytes(prompt_to_bytes(prompt), shape=(None, 64))
     assert restored.dtype == torch.float32
     assert torch.equal(restored, prompt)
 
@@ -49,7 +49,7 @@ def test_bytes_round_trip_exactly():
 )
 def test_corrupt_bytes_raise_prompt_corrupt(data):
     with pytest.raises(PromptCorrupt):
-        prompt_from_bytes(data, embedding_dim=64)
+        prompt_from_bytes(data, shape=(None, 64))
 
 
 def test_text_init_repeats_the_text_embeddings(tiny_backbone):
