@@ -100,6 +100,13 @@ class PromptCorrupt(DomainError):
     code = "prompt_corrupt"
 
 
+class UnsupportedBackbone(DomainError):
+    """A configured backbone whose architecture cannot run soft prompts correctly (found when it loads)."""
+
+    status = 503
+    code = "unsupported_backbone"
+
+
 class InferenceFailed(DomainError):
     """The engine could not compute a request's rows (a fault on the server, not in the request)."""
 

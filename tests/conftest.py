@@ -3,13 +3,19 @@ from __future__ import annotations
 import pytest
 
 from app.ml.backbone import Backbone, load_backbone
-from tests.fixtures.tiny_backbone import write_tiny_backbone
+from tests.fixtures.tiny_backbone import write_tiny_backbone, write_tiny_family
 from tests.stacks import STACK_IDS
 
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory):
     return write_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone"))
+
+
+@pytest.fixture(scope="session")
+def unsupported_backbone_dir(tmp_path_factory):
+    """A model directory a team might configure that cannot run soft prompts (BERT attends both ways)."""
+    return write_tiny_family(tmp_path_factory.mktemp("bert_backbone"), "bert")
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,10 @@ from app import logs
 from app.config import get_settings
 from app.db.models import TuningJob
 from app.db.session import session_scope
+from app.errors import UnsupportedBackbone
 from app.services import worker_metrics
 from app.services.queue import TRAIN_TASK
-from app.services.training import HANDBACK, RunOutcome, run_job
+from app.services.training import HANDBACK, RunOutcome, refuse_job, run_job
 from workers.backbones import get_backbone
 from workers.celery_app import celery
 
@@ -62,12 +63,17 @@ def _train(job_id: int) -> RunOutcome:
         logs.task.set(job.task if job else None)
     if base_model is None:
         return RunOutcome.MISSING
-    outcome = run_job(
-        db_url=settings.registry_url,
-        job_id=job_id,
-        backbone=get_backbone(base_model),
-        checkpoint_every=settings.checkpoint_every_steps,
-        lease_s=settings.job_lease_s,
-    )
+    try:
+        backbone = get_backbone(base_model)
+    except UnsupportedBackbone as error:  # no worker can run it: the job says why instead of waiting
+        outcome = refuse_job(db_url=settings.registry_url, job_id=job_id, error=error)
+    else:
+        outcome = run_job(
+            db_url=settings.registry_url,
+            job_id=job_id,
+            backbone=backbone,
+            checkpoint_every=settings.checkpoint_every_steps,
+            lease_s=settings.job_lease_s,
+        )
     worker_metrics.JOBS.labels(outcome).inc()
     return outcome

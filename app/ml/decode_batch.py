@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from app.ml.backbone import Backbone
+from app.ml.layout import additive_mask
 from app.ml.prompt_kv import PromptKV
 from app.ml.row import GenerationRequest, Row
 
@@ -99,7 +100,7 @@ def prefill(
     mask = torch.zeros(batch_size, k_max + n_max, dtype=torch.long, device=device)  # [B, K + N]
     positions = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)  # [B, N]
     ids = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)  # [B, N]
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # plain layers: one built from the config may slide and drop entries
     if k_max:
         layers, heads, _, head_dim = next(kv.keys.shape for kv in kvs if kv is not None)
         prefix_keys = torch.zeros(layers, batch_size, heads, k_max, head_dim, dtype=dtype, device=device)
@@ -116,14 +117,16 @@ def prefill(
     if k_max:
         cache = _cache_from(list(prefix_keys.unbind(0)), list(prefix_values.unbind(0)))
 
+    # Query i (cache column k_max + i) sees the real entries up to itself.
+    causal = torch.ones(n_max, k_max + n_max, dtype=torch.bool, device=device).tril(k_max)  # [N, K + N]
     hidden = model.get_decoder()(
         inputs_embeds=model.get_input_embeddings()(ids),  # [B, N, d]; padding rows are masked out
-        attention_mask=mask,
+        attention_mask=additive_mask(mask.bool()[:, None, None] & causal, dtype),  # [B, 1, N, K + N]
         position_ids=positions,
         cache=cache,
         use_cache=True,
     ).last_hidden_state  # [B, N, d]
-    logits = model.get_output_embeddings()(hidden[:, -1]).float()  # [B, V]
+    logits = backbone.logits(hidden[:, -1])  # [B, V]
     batch = DecodeBatch(
         sequences=list(sequences),
         cache=cache,
@@ -143,10 +146,10 @@ def decode_step(backbone: Backbone, batch: DecodeBatch) -> torch.Tensor:
     )  # [B, T + 1]
     hidden = model.get_decoder()(
         inputs_embeds=model.get_input_embeddings()(batch.next_tokens[:, None]),  # [B, 1, d]
-        attention_mask=batch.attention_mask,
+        attention_mask=additive_mask(batch.attention_mask.bool()[:, None, None], backbone.dtype),  # [B,1,1,T]
         position_ids=batch.next_positions[:, None],
         cache=batch.cache,
         use_cache=True,
     ).last_hidden_state  # [B, 1, d]
     batch.next_positions = batch.next_positions + 1
-    return model.get_output_embeddings()(hidden[:, -1]).float()  # [B, V]
+    return backbone.logits(hidden[:, -1])  # [B, V]

@@ -91,7 +91,7 @@ def generate_reference(
                 batch = build_batch(backbone, [prompt], [ids + produced], left_pad=False)
                 hidden = model.get_decoder()(inputs_embeds=batch.inputs_embeds, use_cache=False)
             hidden = hidden.last_hidden_state
-            token = int(model.get_output_embeddings()(hidden[0, -1]).argmax())
+            token = int(backbone.logits(hidden[0, -1]).argmax())
             if token == eos:
                 break
             produced.append(token)

@@ -175,9 +175,7 @@ def target_logits(
     hidden = backbone.model.get_decoder()(
         inputs_embeds=torch.stack(rows),  # [P, W, d]
         position_ids=torch.stack(positions),  # [P, W]
-        attention_mask=torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(
-            ~mask, torch.finfo(dtype).min
-        ),
+        attention_mask=additive_mask(mask, dtype),
         cache=cache,
         use_cache=cache is not None,
     ).last_hidden_state  # [P, W, d]
@@ -192,7 +190,17 @@ def target_logits(
         columns += range(first, first + len(target))
     row_of = torch.tensor(rows_of, dtype=torch.long, device=device)
     picked = hidden[torch.tensor(packs_of, device=device), torch.tensor(columns, device=device)]  # [N, d]
-    return backbone.model.get_output_embeddings()(picked).float(), row_of  # [N, V]
+    return backbone.logits(picked), row_of  # [N, V]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True where a query may look, [B, 1, q, T]) as the additive float mask the decoder
+    takes as is. Every forward pass here gets one of these rather than a [B, T] padding mask: from a 4D mask
+    the model builds nothing of its own, so no family's sliding window or other rule slips in between
+    (rows never outgrow the window: Backbone.max_length)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 def _per_prompt(
@@ -243,7 +251,7 @@ def _prompt_cache(backbone: Backbone, prompt: torch.Tensor, copies: int) -> Dyna
                 for k, v in zip(keys, values, strict=True)
             ]
         )
-    cache = DynamicCache(config=backbone.model.config)
+    cache = DynamicCache()  # plain layers: one built from the config may slide and drop entries
     backbone.model.get_decoder()(
         inputs_embeds=prompt.to(backbone.device, backbone.dtype)[None],  # [1, k, d]
         position_ids=torch.arange(len(prompt), device=backbone.device)[None],

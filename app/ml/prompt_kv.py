@@ -41,7 +41,7 @@ def compute_prompt_kv(backbone: Backbone, prompt: torch.Tensor) -> PromptKV:
         return PromptKV(keys.contiguous(), values.contiguous())
     embeds = prompt.to(backbone.device, backbone.dtype)[None]  # [1, k, d]
     positions = torch.arange(len(prompt), device=backbone.device)[None]  # [1, k]
-    cache = DynamicCache(config=backbone.model.config)
+    cache = DynamicCache()  # plain layers: one built from the config may slide and drop entries
     with torch.inference_mode():
         backbone.model.get_decoder()(
             inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True

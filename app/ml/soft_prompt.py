@@ -91,10 +91,8 @@ def prompt_to_bytes(prompt: torch.Tensor) -> bytes:
 def stored_shape(backbone: Backbone, method: Method) -> tuple[int | None, ...]:
     """The shape a ``method``'s soft prompt has on ``backbone``; None where k goes."""
     if method == Method.PREFIX:
-        config = backbone.model.config
-        heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return (2, config.num_hidden_layers, heads, None, head_dim)
+        kv = backbone.kv
+        return (2, kv.layers, kv.heads, None, kv.head_dim)
     return (None, backbone.embedding_dim)
 
 

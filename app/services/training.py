@@ -70,7 +70,7 @@ def run_job(
     The run's state is saved in the registry every ``checkpoint_every`` steps (0: only at a hand-back),
     and a job that finds a checkpoint of its own continues from it (a job handed back, or queued again
     after its worker died); the checkpoint goes once the job ends."""
-    worker = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+    worker = _worker_name()
     if not leases.claim(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s):
         log.info("job %s not claimed: it is not queued (duplicate delivery or cancelled)", job_id)
         return RunOutcome.SKIPPED
@@ -97,6 +97,21 @@ def run_job(
             status = owner.fail(code="training_error", message=f"{type(error).__name__}: {error}")
     log.info("job %s released by %s: %s", job_id, worker, status)
     return status
+
+
+def refuse_job(*, db_url: str, job_id: int, error: DomainError, lease_s: float = 60.0) -> RunOutcome:
+    """Fail a queued job that no worker can run (its backbone cannot be loaded), saying why; a job that
+    is no longer queued is left as it is."""
+    worker = _worker_name()
+    if not leases.claim(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s):
+        return RunOutcome.SKIPPED
+    log.error("job %s refused: %s", job_id, error.message)
+    _Owner(db_url=db_url, job_id=job_id, worker=worker).fail(code=error.code, message=error.message)
+    return RunOutcome.FAILED
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
 # Set when this worker process is shutting down (SIGTERM): the running job stops at its next step, saves

@@ -42,7 +42,7 @@ def our_logits(backbone, prompt: torch.Tensor, text: str) -> torch.Tensor:
         hidden = backbone.model.get_decoder()(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False
         ).last_hidden_state
-        return backbone.model.get_output_embeddings()(hidden[0, len(prompt) :]).float()
+        return backbone.logits(hidden[0, len(prompt) :])
 
 
 def test_an_exported_version_loads_in_peft_with_identical_logits(

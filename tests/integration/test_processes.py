@@ -36,9 +36,14 @@ class Service:
 
 
 @pytest.fixture(params=STACK_PARAMS)
-def service(request, tmp_path, tiny_backbone_dir):
+def service(request, tmp_path, tiny_backbone_dir, unsupported_backbone_dir):
     port, metrics_port = free_port(), free_port()
-    metrics = {"SOFTPROMPT_WORKER_METRICS_PORT": str(metrics_port)}
+    metrics = {
+        "SOFTPROMPT_WORKER_METRICS_PORT": str(metrics_port),
+        "SOFTPROMPT_BACKBONES": json.dumps(
+            {"tiny": str(tiny_backbone_dir), "bert": str(unsupported_backbone_dir)}
+        ),
+    }
     with ExitStack() as stack:
         if request.param == "embedded":
             env = service_env(tmp_path / "data", tiny_backbone_dir, None, **metrics)
@@ -124,6 +129,16 @@ def test_upload_tune_and_serve(service):
         line for line in scraped.splitlines() if line.startswith("softprompt_worker_step_seconds_count")
     )
     assert float(steps.split()[-1]) >= 19
+
+    # A configured backbone whose architecture cannot work: its job fails saying why, and nothing waits.
+    refused = service.api.post(
+        "/v1/tuning/jobs",
+        json={"task": "other", "training_dataset": dataset["id"], "base_model": "bert"},
+    ).json()
+    failed = wait_for_job(service.api, refused["id"], ("succeeded", "failed"))
+    assert failed["status"] == "failed" and failed["error"]["code"] == "unsupported_backbone"
+    assert "backbone 'bert'" in failed["error"]["message"]
+    assert service.api.get("/v1/prompts/other").status_code == 404
 
 
 def test_cancel_a_running_job(service):
