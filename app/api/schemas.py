@@ -148,6 +148,7 @@ class JobMetrics(BaseModel):
     val_per_label: dict[str, LabelMetrics] | None = None
     zero_shot_accuracy: float | None = None
     zero_shot_macro_f1: float | None = None
+    zero_shot_val_loss: float | None = None
     best_step: int | None = None
     stopped_early: bool | None = None
 

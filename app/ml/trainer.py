@@ -289,6 +289,10 @@ def train_prompt(
         losses = list(resume.losses)
         best.restore(resume)
     first = len(losses)
+    if first == 0 and validation:
+        # The soft prompt as it starts is the first candidate for the one kept: a run that only made it
+        # worse on the hold-out publishes where it started.
+        best.offer(0, param, run_eval(param.detach()))
 
     def snapshot() -> Checkpoint:
         return Checkpoint(
@@ -339,11 +343,14 @@ def train_prompt(
         if not early:
             best.offer(len(losses), param, run_eval(param.detach()))
         metrics = {**best.metrics, "best_step": best.step, "stopped_early": early}
-        if labels and validation:
+        if validation:
             zero_shot = run_eval(None)
-            metrics.update(
-                zero_shot_accuracy=zero_shot["val_accuracy"], zero_shot_macro_f1=zero_shot["val_macro_f1"]
-            )
+            metrics.update(zero_shot_val_loss=zero_shot["val_loss"])
+            if labels:
+                metrics.update(
+                    zero_shot_accuracy=zero_shot["val_accuracy"],
+                    zero_shot_macro_f1=zero_shot["val_macro_f1"],
+                )
     final = (best.prompt if best.prompt is not None else param.detach()).float().cpu().clone()  # [k, d]
     window = losses[-LOSS_WINDOW:]
     metrics = {
@@ -359,6 +366,16 @@ def train_prompt(
         stopped=stopped,
         state=snapshot() if stopped else None,
     )
+
+
+def below_zero_shot(metrics: dict) -> bool:
+    """Whether the kept soft prompt scored worse on the hold-out than the bare backbone with the same
+    template: lower accuracy for classification (a tie is not worse), higher loss otherwise."""
+    if metrics.get("zero_shot_val_loss") is None or metrics.get("val_loss") is None:
+        return False
+    if metrics.get("zero_shot_accuracy") is not None:
+        return metrics["val_accuracy"] < metrics["zero_shot_accuracy"]
+    return metrics["val_loss"] > metrics["zero_shot_val_loss"]
 
 
 def _detached(state: dict) -> dict:

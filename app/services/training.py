@@ -26,7 +26,7 @@ from app.ml.checkpoint import Checkpoint
 from app.ml.method import Method
 from app.ml.prefix import init_prefix
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
-from app.ml.trainer import Example, Progress, TrainResult, train_prompt
+from app.ml.trainer import Example, Progress, TrainResult, below_zero_shot, train_prompt
 from app.services import checkpoints, leases, worker_metrics
 from app.services import jobs as jobs_service
 from app.services.datasets import get_dataset, load_records
@@ -232,6 +232,9 @@ def _record_outcome(
                 data={"status": JobStatus.CANCELLED, "step": result.steps_done},
             )
             return RunOutcome.CANCELLED
+        if len(inputs.validation) >= ZERO_SHOT_MIN_ROWS and below_zero_shot(metrics):
+            row.metrics = metrics  # both scores, for the client to see why
+            return _failed(session, row, code="below_zero_shot", message=_below_zero_shot(metrics))
         version = publish_version(
             session,
             job=row,
@@ -253,6 +256,23 @@ def _record_outcome(
             data={"status": JobStatus.SUCCEEDED, "task": row.task, "version": version.version},
         )
     return RunOutcome.SUCCEEDED
+
+
+# A hold-out this large at least tells a tuned prompt from the bare template; on fewer rows the job
+# publishes whatever it kept and reports both scores.
+ZERO_SHOT_MIN_ROWS = 20
+
+
+def _below_zero_shot(metrics: dict) -> str:
+    if metrics.get("zero_shot_accuracy") is not None:
+        measure, tuned, bare = "accuracy", metrics["val_accuracy"], metrics["zero_shot_accuracy"]
+    else:
+        measure, tuned, bare = "loss", metrics["val_loss"], metrics["zero_shot_val_loss"]
+    return (
+        f"The best soft prompt this job found scored {measure} {tuned:.3f} on the hold-out, worse than "
+        f"the template alone on the bare backbone ({bare:.3f}), so no version was published. Serve the "
+        "template with task null, or train longer, with more data or another learning rate."
+    )
 
 
 # How long a finished run keeps trying to write its outcome while the registry database is unreachable.
@@ -311,17 +331,17 @@ class _Owner:
             job = self.row(session)
             if job is None:
                 return RunOutcome.LOST
-            job.status, job.finished_at = JobStatus.FAILED, utcnow()
-            job.error_code, job.error_message = code, message
-            checkpoints.discard(session, job_id=job.id)
-            jobs_service.add_event(
-                session,
-                job=job,
-                type="error",
-                message=message,
-                data={"status": JobStatus.FAILED, "code": code},
-            )
-        return RunOutcome.FAILED
+            return _failed(session, job, code=code, message=message)
+
+
+def _failed(session, job: TuningJob, *, code: str, message: str) -> RunOutcome:
+    job.status, job.finished_at = JobStatus.FAILED, utcnow()
+    job.error_code, job.error_message = code, message
+    checkpoints.discard(session, job_id=job.id)
+    jobs_service.add_event(
+        session, job=job, type="error", message=message, data={"status": JobStatus.FAILED, "code": code}
+    )
+    return RunOutcome.FAILED
 
 
 class _Reporter:

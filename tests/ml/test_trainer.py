@@ -200,15 +200,39 @@ def test_packed_rows_score_as_if_each_ran_alone(tiny_backbone, monkeypatch):
 
 def test_patience_stops_a_run_that_no_longer_improves_and_reports_zero_shot(tiny_backbone):
     data = _examples()
-    # A zero learning rate never moves the prompt: no evaluation after the first one can beat it.
+    # A zero learning rate never moves the prompt: no evaluation can beat the one before the first step.
     config = _config(steps=50, batch_size=6, learning_rate=0.0, eval_every=1, patience=2)
     result = _train(tiny_backbone, config=config, k=4)
-    assert result.steps_done == 3 and not result.stopped
+    assert result.steps_done == 2 and not result.stopped
     metrics = result.metrics
-    assert metrics["stopped_early"] and metrics["best_step"] == 1
+    assert metrics["stopped_early"] and metrics["best_step"] == 0
     assert set(metrics["val_per_label"]) == set(LABELS) and 0 <= metrics["val_macro_f1"] <= 1
     bare = evaluate(tiny_backbone, None, data, template=TEMPLATE, labels=LABELS, append_eos=True)
     assert metrics["zero_shot_accuracy"] == bare["val_accuracy"]
+
+
+def test_a_run_that_only_made_the_prompt_worse_keeps_the_prompt_it_started_from(tiny_backbone):
+    data = _examples()
+    # Trained on every label swapped, then held to the true ones: each step makes the hold-out worse.
+    swapped = [Example(ex.input, LABELS[1 - LABELS.index(ex.output)]) for ex in data]
+    start = init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=3)
+    config = _config(steps=20, batch_size=6, learning_rate=0.3)
+    result = train_prompt(
+        tiny_backbone,
+        prompt=start,
+        train=swapped,
+        validation=data,
+        template=TEMPLATE,
+        labels=LABELS,
+        config=config,
+        on_progress=lambda _: None,
+        should_stop=lambda: False,
+    )
+    started = evaluate(tiny_backbone, start, data, template=TEMPLATE, labels=LABELS)
+    assert result.metrics["best_step"] == 0 and torch.equal(result.prompt, start)
+    assert result.metrics["val_loss"] == pytest.approx(started["val_loss"])
+    bare = evaluate(tiny_backbone, None, data, template=TEMPLATE, labels=LABELS)
+    assert result.metrics["zero_shot_val_loss"] == pytest.approx(bare["val_loss"])
 
 
 def test_the_best_evaluated_prompt_wins_over_the_last_one():
