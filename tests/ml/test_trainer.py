@@ -310,3 +310,12 @@ def test_a_prompt_shared_by_the_batch_scores_as_the_plain_model_does(tiny_backbo
             first = len(prompt) + len(context) - 1
             direct = torch.stack([logits[first + j, t] for j, t in enumerate(target)])
             assert together[row_of == i] == pytest.approx(direct, abs=1e-4)
+
+
+def test_rows_are_spread_over_as_few_packs_as_fit_and_about_equally_long():
+    """Every pack is padded to the longest, so the rows go where the packs come out even."""
+    sizes = [70, 50, 20, 10]  # filled in order at 80: [70], [50, 20], [10], three packs run as 3 x 70
+    packs = layout.balanced_packs(sizes, 80)
+    assert [[sizes[i] for i in pack] for pack in packs] == [[70, 10], [50, 20]]  # 2 x 80
+    assert layout.balanced_packs([200, 10], 80) == [[0], [1]]  # an item over the capacity raises it
+    assert layout.balanced_packs([], 80) == []
