@@ -18,7 +18,7 @@ from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.ml.method import INITS, Method
 from app.services import checkpoints, idempotency, quotas
 from app.services.datasets import get_dataset
-from app.services.hyperparameters import Hyperparameters
+from app.services.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
 from app.services.pagination import paginate
 from app.services.prompts import check_template
 from app.services.queue import enqueue_training
@@ -39,11 +39,11 @@ class JobRequest:
     training_dataset: int
     validation_dataset: int | None
     base_model: str | None
-    num_virtual_tokens: int
+    num_virtual_tokens: int | None  # None: the method's default
     template: str
     init: dict[str, Any] | None
     hyperparameters: Hyperparameters  # as given; the job stores them resolved
-    method: Method = Method.PROMPT
+    method: Method = DEFAULT_METHOD
 
     def fingerprint(self) -> str:
         fields = {**self.__dict__, "hyperparameters": self.hyperparameters.given()}
@@ -134,10 +134,12 @@ def _validated_fields(
             param="base_model",
         )
     check_template(request.template, max_chars=settings.max_template_chars)
-    if not 1 <= request.num_virtual_tokens <= settings.max_virtual_tokens:
+    virtual_tokens = request.num_virtual_tokens
+    if virtual_tokens is None:
+        virtual_tokens = METHOD_DEFAULTS[request.method].num_virtual_tokens
+    if not 1 <= virtual_tokens <= settings.max_virtual_tokens:
         raise InvalidRequest(
-            f"num_virtual_tokens must be between 1 and {settings.max_virtual_tokens}; "
-            f"got {request.num_virtual_tokens}.",
+            f"num_virtual_tokens must be between 1 and {settings.max_virtual_tokens}; got {virtual_tokens}.",
             param="num_virtual_tokens",
         )
 
@@ -159,7 +161,7 @@ def _validated_fields(
     init = _validated_init(request.init, kind=training.kind, method=request.method)
     holdout = 0 if validation is not None else holdout_size(training.num_examples)
     hyperparameters = request.hyperparameters.resolve(
-        training.num_examples - holdout, max_steps=settings.max_steps
+        training.num_examples - holdout, max_steps=settings.max_steps, method=request.method
     )
     return {
         "task": request.task,
@@ -167,7 +169,7 @@ def _validated_fields(
         "validation_dataset_id": validation.id if validation else None,
         "base_model": base_model,
         "method": request.method,
-        "num_virtual_tokens": request.num_virtual_tokens,
+        "num_virtual_tokens": virtual_tokens,
         "template": request.template,
         "init": init,
         "hyperparameters": hyperparameters.stored(),

@@ -74,7 +74,9 @@ def test_dashboard_shows_tasks_jobs_and_the_loss_curve_and_tries_a_task(server, 
 
     expect(page.locator("#tasks tbody tr")).to_have_count(1)
     expect(page.locator("#tasks tbody tr td").first).to_have_text("sst2")
-    expect(page.locator("#tasks tbody tr td").nth(2)).to_have_text("prompt")  # the version's method
+    expect(page.locator("#tasks tbody tr td").nth(2)).to_have_text(
+        "prefix"
+    )  # the version's method: the default
     job_row = page.locator(f'#jobs tr[data-job-id="{finished_job["id"]}"]')
     expect(job_row).to_contain_text("succeeded")
     expect(job_row).to_contain_text(f"{STEPS} / {STEPS}")

@@ -17,7 +17,8 @@ def test_job_gets_defaults_and_is_queued(client):
     job = response.json()
     assert job["status"] == "queued" and job["base_model"] == "tiny"
     assert job["init"] == {"strategy": "labels"}
-    assert job["hyperparameters"]["steps"] == 100 and job["hyperparameters"]["learning_rate"] == 0.03
+    assert job["method"] == "prefix" and job["num_virtual_tokens"] == 10
+    assert job["hyperparameters"]["steps"] == 100 and job["hyperparameters"]["learning_rate"] == 0.01
     assert job["hyperparameters"]["warmup_steps"] == 10  # 10 % of the steps unless given
     assert job["hyperparameters"]["loss"] == "tokens"
     stored = Hyperparameters.model_validate(job["hyperparameters"])
@@ -27,6 +28,15 @@ def test_job_gets_defaults_and_is_queued(client):
     assert client.get(f"/v1/tuning/jobs/{job['id']}").json()["id"] == job["id"]
     events = client.get(f"/v1/tuning/jobs/{job['id']}/events").json()
     assert [e["data"].get("status") for e in events] == ["queued"]
+
+
+def test_each_method_gets_its_own_defaults_unless_told(client):
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    prompt = create(client, task="p", training_dataset=dataset_id, method="prompt").json()
+    assert prompt["num_virtual_tokens"] == 20 and prompt["hyperparameters"]["learning_rate"] == 0.03
+    given = {"method": "prefix", "num_virtual_tokens": 7, "hyperparameters": {"learning_rate": 0.2}}
+    prefix = create(client, task="q", training_dataset=dataset_id, **given).json()
+    assert prefix["num_virtual_tokens"] == 7 and prefix["hyperparameters"]["learning_rate"] == 0.2
 
 
 def test_the_default_length_grows_with_the_data_within_bounds():

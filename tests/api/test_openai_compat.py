@@ -215,6 +215,21 @@ def test_auto_hyperparameters_keep_the_defaults(sdk):
     auto = {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     job = sdk.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, hyperparameters=auto)
     assert job.hyperparameters.batch_size == 32 and job.hyperparameters.learning_rate_multiplier == 1.0
+    assert job.method.type == "prefix_tuning"  # the default method
+
+
+def test_the_learning_rate_multiplier_scales_the_methods_own_default(sdk, client):
+    uploaded = sdk.files.create(file=("reviews.jsonl", io.BytesIO(sentiment_file())), purpose="fine-tune")
+    for kind, rate in (("prompt_tuning", 0.06), ("prefix_tuning", 0.02)):
+        job = sdk.fine_tuning.jobs.create(
+            model="tiny",
+            training_file=uploaded.id,
+            hyperparameters={"learning_rate_multiplier": 2},
+            extra_body={"method": {"type": kind}},
+        )
+        assert job.hyperparameters.learning_rate_multiplier == pytest.approx(2.0)
+        native = client.get(f"/v1/tuning/jobs/{int(job.id.removeprefix('ftjob-'))}").json()
+        assert native["hyperparameters"]["learning_rate"] == pytest.approx(rate)
     with pytest.raises(openai.UnprocessableEntityError) as zero:
         sdk.fine_tuning.jobs.create(model="tiny", training_file=uploaded.id, hyperparameters={"n_epochs": 0})
     assert zero.value.param == "hyperparameters.n_epochs"

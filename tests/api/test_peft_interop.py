@@ -46,8 +46,9 @@ def our_logits(backbone, prompt: torch.Tensor, text: str) -> torch.Tensor:
 
 
 def test_an_exported_version_loads_in_peft_with_identical_logits(
-    client, trained, tiny_backbone, tiny_backbone_dir, tmp_path
+    client, settings, tiny_backbone, tiny_backbone_dir, tmp_path
 ):
+    tune_here(client, settings, tiny_backbone, task="sst2", method="prompt")
     response = client.get("/v1/prompts/sst2/versions/1/peft")
     assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
     assert 'filename="sst2-v1-peft.zip"' in response.headers["content-disposition"]

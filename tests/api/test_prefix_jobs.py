@@ -44,6 +44,11 @@ def test_a_prefix_may_start_at_zero_and_a_prompt_may_not(client, settings, tiny_
     dataset_id = upload(client, sentiment_file()).json()["id"]
     refused = client.post(
         "/v1/tuning/jobs",
-        json={"task": "flat", "training_dataset": dataset_id, "init": {"strategy": "zero"}},
+        json={
+            "task": "flat",
+            "training_dataset": dataset_id,
+            "method": "prompt",
+            "init": {"strategy": "zero"},
+        },
     )
     assert refused.status_code == 422 and refused.json()["error"]["param"] == "init.strategy"

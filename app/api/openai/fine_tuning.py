@@ -1,5 +1,6 @@
-"""/v1/fine_tuning/jobs: the OpenAI shape of /v1/tuning/jobs. A job is prompt tuning whatever `method`
-says; `suffix` names the task, and the finished model is ft:<backbone>:<task>:<version>."""
+"""/v1/fine_tuning/jobs: the OpenAI shape of /v1/tuning/jobs. A job is prompt or prefix tuning (without a
+`method`: the service's default); `suffix` names the task, and the finished model is
+ft:<backbone>:<task>:<version>."""
 
 from __future__ import annotations
 
@@ -26,10 +27,9 @@ from app.db.models import JobEvent, JobStatus, TuningJob
 from app.errors import InvalidRequest
 from app.ml.method import Method as TuningMethod
 from app.services import jobs as service
-from app.services.hyperparameters import Hyperparameters
+from app.services.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
 from app.services.model_names import fine_tuned_model
 
-DEFAULTS = Hyperparameters()  # what a job that names nothing runs with
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible"])
 # Our names for what the client called otherwise, for errors raised by the shared job service.
 PARAMS = {
@@ -64,7 +64,7 @@ def create_fine_tuning_job(
         if body.validation_file is not None
         else None
     )
-    kind = body.method.type if body.method else "prompt_tuning"
+    kind = body.method.type if body.method else TYPES[DEFAULT_METHOD]
     tuning = body.method.tuning if body.method else PromptTuning()
     request = service.JobRequest(
         task=body.suffix if body.suffix is not None else f"ft-{training}",
@@ -74,7 +74,7 @@ def create_fine_tuning_job(
         num_virtual_tokens=tuning.num_virtual_tokens,
         template=tuning.template,
         init=tuning.init.model_dump(exclude_none=True) if tuning.init else None,
-        hyperparameters=_hyperparameters(body, tuning.hyperparameters),
+        hyperparameters=_hyperparameters(body, tuning.hyperparameters, METHODS[kind]),
         method=METHODS[kind],
     )
     settings_fields = ("num_virtual_tokens", "template", "init.strategy", "init.text")
@@ -86,8 +86,11 @@ def create_fine_tuning_job(
     return fine_tuning_job(job, caller.tenant)
 
 
-def _hyperparameters(body: FineTuningJobCreate, native: Hyperparameters) -> Hyperparameters:
-    """OpenAI's knobs in our terms; each may be given once, in either place."""
+def _hyperparameters(
+    body: FineTuningJobCreate, native: Hyperparameters, method: TuningMethod
+) -> Hyperparameters:
+    """OpenAI's knobs in our terms; each may be given once, in either place. The learning rate multiplies
+    the method's default."""
     given: dict[str, Any] = {}
     openai = body.hyperparameters
     if openai is not None:
@@ -96,14 +99,15 @@ def _hyperparameters(body: FineTuningJobCreate, native: Hyperparameters) -> Hype
         if openai.batch_size is not None:
             given["batch_size"] = openai.batch_size
         if openai.learning_rate_multiplier is not None:
-            given["learning_rate"] = DEFAULTS.learning_rate * openai.learning_rate_multiplier
+            rate = METHOD_DEFAULTS[method].learning_rate
+            given["learning_rate"] = rate * openai.learning_rate_multiplier
     if body.seed is not None:
         given["seed"] = body.seed
     twice = sorted(set(given) & native.model_fields_set)
     if twice:
         raise InvalidRequest(
             f"{twice[0]} is given both at the top level and in "
-            "method.prompt_tuning.hyperparameters; give it once.",
+            f"method.{TYPES[method]}.hyperparameters; give it once.",
             param="hyperparameters",
         )
     return Hyperparameters.of({**native.given(), **given})
@@ -206,7 +210,8 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
         hyperparameters={
             "n_epochs": _whole(hp.epochs) if hp.epochs is not None else "auto",
             "batch_size": hp.batch_size,
-            "learning_rate_multiplier": hp.learning_rate / DEFAULTS.learning_rate,
+            "learning_rate_multiplier": hp.learning_rate
+            / METHOD_DEFAULTS[TuningMethod(row.method)].learning_rate,
         },
         method={
             "type": TYPES[TuningMethod(row.method)],

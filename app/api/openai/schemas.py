@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from app.api.schemas import InitSpec
 from app.db.models import JobStatus
 from app.ml.text import DEFAULT_TEMPLATE
-from app.services.hyperparameters import DEFAULT_VIRTUAL_TOKENS, Hyperparameters
+from app.services.hyperparameters import Hyperparameters, per_method
 
 
 class Strict(BaseModel):
@@ -69,7 +69,9 @@ class OpenAIHyperparameters(Strict):
 class PromptTuning(Strict):
     """What a native job takes beyond OpenAI's fields."""
 
-    num_virtual_tokens: int = Field(default=DEFAULT_VIRTUAL_TOKENS, ge=1)
+    num_virtual_tokens: int | None = Field(
+        default=None, ge=1, description=f"Default: {per_method('num_virtual_tokens')}."
+    )
     template: str = Field(default=DEFAULT_TEMPLATE, description="As a native job's template.")
     init: InitSpec | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
@@ -78,7 +80,8 @@ class PromptTuning(Strict):
 class Method(Strict):
     type: Literal["prompt_tuning", "prefix_tuning"] = Field(
         description="prompt_tuning: a soft prompt in front of the frozen model's input; prefix_tuning: keys "
-        "and values in every layer of the frozen model ('supervised' would change its weights)."
+        "and values in every layer of the frozen model ('supervised' would change its weights). A job "
+        "without a method is prefix_tuning, the one that measured best."
     )
     prompt_tuning: PromptTuning | None = Field(default=None, description="With type prompt_tuning.")
     prefix_tuning: PromptTuning | None = Field(default=None, description="With type prefix_tuning.")
