@@ -4,9 +4,10 @@
 
 One seeded sample of SST-2 training rows (400 by default); for each method and job seed, a job that gives
 only its length (60 steps of 8) and otherwise takes every default: its seeded hold-out, label-word init,
-the learning rate, warm-up and decay, the step-0 candidate and the rule that a version must not score
-below the bare template on the hold-out. Printed per run: the hold-out scores (tuned, bare) and the
-accuracy on the first 200 SST-2 dev rows, read once at the end; then each method's mean over the seeds.
+the method's learning rate and length, warm-up and decay, the step-0 candidate and the rule that a
+version must not score below the bare template on the hold-out. Printed per run: the hold-out scores
+(tuned, bare) and the accuracy on the first 200 SST-2 dev rows, read once at the end; then each method's
+mean over the seeds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from app.ml.method import Method  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.trainer import below_zero_shot, train_prompt  # noqa: E402
-from app.services.hyperparameters import DEFAULT_VIRTUAL_TOKENS, Hyperparameters  # noqa: E402
+from app.services.hyperparameters import METHOD_DEFAULTS, Hyperparameters  # noqa: E402
 from app.services.training import split_holdout  # noqa: E402
 from bench.tuning import LABELS, TEMPLATE, accuracy, load, log, rows  # noqa: E402
 
@@ -61,13 +62,13 @@ def main() -> int:
         for seed in args.seeds:
             hp = Hyperparameters(**given, seed=seed)
             kept, held = split_holdout(sample, seed=seed)
-            hp = hp.resolve(len(kept), max_steps=10_000)
+            hp = hp.resolve(len(kept), max_steps=10_000, method=method)
             began = time.perf_counter()
             result = train_prompt(
                 backbone,
                 prompt=start(
                     backbone,
-                    num_virtual_tokens=DEFAULT_VIRTUAL_TOKENS,
+                    num_virtual_tokens=METHOD_DEFAULTS[method].num_virtual_tokens,
                     strategy="labels",
                     labels=LABELS,
                     seed=seed,
