@@ -1,13 +1,14 @@
 """The default job on a few hundred labelled rows, as a worker runs it, over several seeds.
 
     .venv/bin/python bench/small_data.py --methods prompt prefix --seeds 0 1 2   # about 10 minutes on 2 cores
+    .venv/bin/python bench/small_data.py --methods prefix --default-length      # the job's own length
 
 One seeded sample of SST-2 training rows (400 by default); for each method and job seed, a job that gives
-only its length (60 steps of 8) and otherwise takes every default: its seeded hold-out, label-word init,
-the method's learning rate and length, warm-up and decay, the step-0 candidate and the rule that a
-version must not score below the bare template on the hold-out. Printed per run: the hold-out scores
-(tuned, bare) and the accuracy on the first 200 SST-2 dev rows, read once at the end; then each method's
-mean over the seeds.
+only its length (60 steps of 8; with --default-length, not even that) and otherwise takes every default:
+its seeded hold-out, label-word init, the method's learning rate and length, warm-up and decay, the
+step-0 candidate and the rule that a version must not score below the bare template on the hold-out.
+Printed per run: the hold-out scores (tuned, bare) and the accuracy on the first 200 SST-2 dev rows, read
+once at the end; then each method's mean over the seeds.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the job's")
+    parser.add_argument(
+        "--default-length",
+        action="store_true",
+        help="the job's own steps and batch, not --steps and --batch-size",
+    )
     parser.add_argument("--dev-rows", type=int, default=200)
     args = parser.parse_args()
 
@@ -49,7 +55,7 @@ def main() -> int:
     random.Random(args.sample_seed).shuffle(pool)
     sample = pool[: args.train_rows]
     backbone = load()
-    given = {"steps": args.steps, "batch_size": args.batch_size}
+    given = {} if args.default_length else {"steps": args.steps, "batch_size": args.batch_size}
     given |= {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
     log(
         f"{args.train_rows} sampled SST-2 training rows (sample seed {args.sample_seed}); a default job "
@@ -63,6 +69,7 @@ def main() -> int:
             hp = Hyperparameters(**given, seed=seed)
             kept, held = split_holdout(sample, seed=seed)
             hp = hp.resolve(len(kept), max_steps=10_000, method=method)
+            log(f"  {method:>6} seed {seed}: {hp.steps} steps of {hp.batch_size}")
             began = time.perf_counter()
             result = train_prompt(
                 backbone,
