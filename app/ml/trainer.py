@@ -280,19 +280,21 @@ def train_prompt(
             append_eos=config.append_eos,
         )
 
-    best = _Best(classification=bool(labels))
+    best = _Best(classification=bool(labels))  # the trained candidates
     losses: list[float] = []
+    initial: dict = {}  # the hold-out metrics of ``prompt`` as it starts (step 0)
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
         batches.generator.set_state(resume.batch_rng)
         batches.pending = list(resume.pending)
         losses = list(resume.losses)
         best.restore(resume)
+        initial = resume.initial_metrics
     first = len(losses)
-    if first == 0 and validation:
-        # The soft prompt as it starts is the first candidate for the one kept: a run that only made it
-        # worse on the hold-out publishes where it started.
-        best.offer(0, param, run_eval(param.detach()))
+    if validation and not initial:
+        # Step 0 is the fallback for a run that only made things worse (see _fallback_to_start); ``prompt``
+        # is where the run started, also when it resumes.
+        initial = run_eval(prompt.detach())
 
     def snapshot() -> Checkpoint:
         return Checkpoint(
@@ -302,6 +304,7 @@ def train_prompt(
             batch_rng=batches.generator.get_state(),
             pending=list(batches.pending),
             losses=list(losses),
+            initial_metrics=initial,
             **best.state(),
         )
 
@@ -339,19 +342,23 @@ def train_prompt(
         ):
             on_checkpoint(snapshot())
     metrics: dict = {}
+    kept = best.prompt if best.prompt is not None else param.detach()
     if not stopped:
         if not early:
             best.offer(len(losses), param, run_eval(param.detach()))
+            kept = best.prompt if best.prompt is not None else param.detach()
         metrics = {**best.metrics, "best_step": best.step, "stopped_early": early}
         if validation:
             zero_shot = run_eval(None)
+            if _fallback_to_start(best, initial, zero_shot):
+                kept, metrics = prompt.detach(), {**initial, "best_step": 0, "stopped_early": early}
             metrics.update(zero_shot_val_loss=zero_shot["val_loss"])
             if labels:
                 metrics.update(
                     zero_shot_accuracy=zero_shot["val_accuracy"],
                     zero_shot_macro_f1=zero_shot["val_macro_f1"],
                 )
-    final = (best.prompt if best.prompt is not None else param.detach()).float().cpu().clone()  # [k, d]
+    final = kept.float().cpu().clone()  # [k, d]
     window = losses[-LOSS_WINDOW:]
     metrics = {
         "train_loss": sum(window) / len(window) if window else None,
@@ -366,6 +373,17 @@ def train_prompt(
         stopped=stopped,
         state=snapshot() if stopped else None,
     )
+
+
+def _fallback_to_start(best: _Best, initial: dict, zero_shot: dict) -> bool:
+    """Whether to keep the soft prompt the run started from: only when the best trained one scores below
+    the bare template on the hold-out and the start scores better. The start is not a rival in every
+    run: on a hold-out of a few dozen rows one row decides between two candidates, and an untrained
+    label-word prompt can win that draw and then score far below both elsewhere."""
+    if not initial or best.prompt is None:
+        return False
+    bare = {"zero_shot_val_loss": zero_shot["val_loss"], "zero_shot_accuracy": zero_shot["val_accuracy"]}
+    return below_zero_shot({**best.metrics, **bare}) and best.key(initial) > best.key(best.metrics)
 
 
 def below_zero_shot(metrics: dict) -> bool:
@@ -420,7 +438,7 @@ class _Best:
     def offer(self, step: int, param: torch.Tensor, metrics: dict) -> None:
         if metrics.get("val_loss") is None:
             return
-        if self.prompt is None or self._key(metrics) > self._key(self.metrics):
+        if self.prompt is None or self.key(metrics) > self.key(self.metrics):
             self.prompt, self.metrics, self.step = param.detach().clone(), metrics, step
             self.evaluations_since_best = 0
         else:
@@ -440,6 +458,7 @@ class _Best:
         self.prompt = checkpoint.best_prompt
         self.evaluations_since_best = checkpoint.evaluations_since_best
 
-    def _key(self, metrics: dict) -> tuple[float, float]:
+    def key(self, metrics: dict) -> tuple[float, float]:
+        """Higher is better: accuracy first for classification, then the loss."""
         accuracy = metrics["val_accuracy"] if self.classification else 0.0
         return (accuracy, -metrics["val_loss"])

@@ -10,7 +10,16 @@ from app.ml.layout import context_ids, target_ids, target_log_probs
 from app.ml.prefix import init_prefix
 from app.ml.soft_prompt import init_prompt
 from app.ml.text import render
-from app.ml.trainer import Example, TrainConfig, _Best, _encode, _loss, evaluate, train_prompt
+from app.ml.trainer import (
+    Example,
+    TrainConfig,
+    _Best,
+    _encode,
+    _fallback_to_start,
+    _loss,
+    evaluate,
+    train_prompt,
+)
 
 TEMPLATE = "Review: {input}\nSentiment:"
 LABELS = ["positive", "negative"]
@@ -200,12 +209,13 @@ def test_packed_rows_score_as_if_each_ran_alone(tiny_backbone, monkeypatch):
 
 def test_patience_stops_a_run_that_no_longer_improves_and_reports_zero_shot(tiny_backbone):
     data = _examples()
-    # A zero learning rate never moves the prompt: no evaluation can beat the one before the first step.
+    # A zero learning rate never moves the prompt: no evaluation beats the first one, after step 1, and
+    # two more without improvement stop the run. The start ties with step 1, so it is not the fallback.
     config = _config(steps=50, batch_size=6, learning_rate=0.0, eval_every=1, patience=2)
     result = _train(tiny_backbone, config=config, k=4)
-    assert result.steps_done == 2 and not result.stopped
+    assert result.steps_done == 3 and not result.stopped
     metrics = result.metrics
-    assert metrics["stopped_early"] and metrics["best_step"] == 0
+    assert metrics["stopped_early"] and metrics["best_step"] == 1
     assert set(metrics["val_per_label"]) == set(LABELS) and 0 <= metrics["val_macro_f1"] <= 1
     bare = evaluate(tiny_backbone, None, data, template=TEMPLATE, labels=LABELS, append_eos=True)
     assert metrics["zero_shot_accuracy"] == bare["val_accuracy"]
@@ -233,6 +243,23 @@ def test_a_run_that_only_made_the_prompt_worse_keeps_the_prompt_it_started_from(
     assert result.metrics["val_loss"] == pytest.approx(started["val_loss"])
     bare = evaluate(tiny_backbone, None, data, template=TEMPLATE, labels=LABELS)
     assert result.metrics["zero_shot_val_loss"] == pytest.approx(bare["val_loss"])
+
+
+def test_the_start_is_kept_only_when_the_trained_prompt_is_below_the_bare_template():
+    def trained(accuracy: float) -> _Best:
+        best = _Best(classification=True)
+        best.offer(60, torch.zeros(2, 4), {"val_accuracy": accuracy, "val_loss": 0.5})
+        return best
+
+    start, bare = {"val_accuracy": 0.875, "val_loss": 0.6}, {"val_accuracy": 0.825, "val_loss": 0.7}
+    # Above the bare template: the trained prompt is kept, though the start won the hold-out by a row.
+    assert not _fallback_to_start(trained(0.850), start, bare)
+    # Level with the bare template is not below it.
+    assert not _fallback_to_start(trained(0.825), start, bare)
+    # Below the bare template: the start, which scores better.
+    assert _fallback_to_start(trained(0.800), start, bare)
+    # Below, and the start no better: nothing to fall back to (the job then publishes nothing).
+    assert not _fallback_to_start(trained(0.800), {"val_accuracy": 0.700, "val_loss": 0.9}, bare)
 
 
 def test_the_best_evaluated_prompt_wins_over_the_last_one():
@@ -292,6 +319,11 @@ def test_a_run_resumed_from_a_stored_checkpoint_ends_exactly_like_an_unbroken_on
     resumed, _ = run(resume=checkpoint_from_bytes(stored))
     assert torch.equal(resumed.prompt, unbroken.prompt)
     assert resumed.metrics == unbroken.metrics and resumed.steps_done == 12
+    # A checkpoint stored before it kept step 0's metrics: the run evaluates its start again.
+    older = checkpoint_from_bytes(stored)
+    older.initial_metrics = {}
+    again, _ = run(resume=older)
+    assert torch.equal(again.prompt, unbroken.prompt) and again.metrics == unbroken.metrics
 
 
 def test_a_prompt_shared_by_the_batch_scores_as_the_plain_model_does(tiny_backbone, monkeypatch):
