@@ -385,6 +385,9 @@ def main() -> int:
         done = subprocess.run(argv, capture_output=True, text=True, check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    if args.only_full_job:
+        log(f"the default {args.full_method} job on the full SST-2 training split; dev accuracy on 872 rows")
+        return report_full_job(child("full"), args.full_method)
     log(
         f"{args.train_rows} SST-2 training rows, {args.steps} steps of batch {args.batch_size}, "
         f"{VIRTUAL_TOKENS} virtual tokens for prompt tuning and "
@@ -392,8 +395,6 @@ def main() -> int:
         f"dev accuracy on the first {args.dev_rows} of the 872 dev rows; "
         f"torch threads {torch.get_num_threads()}"
     )
-    if args.only_full_job:
-        return report_full_job(child("full"), args.full_method)
     names = args.trainers or [*TRAINERS, *(METHOD_TRAINERS if args.methods else [])]
     figures = {}
     for name in names:  # each row as it comes: a large budget runs for over an hour
