@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = 2 * 1024 * 1024  # any other request body (JSON)
     max_examples: int = 200_000
     min_examples: int = 2
+    max_references: int = 64  # reference outputs per input of an evaluation dataset
     max_input_tokens: int = 1024
     max_new_tokens: int = 512
     max_batch_inputs: int = 64

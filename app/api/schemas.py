@@ -40,7 +40,7 @@ class DatasetPublic(BaseModel):
     name: str
     filename: str
     format: Literal["jsonl", "csv"]
-    kind: Literal["classification", "generation"]
+    kind: Literal["classification", "generation", "references"]
     num_examples: int
     labels: list[str] | None
     stats: dict[str, Any]

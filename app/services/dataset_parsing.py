@@ -9,7 +9,9 @@ Decisions (also the contract for callers and clients):
 - The format comes from the file name's extension only (``.jsonl`` or ``.csv``, any case); the name never
   becomes a path.
 - Accepted record shapes: ``{"text", "label"}`` (classification), ``{"input", "output"}`` and
-  ``{"prompt", "completion"}`` (generation). Every record must have the first record's shape. Extra keys
+  ``{"prompt", "completion"}`` (generation), and ``{"input", "references": [...]}`` (kind ``references``:
+  a generation test set with one or more reference outputs per input, for evaluations; JSONL only, as a
+  CSV cell holds no list). Every record must have the first record's shape. Extra keys
   (JSONL) and extra columns (CSV) are ignored, so exports carrying ids or metadata upload as they are. A
   record holding the fields of several shapes takes the first in that order.
 - CSV header names are matched after stripping white space and ignoring case (spreadsheets capitalise);
@@ -74,11 +76,22 @@ _WIDE_BOMS: tuple[tuple[bytes, str], ...] = (
 )
 
 
+# (input, output): the output is a label, a target text, or (kind "references") a list of reference texts.
+Record = tuple[str, str | list[str]]
+REFERENCES = "references"  # the kind of a dataset of {"input", "references"} records
+
+
+def outputs_of(record: Record) -> list[str]:
+    """A record's output texts: its one label or target, or all its references."""
+    output = record[1]
+    return output if isinstance(output, list) else [output]
+
+
 @dataclass(frozen=True)
 class ParsedDataset:
     format: str  # "jsonl" | "csv"
     kind: str  # "classification" | "generation"
-    records: list[tuple[str, str]]  # normalised (input, output) pairs, in file order
+    records: list[Record]  # normalised (input, output) pairs, in file order
     labels: list[str] | None  # sorted distinct labels for classification, else None
     sha256: str  # of the raw uploaded bytes
 
@@ -102,6 +115,7 @@ _SHAPES: tuple[_Shape, ...] = (
     _Shape("classification", "text", "label"),
     _Shape("generation", "input", "output"),
     _Shape("generation", "prompt", "completion"),
+    _Shape(REFERENCES, "input", "references"),
 )
 _SHAPES_TEXT = ", ".join(shape.describe() for shape in _SHAPES)
 
@@ -111,15 +125,22 @@ class _Limits:
     min_examples: int
     max_examples: int
     max_chars: int
+    max_references: int
 
 
 def parse_dataset(
-    data: bytes, *, filename: str, min_examples: int = 2, max_examples: int = 200_000, max_chars: int = 20_000
+    data: bytes,
+    *,
+    filename: str,
+    min_examples: int = 2,
+    max_examples: int = 200_000,
+    max_chars: int = 20_000,
+    max_references: int = 64,
 ) -> ParsedDataset:
     """Validate an uploaded file and return its records; raise a ``DomainError`` on the first fault."""
     fmt = _format_from_filename(filename)
     text = _decode(data)
-    limits = _Limits(min_examples, max_examples, max_chars)
+    limits = _Limits(min_examples, max_examples, max_chars, max_references)
     if fmt == "jsonl":
         shape, rows = None, _jsonl_rows(text)
     else:
@@ -281,6 +302,14 @@ def _raise_csv_error(exc: csv.Error, line: int, max_chars: int) -> NoReturn:
 def _csv_shape(cells: list[str], line: int) -> tuple[_Shape, tuple[int, int]]:
     names = [cell.strip().lower() for cell in cells]
     for shape in _SHAPES:
+        if shape.kind == REFERENCES and all(field in names for field in shape.fields):
+            raise DatasetInvalid(
+                f'The header on line {line} names a "references" column, but a CSV cell holds one text, '
+                'not a list: upload {"input", "references": [...]} records as a .jsonl file.',
+                line=line,
+                param="references",
+                code="references_need_jsonl",
+            )
         if all(field in names for field in shape.fields):
             return shape, (
                 _csv_column(names, shape.input_field, line),
@@ -351,7 +380,7 @@ def _collect(
                 line=line,
                 code="too_many_examples",
             )
-        records.append(_extract(obj, line, shape, limits.max_chars))
+        records.append(_extract(obj, line, shape, limits))
     if shape is None or len(records) < limits.min_examples:
         raise DatasetInvalid(
             f"The dataset has {len(records)} examples; at least {limits.min_examples} are needed.",
@@ -394,11 +423,37 @@ def _raise_shape_mismatch(obj: dict[str, Any], line: int, shape: _Shape, first_l
     )
 
 
-def _extract(obj: dict[str, Any], line: int, shape: _Shape, max_chars: int) -> tuple[str, str]:
+def _extract(obj: dict[str, Any], line: int, shape: _Shape, limits: _Limits) -> Record:
+    max_chars = limits.max_chars
     source = _text_field(obj[shape.input_field], shape.input_field, line, max_chars)
+    output = obj[shape.output_field]
     if shape.kind == "classification":
-        return source, _label_field(obj[shape.output_field], shape.output_field, line, max_chars)
-    return source, _text_field(obj[shape.output_field], shape.output_field, line, max_chars)
+        return source, _label_field(output, shape.output_field, line, max_chars)
+    if shape.kind == REFERENCES:
+        return source, _references_field(output, shape.output_field, line, limits)
+    return source, _text_field(output, shape.output_field, line, max_chars)
+
+
+def _references_field(value: Any, field: str, line: int, limits: _Limits) -> list[str]:
+    if not isinstance(value, list) or not value:
+        what = "an empty array" if isinstance(value, list) else _json_type(value)
+        raise DatasetInvalid(
+            f'Line {line}: "{field}" must be a non-empty array of strings, not {what}.',
+            line=line,
+            param=field,
+            code="wrong_type",
+        )
+    if len(value) > limits.max_references:
+        raise DatasetInvalid(
+            f'Line {line}: "{field}" has {len(value)} references; the limit is {limits.max_references} '
+            "(SOFTPROMPT_MAX_REFERENCES).",
+            line=line,
+            param=field,
+            code="too_many_references",
+        )
+    return [
+        _text_field(reference, f"{field}[{i}]", line, limits.max_chars) for i, reference in enumerate(value)
+    ]
 
 
 def _text_field(value: Any, field: str, line: int, max_chars: int) -> str:
@@ -438,7 +493,7 @@ def _checked_text(value: str, field: str, line: int, max_chars: int) -> str:
     return value
 
 
-def _check_labels(records: list[tuple[str, str]]) -> list[str]:
+def _check_labels(records: list[Record]) -> list[str]:
     labels = sorted({label for _, label in records})
     if len(labels) < 2:
         raise DatasetInvalid(
@@ -478,11 +533,19 @@ class ParsedUpload:
     sha256: str
     records: bytes  # JSON lines of [input, output]
     stats: dict[str, Any]  # without token counts: the tokenizer lives in the caller's process
-    token_sample: list[tuple[str, str]]  # the records token_stats() counts
+    token_sample: list[Record]  # the records token_stats() counts
 
 
-def parse_upload(data: bytes, *, filename: str, min_examples: int, max_examples: int) -> ParsedUpload:
-    parsed = parse_dataset(data, filename=filename, min_examples=min_examples, max_examples=max_examples)
+def parse_upload(
+    data: bytes, *, filename: str, min_examples: int, max_examples: int, max_references: int
+) -> ParsedUpload:
+    parsed = parse_dataset(
+        data,
+        filename=filename,
+        min_examples=min_examples,
+        max_examples=max_examples,
+        max_references=max_references,
+    )
     return ParsedUpload(
         format=parsed.format,
         kind=parsed.kind,
@@ -495,11 +558,11 @@ def parse_upload(data: bytes, *, filename: str, min_examples: int, max_examples:
     )
 
 
-def encode_records(records: list[tuple[str, str]]) -> bytes:
+def encode_records(records: list[Record]) -> bytes:
     return "\n".join(json.dumps(list(pair), ensure_ascii=False) for pair in records).encode()
 
 
-def decode_records(data: bytes) -> list[tuple[str, str]]:
+def decode_records(data: bytes) -> list[Record]:
     return [tuple(json.loads(line)) for line in data.decode().split("\n")]
 
 
@@ -510,7 +573,7 @@ def dataset_stats(parsed: ParsedDataset, count_tokens: Callable[[str], int] | No
     """Summary stored with the dataset. Token statistics cover at most the first ``TOKEN_STATS_SAMPLE``
     records (``token_stats_sample`` says how many) so a large upload is not tokenised in full here."""
     inputs = [source for source, _ in parsed.records]
-    outputs = [target for _, target in parsed.records]
+    outputs = [text for record in parsed.records for text in outputs_of(record)]
     stats: dict[str, Any] = {
         "num_examples": len(parsed.records),
         "label_counts": dict(sorted(Counter(outputs).items())) if parsed.kind == "classification" else None,
@@ -525,10 +588,12 @@ def dataset_stats(parsed: ParsedDataset, count_tokens: Callable[[str], int] | No
     return stats
 
 
-def token_stats(sample: list[tuple[str, str]], count_tokens: Callable[[str], int]) -> dict[str, Any]:
+def token_stats(sample: list[Record], count_tokens: Callable[[str], int]) -> dict[str, Any]:
     return {
         "input_tokens": _summary([count_tokens(s) for s, _ in sample], with_p95=True),
-        "output_tokens": _summary([count_tokens(t) for _, t in sample], with_p95=True),
+        "output_tokens": _summary(
+            [count_tokens(t) for record in sample for t in outputs_of(record)], with_p95=True
+        ),
         "token_stats_sample": len(sample),
     }
 

@@ -13,7 +13,7 @@ from app.config import Settings
 from app.db.models import ACTIVE_STATUSES, NAME_CHARS, Dataset, TuningJob
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import idempotency, quotas, uploads
-from app.services.dataset_parsing import decode_records, token_stats
+from app.services.dataset_parsing import Record, decode_records, token_stats
 from app.services.labels import LabelLimits, check_labels
 from app.services.pagination import paginate
 from app.services.tenants import Caller
@@ -44,6 +44,7 @@ def store_upload(
             name=name,
             min_examples=settings.min_examples,
             max_examples=settings.max_examples,
+            max_references=settings.max_references,
             labels=LabelLimits.of(settings),
             count_tokens=count_tokens,
             idempotency_key=idempotency_key,
@@ -63,6 +64,7 @@ def create_dataset(
     min_examples: int,
     max_examples: int,
     labels: LabelLimits,
+    max_references: int,
     count_tokens: Callable[[str], int] | None,
     idempotency_key: str | None = None,
 ) -> tuple[Dataset, bool]:
@@ -79,7 +81,13 @@ def create_dataset(
     if existing is not None:
         return existing, False
     quotas.check_upload(session, caller=caller, size=upload.size)
-    parsed = uploads.parse(upload, filename=filename, min_examples=min_examples, max_examples=max_examples)
+    parsed = uploads.parse(
+        upload,
+        filename=filename,
+        min_examples=min_examples,
+        max_examples=max_examples,
+        max_references=max_references,
+    )
     if parsed.labels is not None:
         check_labels(parsed.labels, limits=labels, count_tokens=count_tokens, param="label")
     stats = parsed.stats
@@ -143,6 +151,6 @@ def delete_dataset(session: Session, *, tenant_id: int, dataset_id: int) -> None
     session.delete(dataset)
 
 
-def load_records(session: Session, *, tenant_id: int, dataset_id: int) -> list[tuple[str, str]]:
+def load_records(session: Session, *, tenant_id: int, dataset_id: int) -> list[Record]:
     dataset = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     return decode_records(dataset.records)

@@ -13,10 +13,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import FINISHED_STATUSES, JobEvent, JobStatus, TuningJob, utcnow
+from app.db.models import FINISHED_STATUSES, Dataset, JobEvent, JobStatus, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.ml.method import INITS, Method
 from app.services import checkpoints, idempotency, quotas
+from app.services.dataset_parsing import REFERENCES
 from app.services.datasets import get_dataset
 from app.services.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
 from app.services.pagination import paginate
@@ -146,6 +147,7 @@ def _validated_fields(
     training = get_dataset(
         session, tenant_id=tenant_id, dataset_id=request.training_dataset, param="training_dataset"
     )
+    _check_trainable(training, param="training_dataset")
     validation = None
     if request.validation_dataset is not None:
         validation = get_dataset(
@@ -175,6 +177,16 @@ def _validated_fields(
         "hyperparameters": hyperparameters.stored(),
         "progress": {"step": 0, "total_steps": hyperparameters.steps, "eta_seconds": None},
     }
+
+
+def _check_trainable(dataset: Dataset, *, param: str) -> None:
+    if dataset.kind == REFERENCES:
+        raise InvalidRequest(
+            f"Dataset {dataset.id} holds input and references records, a test set for evaluations; a job "
+            'trains on {"text", "label"} or {"input", "output"} records.',
+            param=param,
+            code="dataset_not_trainable",
+        )
 
 
 def holdout_size(num_examples: int) -> int:

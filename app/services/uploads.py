@@ -76,8 +76,15 @@ def receive(source: BinaryIO, *, limit: int) -> Upload:
     return Upload(size=size, sha256=digest.hexdigest(), path=Path(spill.name))
 
 
-def parse(upload: Upload, *, filename: str, min_examples: int, max_examples: int) -> ParsedUpload:
-    options = {"filename": filename, "min_examples": min_examples, "max_examples": max_examples}
+def parse(
+    upload: Upload, *, filename: str, min_examples: int, max_examples: int, max_references: int
+) -> ParsedUpload:
+    options = {
+        "filename": filename,
+        "min_examples": min_examples,
+        "max_examples": max_examples,
+        "max_references": max_references,
+    }
     if upload.path is None:
         return parse_upload(upload.data, **options)
     pool = _parser_processes()

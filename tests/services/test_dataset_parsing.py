@@ -404,3 +404,43 @@ def test_ten_megabytes_of_jsonl_parse_whole() -> None:
     data = "\n".join(line if i % 2 else other for i in range(count)).encode()
     parsed = parse_dataset(data, filename="big.jsonl")
     assert len(parsed.records) == count and parsed.labels == ["neg", "pos"]
+
+
+# --- several references per input (evaluation test sets) ---------------------------------------------------
+
+
+def test_references_records_keep_every_reference() -> None:
+    data = jsonl(
+        {"input": "a | b", "references": ["A is b.", "b, said A"]}, {"input": "c", "references": ["C."]}
+    )
+    parsed = parse_dataset(data, filename="test.jsonl")
+    assert (parsed.kind, parsed.labels) == ("references", None)
+    assert parsed.records == [("a | b", ["A is b.", "b, said A"]), ("c", ["C."])]
+    stats = dataset_stats(parsed, None)
+    assert stats["output_chars"]["max"] == len("b, said A") and stats["label_counts"] is None
+
+
+@pytest.mark.parametrize(
+    ("references", "param", "code"),
+    [
+        ([], "references", "wrong_type"),
+        ("one text", "references", "wrong_type"),
+        (["fine", 3], "references[1]", "wrong_type"),
+        (["fine", "  "], "references[1]", "empty_field"),
+        (["r"] * 4, "references", "too_many_references"),
+    ],
+)
+def test_bad_references_name_the_line_and_the_reference(references: object, param: str, code: str) -> None:
+    data = jsonl({"input": "a", "references": ["x"]}, {"input": "b", "references": references})
+    assert_fault(fails(data, max_references=3), code, line=2, param=param)
+
+
+def test_references_mixed_with_outputs_are_mixed_shapes() -> None:
+    data = jsonl({"input": "a", "output": "x"}, {"input": "b", "references": ["y"]})
+    assert_fault(fails(data), "mixed_shapes", line=2)
+
+
+def test_references_in_csv_say_to_use_jsonl() -> None:
+    err = fails(b"input,references\na,x\nb,y\n", filename="d.csv")
+    assert_fault(err, "references_need_jsonl", line=1, param="references")
+    assert ".jsonl" in err.message
