@@ -6,6 +6,10 @@ job = client.create_job(task="sst2", training_dataset=dataset.id, template="Revi
 for event in client.follow_job(job.id):
     print(event.type, event.data)
 print(client.classify("sst2", "a gorgeous movie").results[0].label)
+evaluation = client.create_evaluation(dataset=dataset.id, models=["sst2", None])
+for evaluation in client.follow_evaluation(evaluation.id):
+    print(evaluation.status, evaluation.progress.done, evaluation.progress.total)
+print([(r.model, r.metrics["accuracy"]) for r in evaluation.results])
 """
 
 from __future__ import annotations
@@ -22,18 +26,22 @@ from httpx_sse import connect_sse
 from app.api.schemas import (
     ClassifyResponse,
     DatasetPublic,
+    EvaluationPublic,
     GenerateResponse,
     JobEventPublic,
     JobPublic,
     TaskPublic,
     VersionPublic,
 )
+from app.db.models import FINISHED_STATUSES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 120.0
 # How long follow_job keeps trying to reopen a lost event stream (an API restart takes seconds).
 RECONNECT_FOR_S = 60.0
 RECONNECT_PAUSE_S = 1.0
+# The server writes an evaluation's progress at most once a second: polling faster shows nothing new.
+EVALUATION_POLL_S = 1.0
 
 
 class ApiError(Exception):
@@ -152,6 +160,55 @@ class Client:
             if time.monotonic() - lost_since > reconnect_for_s:
                 raise failure or ApiError(503, "stream_lost", "The job's event stream kept ending.")
             time.sleep(RECONNECT_PAUSE_S)
+
+    # -- evaluations --------------------------------------------------------------------------------------
+
+    def create_evaluation(self, *, dataset: int, models: list[str | None], **fields: Any) -> EvaluationPublic:
+        """Models are 'task@3', 'task' or None (the bare backbone); fields as POST /v1/evaluations takes
+        them (template, max_new_tokens)."""
+        body = {"dataset": dataset, "models": models, **fields}
+        return EvaluationPublic.model_validate(self._call("POST", "/v1/evaluations", json=body).json())
+
+    def get_evaluation(self, evaluation_id: int) -> EvaluationPublic:
+        return EvaluationPublic.model_validate(self._call("GET", f"/v1/evaluations/{evaluation_id}").json())
+
+    def list_evaluations(self, *, limit: int = 20, task: str | None = None) -> list[EvaluationPublic]:
+        params = {"limit": limit, "task": task} if task else {"limit": limit}
+        page = self._call("GET", "/v1/evaluations", params=params).json()
+        return [EvaluationPublic.model_validate(e) for e in page["data"]]
+
+    def cancel_evaluation(self, evaluation_id: int) -> EvaluationPublic:
+        response = self._call("POST", f"/v1/evaluations/{evaluation_id}/cancel")
+        return EvaluationPublic.model_validate(response.json())
+
+    def download_predictions(self, evaluation_id: int) -> bytes:
+        """A succeeded evaluation's predictions as JSONL, one line per dataset row."""
+        return self._call("GET", f"/v1/evaluations/{evaluation_id}/predictions").content
+
+    def follow_evaluation(
+        self, evaluation_id: int, *, reconnect_for_s: float = RECONNECT_FOR_S
+    ) -> Iterator[EvaluationPublic]:
+        """The evaluation each time its status or progress changes, until it ends (the last one yielded is
+        the finished evaluation). Evaluations have no event stream, so this polls; a poll that finds no
+        service (a restart) is tried again, and after ``reconnect_for_s`` the connection error is raised."""
+        seen: tuple | None = None
+        lost_since: float | None = None
+        while True:
+            try:
+                evaluation = self.get_evaluation(evaluation_id)
+            except httpx.TransportError:
+                lost_since = lost_since if lost_since is not None else time.monotonic()
+                if time.monotonic() - lost_since > reconnect_for_s:
+                    raise
+                time.sleep(RECONNECT_PAUSE_S)
+                continue
+            lost_since = None
+            if (evaluation.status, evaluation.progress) != seen:
+                seen = (evaluation.status, evaluation.progress)
+                yield evaluation
+            if evaluation.status in FINISHED_STATUSES:
+                return
+            time.sleep(EVALUATION_POLL_S)
 
     # -- prompts ------------------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The `softprompt` commands for people using a running service, built on app.client: `datasets`, `tune`,
-`jobs`, `prompts`, `generate`, `classify`, `export`, `import`. The server is SOFTPROMPT_URL (or --url) and
-the key SOFTPROMPT_API_KEY (or --key)."""
+`jobs`, `eval`, `evals`, `prompts`, `generate`, `classify`, `export`, `import`. The server is SOFTPROMPT_URL
+(or --url) and the key SOFTPROMPT_API_KEY (or --key)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from typing import Annotated, Any
 import httpx
 import typer
 from pydantic import BaseModel
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
 
+from app.api.schemas import EvaluationPublic
 from app.client import DEFAULT_URL, ApiError, Client
-from app.db.models import JobStatus
+from app.db.models import FINISHED_STATUSES, JobStatus
 from app.ml.method import Method
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="SOFTPROMPT_URL", help="The service's address.")]
@@ -27,11 +30,13 @@ KeyOption = Annotated[
 TaskOption = Annotated[
     str | None, typer.Option("--task", help="name or name@version; none: the bare backbone.")
 ]
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress and messages; results go to stdout
+stdout = Console()
 
 datasets_cli = typer.Typer(help="Labeled datasets.", no_args_is_help=True)
 jobs_cli = typer.Typer(help="Tuning jobs.", no_args_is_help=True)
 prompts_cli = typer.Typer(help="Tasks and their prompt versions.", no_args_is_help=True)
+evals_cli = typer.Typer(help="Evaluations: models compared on a dataset.", no_args_is_help=True)
 
 
 @contextmanager
@@ -187,6 +192,189 @@ def jobs_cancel(job_id: int, url: UrlOption = DEFAULT_URL, key: KeyOption = None
         typer.echo(f"job {job_id} {client.cancel_job(job_id).status}")
 
 
+# -- evaluations ------------------------------------------------------------------------------------------
+
+# What a model argument may say for the bare backbone (the API's null), and how a table names it.
+BARE = ("bare", "-")
+# The figures a comparison shows, in the order people read them, when present; the nested ones (per_label,
+# confusion_matrix, signatures) are left to `evals show --json` and the predictions file.
+METRICS = ("accuracy", "macro_f1", "bleu", "chrf", "rouge_l", "exact_match", "f1")
+# Classification figures are fractions; generation figures are on sacrebleu's 0-100 scale.
+FRACTIONS = ("accuracy", "macro_f1")
+
+
+def eval_(
+    dataset: Annotated[int, typer.Argument(help="Id of the dataset to score.")],
+    models: Annotated[
+        list[str],
+        typer.Argument(help="task@version, task (its newest version), or bare (or -): the backbone."),
+    ],
+    template: Annotated[
+        str | None, typer.Option(help="The bare backbone's template; default: the first task's.")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation: the longest answer (64).")] = None,
+    wait: Annotated[bool, typer.Option(help="Show progress, then the metrics side by side.")] = True,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Compare models on a dataset: a progress bar, then a table with one column per model."""
+    fields = {"template": template, "max_new_tokens": max_new_tokens}
+    with _client(url, key) as client:
+        evaluation = client.create_evaluation(
+            dataset=dataset,
+            models=[None if m in BARE else m for m in models],
+            **{k: v for k, v in fields.items() if v is not None},
+        )
+        typer.echo(f"evaluation {evaluation.id} queued: {', '.join(_model_names(evaluation))}")
+        if wait:
+            _finish(_wait(client, evaluation.id))
+
+
+def _wait(client: Client, evaluation_id: int) -> EvaluationPublic:
+    """A bar of rows scored (over all models) until the evaluation ends; the finished evaluation."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("rows {task.fields[rows]}"))
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task(f"evaluation {evaluation_id}", total=None, rows="-")
+        for evaluation in client.follow_evaluation(evaluation_id):
+            done, total = evaluation.progress.done, evaluation.progress.total
+            progress.update(
+                bar,
+                description=f"evaluation {evaluation_id} {evaluation.status}",
+                completed=done,
+                total=total or None,
+                rows=f"{done}/{total}",
+            )
+    return evaluation
+
+
+def _finish(evaluation: EvaluationPublic) -> None:
+    """The metrics table of a succeeded evaluation; otherwise what happened, and exit 1."""
+    if evaluation.status != JobStatus.SUCCEEDED:
+        typer.echo(_describe(evaluation), err=True)
+        raise typer.Exit(1)
+    _show(evaluation)
+
+
+def _show(evaluation: EvaluationPublic) -> None:
+    typer.echo(_describe(evaluation))
+    if evaluation.status == JobStatus.SUCCEEDED:
+        stdout.print(_comparison(evaluation))
+
+
+def _describe(evaluation: EvaluationPublic) -> str:
+    line = f"evaluation {evaluation.id} {evaluation.status} on dataset {evaluation.dataset or '-'}"
+    if evaluation.error:
+        return f"{line}: {evaluation.error.code}: {evaluation.error.message}"
+    if evaluation.status not in FINISHED_STATUSES:
+        return f"{line}: {evaluation.progress.done}/{evaluation.progress.total} rows"
+    return line
+
+
+def _model_names(evaluation: EvaluationPublic) -> list[str]:
+    return [r.model or BARE[0] for r in evaluation.results]
+
+
+def _metric_names(evaluation: EvaluationPublic) -> list[str]:
+    """The plain numbers among the results' metrics: the known ones in METRICS order, then any other."""
+    present = {
+        name
+        for result in evaluation.results
+        for name, value in (result.metrics or {}).items()
+        if isinstance(value, int | float)
+    }
+    return [m for m in METRICS if m in present] + sorted(present - set(METRICS))
+
+
+def _figure(name: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if name in FRACTIONS else f"{value:.2f}"
+
+
+def _comparison(evaluation: EvaluationPublic) -> Table:
+    """One row per metric, one column per model; the best figure of a row in bold (on a terminal)."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
+    table.add_column("metric")
+    for name in _model_names(evaluation):
+        table.add_column(name, justify="right")
+    for name in _metric_names(evaluation):
+        values = [(r.metrics or {}).get(name) for r in evaluation.results]
+        best = max((v for v in values if v is not None), default=None)
+        table.add_row(
+            name, *(f"[bold]{_figure(name, v)}[/]" if v == best else _figure(name, v) for v in values)
+        )
+    return table
+
+
+def _headline(evaluation: EvaluationPublic) -> str:
+    """The first metric of the comparison for each model, 'accuracy 0.850/0.500', or '-'."""
+    names = _metric_names(evaluation)
+    if not names:
+        return "-"
+    values = [_figure(names[0], (r.metrics or {}).get(names[0])) for r in evaluation.results]
+    return f"{names[0]} {'/'.join(values)}"
+
+
+@evals_cli.command("list")
+def evals_list(
+    task: Annotated[str | None, typer.Option(help="Only those including a version of this task.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Your evaluations, newest first: id, status, dataset, models, rows, the first metric of each model."""
+    with _client(url, key) as client:
+        for e in client.list_evaluations(limit=100, task=task):
+            progress = f"{e.progress.done}/{e.progress.total}"
+            models = ",".join(_model_names(e))
+            typer.echo(f"{e.id}\t{e.status}\t{e.dataset or '-'}\t{models}\t{progress}\t{_headline(e)}")
+
+
+@evals_cli.command("show")
+def evals_show(
+    evaluation_id: int,
+    as_json: Annotated[bool, typer.Option("--json", help="The whole evaluation as JSON.")] = False,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """An evaluation's status and, once it succeeded, its metrics side by side."""
+    with _client(url, key) as client:
+        evaluation = client.get_evaluation(evaluation_id)
+    if as_json:
+        _json(evaluation)
+    else:
+        _show(evaluation)
+
+
+@evals_cli.command("follow")
+def evals_follow(evaluation_id: int, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """Progress of an evaluation until it ends, then its metrics side by side."""
+    with _client(url, key) as client:
+        _finish(_wait(client, evaluation_id))
+
+
+@evals_cli.command("cancel")
+def evals_cancel(evaluation_id: int, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """Cancel a queued or running evaluation."""
+    with _client(url, key) as client:
+        typer.echo(f"evaluation {evaluation_id} {client.cancel_evaluation(evaluation_id).status}")
+
+
+@evals_cli.command("predictions")
+def evals_predictions(
+    evaluation_id: int,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Default: evaluation-ID.jsonl")] = None,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = None,
+) -> None:
+    """Save a succeeded evaluation's predictions: one JSON line per row, each model's output and scores."""
+    with _client(url, key) as client:
+        data = client.download_predictions(evaluation_id)
+    target = output or Path(f"evaluation-{evaluation_id}.jsonl")
+    target.write_bytes(data)
+    rows = len(data.splitlines())  # the last line has no newline of its own
+    typer.echo(f"wrote {target} ({rows} rows)")
+
+
 # -- prompts and inference --------------------------------------------------------------------------------
 
 
@@ -271,7 +459,9 @@ def register(cli: typer.Typer) -> None:
     cli.add_typer(datasets_cli, name="datasets")
     cli.add_typer(jobs_cli, name="jobs")
     cli.add_typer(prompts_cli, name="prompts")
+    cli.add_typer(evals_cli, name="evals")
     cli.command()(tune)
+    cli.command("eval")(eval_)
     cli.command()(generate)
     cli.command()(classify)
     cli.command()(export)

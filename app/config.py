@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     max_examples: int = 200_000
     min_examples: int = 2
     max_references: int = 64  # reference outputs per input of an evaluation dataset
+    max_evaluation_rows: int = 10_000  # rows of the dataset one evaluation scores
+    max_evaluation_models: int = 8  # models one evaluation compares
+    # An evaluation decodes this many rows together; between batches it writes its progress and looks for
+    # a cancel. Fewer rows hold less memory and answer a cancel sooner, more decode faster.
+    evaluation_batch_rows: int = Field(default=64, ge=1, le=1024)
     max_input_tokens: int = 1024
     max_new_tokens: int = 512
     max_batch_inputs: int = 64

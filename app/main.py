@@ -18,7 +18,7 @@ from app.api.input_guard import checked_input
 from app.api.openai import completions, files, fine_tuning
 from app.api.openai import models as openai_models
 from app.api.request_id import RequestId
-from app.api.routes import datasets, health, inference, jobs, prompts
+from app.api.routes import datasets, evaluations, health, inference, jobs, prompts
 from app.config import Settings, get_settings
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone
 from app.services import leases
@@ -54,17 +54,18 @@ def _load_default_backbone(settings: Settings) -> Backbone:
 
 
 async def _reap_forever(settings: Settings) -> None:
-    """Jobs whose worker died go back to the queue from here: every API process runs this, and the
-    reaper's compare-and-set updates let any number of them do it at once."""
+    """Jobs and evaluations whose worker died go back to the queue from here: every API process runs
+    this, and the reaper's compare-and-set updates let any number of them do it at once."""
     while True:
         await asyncio.sleep(settings.reaper_interval_s)
-        try:
-            reaped = await asyncio.to_thread(leases.reap, settings)
-        except Exception as error:  # the database away: try again at the next interval
-            log.warning("reaper pass failed: %s", error)
-            continue
-        if any(vars(reaped).values()):
-            log.info("reaper: %s", reaped)
+        for kind in (leases.JOBS, leases.EVALUATIONS):
+            try:
+                reaped = await asyncio.to_thread(leases.reap, settings, kind=kind)
+            except Exception as error:  # the database away: try again at the next interval
+                log.warning("reaper pass failed: %s", error)
+                continue
+            if any(vars(reaped).values()):
+                log.info("reaper (%ss): %s", kind.noun, reaped)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -105,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(metrics_api.RequestMetrics, metrics=app.state.metrics)
     app.add_middleware(RequestId)  # outermost: every line the request logs carries its id
-    native = (datasets, jobs, prompts, inference, health, metrics_api, dashboard)
+    native = (datasets, jobs, evaluations, prompts, inference, health, metrics_api, dashboard)
     for module in (*native, files, fine_tuning, openai_models, completions):
         app.include_router(module.router)
     return app

@@ -47,6 +47,13 @@ def upload(client, content: bytes, filename: str = "train.jsonl", headers: dict 
     return client.post("/v1/datasets", files={"file": (filename, content)}, data=form, headers=headers)
 
 
+def predictions(client, evaluation_id: int) -> list[dict]:
+    """A succeeded evaluation's predictions file, one dict per line."""
+    response = client.get(f"/v1/evaluations/{evaluation_id}/predictions")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
 def new_key(stack: Stack, tenant: str) -> str:
     with session_scope(stack.database_url) as session:
         return create_key(session, tenant=tenant).key

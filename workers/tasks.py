@@ -1,4 +1,4 @@
-"""Thin Celery tasks: they carry a job id and hand it to the training service."""
+"""Thin Celery tasks: they carry a job's (or an evaluation's) id and hand it to its service."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from prometheus_client import start_http_server
 
 from app import logs
 from app.config import get_settings
-from app.db.models import TuningJob
+from app.db.models import Evaluation, TuningJob
 from app.db.session import session_scope
 from app.errors import UnsupportedBackbone
 from app.services import worker_metrics
-from app.services.queue import TRAIN_TASK
+from app.services.evaluating import refuse_evaluation, run_evaluation
+from app.services.queue import EVALUATE_TASK, TRAIN_TASK
 from app.services.training import HANDBACK, RunOutcome, refuse_job, run_job
 from workers.backbones import get_backbone
 from workers.celery_app import celery
@@ -77,3 +78,26 @@ def _train(job_id: int) -> RunOutcome:
         )
     worker_metrics.JOBS.labels(outcome).inc()
     return outcome
+
+
+@celery.task(name=EVALUATE_TASK)
+def run_evaluation_task(evaluation_id: int) -> RunOutcome:
+    if HANDBACK.is_set():
+        raise Reject("worker shutting down", requeue=True)
+    settings = get_settings()
+    with session_scope(settings.registry_url) as session:
+        evaluation = session.get(Evaluation, evaluation_id)
+        base_model = evaluation.base_model if evaluation else None
+    if base_model is None:
+        return RunOutcome.MISSING
+    try:
+        backbone = get_backbone(base_model)
+    except UnsupportedBackbone as error:
+        return refuse_evaluation(db_url=settings.registry_url, evaluation_id=evaluation_id, error=error)
+    return run_evaluation(
+        db_url=settings.registry_url,
+        evaluation_id=evaluation_id,
+        backbone=backbone,
+        lease_s=settings.job_lease_s,
+        chunk_rows=settings.evaluation_batch_rows,
+    )

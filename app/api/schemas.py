@@ -7,8 +7,9 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.db.models import MAX_ID, Dataset, JobStatus, PromptVersion, Task, TuningJob
+from app.db.models import MAX_ID, Dataset, Evaluation, JobStatus, PromptVersion, Task, TuningJob
 from app.ml.method import Method
+from app.ml.selection import EvalMetric
 from app.ml.text import DEFAULT_TEMPLATE
 from app.services.hyperparameters import DEFAULT_METHOD, Hyperparameters, per_method
 
@@ -152,6 +153,20 @@ class JobMetrics(BaseModel):
     zero_shot_accuracy: float | None = None
     zero_shot_macro_f1: float | None = None
     zero_shot_val_loss: float | None = None
+    # Generation: the greedy outputs of the hold-out, scored as evaluations score them (0-100).
+    val_exact_match: float | None = None
+    val_f1: float | None = None
+    val_bleu: float | None = None
+    val_chrf: float | None = None
+    val_rouge_l: float | None = None
+    zero_shot_exact_match: float | None = None
+    zero_shot_f1: float | None = None
+    zero_shot_bleu: float | None = None
+    zero_shot_chrf: float | None = None
+    zero_shot_rouge_l: float | None = None
+    eval_metric: EvalMetric | None = Field(
+        default=None, description="The hold-out metric that chose the kept prompt."
+    )
     best_step: int | None = None
     stopped_early: bool | None = None
 
@@ -220,6 +235,84 @@ class JobPublic(BaseModel):
         )
 
 
+# -- evaluations ------------------------------------------------------------------------------------------
+
+
+class EvaluationCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"dataset": 2, "models": ["sst2@3", "sst2@2", None]}]},
+    )
+
+    dataset: int = Field(ge=1, le=MAX_ID, description="Id of an uploaded dataset to score the models on.")
+    models: list[str | None] = Field(
+        min_length=1,
+        description="The models to compare, in order: 'task@3' (a version), 'task' (its newest version, "
+        "pinned when the evaluation is created) or null (the bare backbone). At most 8 "
+        "(SOFTPROMPT_MAX_EVALUATION_MODELS).",
+    )
+    template: str | None = Field(
+        default=None,
+        description="The bare backbone's template, with {input} once; default: the first named task's. "
+        "A version always uses its own.",
+    )
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Generation: greedy decoding stops at the end of the answer or after this many tokens "
+        "(default 64).",
+    )
+
+
+class EvaluationProgress(BaseModel):
+    done: int = Field(description="Rows scored so far, over all models.")
+    total: int
+
+
+class EvaluationResult(BaseModel):
+    model: str | None = Field(description="'task@3', or null for the bare backbone.")
+    metrics: dict[str, Any] | None = Field(
+        description="Once succeeded. Classification: accuracy, macro_f1, per_label, confusion_matrix; "
+        "generation: exact_match, f1, bleu, chrf, rouge_l (0-100) and sacrebleu's signatures."
+    )
+
+
+class EvaluationPublic(BaseModel):
+    id: int
+    status: JobStatus
+    dataset: int | None
+    kind: str
+    base_model: str
+    template: str
+    max_new_tokens: int
+    progress: EvaluationProgress
+    results: list[EvaluationResult]
+    error: JobError | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Evaluation) -> EvaluationPublic:
+        return cls(
+            id=row.id,
+            status=row.status,
+            dataset=row.dataset_id,
+            kind=row.kind,
+            base_model=row.base_model,
+            template=row.template,
+            max_new_tokens=row.max_new_tokens,
+            progress=EvaluationProgress(**{"done": 0, "total": 0, **row.progress}),
+            results=[EvaluationResult(model=m.reference, metrics=m.metrics) for m in row.models],
+            error=JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None,
+            attempts=row.attempts,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
 class JobEventPublic(BaseModel):
     id: int
     type: str
@@ -245,10 +338,13 @@ class VersionPublic(BaseModel):
     source_job: int | None
     source_dataset: int | None
     metrics: dict[str, Any]
+    evaluations: list[int] | None = Field(
+        default=None, description="Ids of the evaluations that include this version (on GET of one version)."
+    )
     created_at: datetime
 
     @classmethod
-    def of(cls, row: PromptVersion, task: str) -> VersionPublic:
+    def of(cls, row: PromptVersion, task: str, *, evaluations: list[int] | None = None) -> VersionPublic:
         return cls(
             task=task,
             version=row.version,
@@ -263,6 +359,7 @@ class VersionPublic(BaseModel):
             source_job=row.source_job_id,
             source_dataset=row.source_dataset_id,
             metrics=row.metrics,
+            evaluations=evaluations,
             created_at=row.created_at,
         )
 

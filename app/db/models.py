@@ -23,7 +23,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 class JobStatus(StrEnum):
-    """A tuning job's status, as its row stores it (a string column: a new status needs no migration)."""
+    """A tuning job's or an evaluation's status, as its row stores it (a string column: a new status needs
+    no migration)."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -32,8 +33,8 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
-ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)  # a job that may still train
-FINISHED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)  # a job that never will
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)  # work that may still run
+FINISHED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)  # work that never will
 
 
 def utcnow() -> datetime:
@@ -178,25 +179,11 @@ class PromptVersion(Base):
     task: Mapped[Task] = relationship(back_populates="versions")
 
 
-class TuningJob(Base):
-    __tablename__ = "tuning_jobs"
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
+class WorkerRun:
+    """The columns of work a worker leases (app/services/leases.py) and a client may retry with an
+    Idempotency-Key: jobs and evaluations alike."""
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    tenant_id: Mapped[int] = _owner()
-    task: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED)
-    training_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
-    validation_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
-    base_model: Mapped[str] = mapped_column(String(200))
-    method: Mapped[str] = mapped_column(String(16), default="prompt", server_default="prompt")
-    num_virtual_tokens: Mapped[int]
-    template: Mapped[str] = mapped_column(Text)
-    init: Mapped[dict[str, Any]]
-    hyperparameters: Mapped[dict[str, Any]]
-    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    result_version: Mapped[int | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -208,6 +195,26 @@ class TuningJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class TuningJob(WorkerRun, Base):
+    __tablename__ = "tuning_jobs"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = _owner()
+    task: Mapped[str] = mapped_column(String(64), index=True)
+    training_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    validation_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    base_model: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(16), default="prompt", server_default="prompt")
+    num_virtual_tokens: Mapped[int]
+    template: Mapped[str] = mapped_column(Text)
+    init: Mapped[dict[str, Any]]
+    hyperparameters: Mapped[dict[str, Any]]
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result_version: Mapped[int | None]
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"
@@ -237,3 +244,47 @@ class JobCheckpoint(Base):
     step: Mapped[int]
     data: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors, with the rest of the state as metadata
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Evaluation(WorkerRun, Base):
+    """One evaluation run: a dataset scored by several models (versions, or the bare backbone). Leased by a
+    worker like a job (WorkerRun); its results are written in one
+    transaction at the end, so a run restarted after a crash never counts a row twice."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = _owner()
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    kind: Mapped[str] = mapped_column(String(32))  # the dataset's, when the run was asked for
+    base_model: Mapped[str] = mapped_column(String(200))
+    template: Mapped[str] = mapped_column(Text)  # the bare backbone's, when a model is null
+    max_new_tokens: Mapped[int]  # generation: greedy decoding stops here or at the end of the answer
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Per-example predictions as JSON lines, one per dataset row, written with the results.
+    predictions: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+
+    models: Mapped[list[EvaluationModel]] = relationship(
+        back_populates="evaluation", order_by="EvaluationModel.position", cascade="all, delete-orphan"
+    )
+
+
+class EvaluationModel(Base):
+    """One model an evaluation compares, in the order the request named it, and its metrics once run."""
+
+    __tablename__ = "evaluation_models"
+    __table_args__ = (UniqueConstraint("evaluation_id", "position"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int]
+    # "task@3", pinned when the evaluation was created; None for the bare backbone.
+    reference: Mapped[str | None] = mapped_column(String(80))
+    # The version, while it exists: a version lists the evaluations that include it.
+    version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("prompt_versions.id", ondelete="SET NULL"), index=True
+    )
+    metrics: Mapped[dict[str, Any] | None]
+
+    evaluation: Mapped[Evaluation] = relationship(back_populates="models")

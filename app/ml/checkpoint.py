@@ -26,7 +26,6 @@ class Checkpoint:
     best_prompt: torch.Tensor | None = None  # [k, d] float32
     best_metrics: dict = field(default_factory=dict)
     evaluations_since_best: int = 0
-    initial_metrics: dict = field(default_factory=dict)  # step 0's hold-out metrics (its prompt is the init)
 
 
 def checkpoint_to_bytes(checkpoint: Checkpoint) -> bytes:
@@ -47,7 +46,6 @@ def checkpoint_to_bytes(checkpoint: Checkpoint) -> bytes:
         "best_step": checkpoint.best_step,
         "best_metrics": checkpoint.best_metrics,
         "evaluations_since_best": checkpoint.evaluations_since_best,
-        "initial_metrics": checkpoint.initial_metrics,
         "optimizer_param_groups": checkpoint.optimizer["param_groups"],
         "optimizer_scalars": optimizer_scalars,
     }
@@ -77,6 +75,4 @@ def checkpoint_from_bytes(data: bytes) -> Checkpoint:
         best_prompt=tensors.get("best_prompt"),
         best_metrics=meta["best_metrics"],
         evaluations_since_best=meta["evaluations_since_best"],
-        # A checkpoint saved before step 0's metrics were kept: the run evaluates its start again.
-        initial_metrics=meta.get("initial_metrics", {}),
     )

@@ -36,16 +36,18 @@ def generation_requests(
     seed: int | None = None,
     prompt_keys: list[Hashable | None] | None = None,
     tenant: Hashable | None = None,
+    truncate: bool = False,
 ) -> list[GenerationRequest]:
     """One engine request per text. Inputs longer than the window allows (with the prompt and
-    ``max_new_tokens``) are refused with InvalidRequest. Row i samples with ``seed + i``, so a row's text
-    does not depend on what it is batched with. Every row is served for ``tenant``."""
+    ``max_new_tokens``) are refused with InvalidRequest, or with ``truncate`` cut from the left. Row i
+    samples with ``seed + i``, so a row's text does not depend on what it is batched with.
+    Every row is served for ``tenant``."""
     keys = prompt_keys or [None] * len(texts)
     stops = tuple(s for s in stop or [] if s)
     requests = []
     for i, (p, text, key) in enumerate(zip(prompts, texts, keys, strict=True)):
         ids = context_ids(backbone, text)
-        context = fit_context(backbone, ids, virtual_tokens(p) + max_new_tokens, truncate=False)
+        context = fit_context(backbone, ids, virtual_tokens(p) + max_new_tokens, truncate=truncate)
         request = GenerationRequest(
             context=context,
             prompt=p,

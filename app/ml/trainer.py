@@ -13,9 +13,19 @@ import torch
 
 from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint
-from app.ml.inference import label_log_likelihoods
+from app.ml.generation_scores import generation_report
+from app.ml.inference import generate, label_log_likelihoods
 from app.ml.layout import context_ids, fit_context, target_ids, target_log_probs, target_logits
 from app.ml.scores import classification_report
+from app.ml.selection import (
+    DECODED_METRICS,
+    EvalMetric,
+    bare_key,
+    below_zero_shot,
+    default_metric,
+    rank,
+    tuned_key,
+)
 from app.ml.soft_prompt import virtual_tokens
 from app.ml.text import continuation, render
 
@@ -56,6 +66,18 @@ class TrainConfig:
     # logits alone, the choice it is scored on. Off by default: on SST-2 it was no more accurate than the
     # per-token likelihood, and the label stops being the likeliest next token (docs/benchmarks.md).
     label_loss: bool = False
+    # The hold-out metric that picks the best prompt; None: accuracy for classification, ROUGE-L for
+    # generation (app/ml/selection.py).
+    eval_metric: EvalMetric | None = None
+    # Generation: decode the hold-out greedily, up to its longest output plus DECODE_MARGIN tokens but at
+    # most this many, to score it with exact match, F1, BLEU, chrF and ROUGE-L. 0: the loss alone.
+    decode_tokens: int = 0
+
+    def metric(self, *, classification: bool) -> EvalMetric:
+        chosen = self.eval_metric or default_metric(classification=classification)
+        if not classification and not self.decode_tokens and chosen in DECODED_METRICS:
+            return EvalMetric.LOSS  # nothing is decoded, so the loss is all there is to go by
+        return chosen
 
 
 @dataclass
@@ -169,9 +191,12 @@ def evaluate(
     labels: list[str] | None,
     batch_size: int = 8,
     append_eos: bool = True,
+    decode_tokens: int = 0,
 ) -> dict:
     """val_loss (per target token) and, with labels, rank classification's val_accuracy, val_macro_f1 and
-    val_per_label (precision, recall, F1, support). ``prompt`` None evaluates the bare backbone."""
+    val_per_label (precision, recall, F1, support); without labels and with ``decode_tokens``, the greedy
+    outputs' val_exact_match, val_f1, val_bleu, val_chrf and val_rouge_l. ``prompt`` None evaluates the
+    bare backbone."""
     if not validation:
         return {"val_loss": None, "val_accuracy": None}
     scored_by_labels = labels and not append_eos and all(ex.output in labels for ex in validation)
@@ -191,7 +216,29 @@ def evaluate(
             val_macro_f1=report["macro_f1"],
             val_per_label=report["per_label"],
         )
+    elif decode_tokens:
+        report = generation_report(
+            _decode(backbone, prompt, validation, template, decode_tokens), [[ex.output] for ex in validation]
+        )
+        metrics.update({tuned_key(m): report[m.value] for m in DECODED_METRICS})
     return metrics
+
+
+# Decoding a hold-out stops this many tokens past its longest output, if no end token came first.
+DECODE_MARGIN = 8
+
+
+def _decode(
+    backbone: Backbone, prompt: torch.Tensor | None, validation: list[Example], template: str, cap: int
+) -> list[str]:
+    """Greedy outputs, batched by the engine's scheduler, inputs cut from the left as training cuts them."""
+    texts = [render(template, ex.input) for ex in validation]
+    longest = max(
+        len(target_ids(backbone, t, ex.output, with_eos=False))
+        for t, ex in zip(texts, validation, strict=True)
+    )
+    options = {"max_new_tokens": min(cap, longest + DECODE_MARGIN), "temperature": 0.0, "truncate": True}
+    return [g.text.strip() for g in generate(backbone, prompts=[prompt] * len(texts), texts=texts, **options)]
 
 
 def _loss_pass(
@@ -278,23 +325,19 @@ def train_prompt(
             labels=labels,
             batch_size=config.batch_size,
             append_eos=config.append_eos,
+            decode_tokens=0 if labels else config.decode_tokens,
         )
 
-    best = _Best(classification=bool(labels))  # the trained candidates
+    metric = config.metric(classification=bool(labels))
+    best = _Best(metric)  # the trained candidates
     losses: list[float] = []
-    initial: dict = {}  # the hold-out metrics of ``prompt`` as it starts (step 0)
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
         batches.generator.set_state(resume.batch_rng)
         batches.pending = list(resume.pending)
         losses = list(resume.losses)
         best.restore(resume)
-        initial = resume.initial_metrics
     first = len(losses)
-    if validation and not initial:
-        # Step 0 is the fallback for a run that only made things worse (see _fallback_to_start); ``prompt``
-        # is where the run started, also when it resumes.
-        initial = run_eval(prompt.detach())
 
     def snapshot() -> Checkpoint:
         return Checkpoint(
@@ -304,7 +347,6 @@ def train_prompt(
             batch_rng=batches.generator.get_state(),
             pending=list(batches.pending),
             losses=list(losses),
-            initial_metrics=initial,
             **best.state(),
         )
 
@@ -349,15 +391,13 @@ def train_prompt(
             kept = best.prompt if best.prompt is not None else param.detach()
         metrics = {**best.metrics, "best_step": best.step, "stopped_early": early}
         if validation:
-            zero_shot = run_eval(None)
-            if _fallback_to_start(best, initial, zero_shot):
+            bare = _bare(run_eval(None))
+            # The start (``prompt``, also when the run resumed) is scored only when the rule may keep it:
+            # a generation hold-out takes minutes to decode.
+            initial = run_eval(prompt.detach()) if _below_bare(best, bare) else {}
+            if _fallback_to_start(best, initial, bare):
                 kept, metrics = prompt.detach(), {**initial, "best_step": 0, "stopped_early": early}
-            metrics.update(zero_shot_val_loss=zero_shot["val_loss"])
-            if labels:
-                metrics.update(
-                    zero_shot_accuracy=zero_shot["val_accuracy"],
-                    zero_shot_macro_f1=zero_shot["val_macro_f1"],
-                )
+            metrics.update(bare, eval_metric=metric.value)
     final = kept.float().cpu().clone()  # [k, d]
     window = losses[-LOSS_WINDOW:]
     metrics = {
@@ -375,25 +415,25 @@ def train_prompt(
     )
 
 
-def _fallback_to_start(best: _Best, initial: dict, zero_shot: dict) -> bool:
+def _bare(zero_shot: dict) -> dict:
+    """The bare template's hold-out figures, named as a job's metrics name them (zero_shot_...)."""
+    return {
+        bare_key(m): zero_shot[tuned_key(m)] for m in EvalMetric if zero_shot.get(tuned_key(m)) is not None
+    }
+
+
+def _fallback_to_start(best: _Best, initial: dict, bare: dict) -> bool:
     """Whether to keep the soft prompt the run started from: only when the best trained one scores below
     the bare template on the hold-out and the start scores better. The start is not a rival in every
     run: on a hold-out of a few dozen rows one row decides between two candidates, and an untrained
     label-word prompt can win that draw and then score far below both elsewhere."""
     if not initial or best.prompt is None:
         return False
-    bare = {"zero_shot_val_loss": zero_shot["val_loss"], "zero_shot_accuracy": zero_shot["val_accuracy"]}
-    return below_zero_shot({**best.metrics, **bare}) and best.key(initial) > best.key(best.metrics)
+    return _below_bare(best, bare) and best.key(initial) > best.key(best.metrics)
 
 
-def below_zero_shot(metrics: dict) -> bool:
-    """Whether the kept soft prompt scored worse on the hold-out than the bare backbone with the same
-    template: lower accuracy for classification (a tie is not worse), higher loss otherwise."""
-    if metrics.get("zero_shot_val_loss") is None or metrics.get("val_loss") is None:
-        return False
-    if metrics.get("zero_shot_accuracy") is not None:
-        return metrics["val_accuracy"] < metrics["zero_shot_accuracy"]
-    return metrics["val_loss"] > metrics["zero_shot_val_loss"]
+def _below_bare(best: _Best, bare: dict) -> bool:
+    return below_zero_shot({**best.metrics, **bare, "eval_metric": best.metric.value})
 
 
 def _detached(state: dict) -> dict:
@@ -425,11 +465,10 @@ def _autocast(backbone: Backbone):
 
 
 class _Best:
-    """The best prompt evaluated so far: highest accuracy for classification (validation loss breaks ties),
-    lowest validation loss otherwise."""
+    """The best prompt evaluated so far by the job's metric (the validation loss breaks ties)."""
 
-    def __init__(self, *, classification: bool):
-        self.classification = classification
+    def __init__(self, metric: EvalMetric):
+        self.metric = metric
         self.prompt: torch.Tensor | None = None
         self.metrics: dict = {}
         self.step = 0
@@ -459,6 +498,4 @@ class _Best:
         self.evaluations_since_best = checkpoint.evaluations_since_best
 
     def key(self, metrics: dict) -> tuple[float, float]:
-        """Higher is better: accuracy first for classification, then the loss."""
-        accuracy = metrics["val_accuracy"] if self.classification else 0.0
-        return (accuracy, -metrics["val_loss"])
+        return rank(metrics, self.metric)

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import ACTIVE_STATUSES, NAME_CHARS, Dataset, TuningJob
+from app.db.models import ACTIVE_STATUSES, NAME_CHARS, Dataset, Evaluation, TuningJob
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import idempotency, quotas, uploads
 from app.services.dataset_parsing import Record, decode_records, token_stats
@@ -146,6 +146,16 @@ def delete_dataset(session: Session, *, tenant_id: int, dataset_id: int) -> None
     if active is not None:
         raise Conflict(
             f"Dataset {dataset_id} is used by job {active}, which is still queued or running.",
+            code="dataset_in_use",
+        )
+    scoring = session.scalars(
+        select(Evaluation.id)
+        .where(Evaluation.dataset_id == dataset_id, Evaluation.status.in_(ACTIVE_STATUSES))
+        .limit(1)
+    ).first()
+    if scoring is not None:
+        raise Conflict(
+            f"Dataset {dataset_id} is used by evaluation {scoring}, which is still queued or running.",
             code="dataset_in_use",
         )
     session.delete(dataset)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.errors import InvalidRequest
 from app.ml.method import Method
+from app.ml.selection import CLASSIFICATION_METRICS, GENERATION_METRICS, EvalMetric, default_metric
 
 if TYPE_CHECKING:  # the trainer pulls in torch; the API client imports this module through the schemas
     from app.ml.trainer import TrainConfig
@@ -49,6 +50,9 @@ DEFAULT_EPOCHS = 3
 MIN_DEFAULT_STEPS = 100
 MAX_DEFAULT_STEPS = 800
 WARMUP_FRACTION = 0.1
+# A generation job's hold-out is decoded greedily up to its longest output plus a few tokens, and never
+# past this many, to be scored with the evaluation metrics.
+HOLDOUT_DECODE_TOKENS = 256
 
 
 class Optimizer(StrEnum):
@@ -90,6 +94,12 @@ class Hyperparameters(BaseModel):
         default=0, ge=0, description="Stop after this many evaluations without improvement (0: never)."
     )
     optimizer: Optimizer = Optimizer.ADAMW
+    eval_metric: EvalMetric | None = Field(
+        default=None,
+        description="The hold-out metric that picks the best soft prompt and that it must not score below "
+        "the bare template on. Classification: accuracy (default), macro_f1, loss. Generation: rouge_l "
+        "(default), bleu, chrf, exact_match, f1, loss.",
+    )
     loss: Loss = Field(
         default=Loss.TOKENS,
         description="labels: a cross-entropy over the label words (classification, one-token labels); "
@@ -122,10 +132,12 @@ class Hyperparameters(BaseModel):
         """As a job's row keeps them: every value set (``epochs`` only when it was given)."""
         return self.model_dump(mode="json", exclude_none=True)
 
-    def resolve(self, num_examples: int, *, max_steps: int, method: Method) -> Hyperparameters:
+    def resolve(
+        self, num_examples: int, *, max_steps: int, method: Method, classification: bool
+    ) -> Hyperparameters:
         """The values a job of ``method`` runs with on ``num_examples`` training examples: steps from the
-        epochs or the default length, the warm-up from the steps, the method's learning rate; refused past
-        ``max_steps``."""
+        epochs or the default length, the warm-up from the steps, the method's learning rate, the task
+        kind's metric; refused past ``max_steps`` or with a metric of the other kind."""
         if self.steps is not None and self.epochs is not None:
             raise InvalidRequest("Give either steps or epochs, not both.", param="hyperparameters.epochs")
         steps = self.steps
@@ -141,7 +153,17 @@ class Hyperparameters(BaseModel):
         rate = self.learning_rate
         if rate is None:
             rate = METHOD_DEFAULTS[method].learning_rate
-        return self.model_copy(update={"steps": steps, "warmup_steps": warmup, "learning_rate": rate})
+        metric = self.eval_metric or default_metric(classification=classification)
+        fitting = CLASSIFICATION_METRICS if classification else GENERATION_METRICS
+        if metric not in fitting:
+            raise InvalidRequest(
+                f"eval_metric {metric.value} does not score a "
+                f"{'classification' if classification else 'generation'} dataset; use one of "
+                f"{', '.join(m.value for m in fitting)}.",
+                param="hyperparameters.eval_metric",
+            )
+        update = {"steps": steps, "warmup_steps": warmup, "learning_rate": rate, "eval_metric": metric}
+        return self.model_copy(update=update)
 
     def train_config(self, *, classification: bool, checkpoint_every: int = 0) -> TrainConfig:
         """The trainer's settings for resolved hyperparameters."""
@@ -162,6 +184,8 @@ class Hyperparameters(BaseModel):
             optimizer=self.optimizer.value,
             append_eos=not classification,
             label_loss=self.loss is Loss.LABELS,
+            eval_metric=self.eval_metric,
+            decode_tokens=0 if classification else HOLDOUT_DECODE_TOKENS,
             checkpoint_every=checkpoint_every,
         )
 

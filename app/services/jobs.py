@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import FINISHED_STATUSES, Dataset, JobEvent, JobStatus, TuningJob, utcnow
-from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from app.errors import Conflict, InvalidRequest, NotFound
 from app.ml.method import INITS, Method
 from app.services import checkpoints, idempotency, quotas
 from app.services.dataset_parsing import REFERENCES
@@ -22,7 +22,7 @@ from app.services.datasets import get_dataset
 from app.services.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
 from app.services.pagination import paginate
 from app.services.prompts import check_template
-from app.services.queue import enqueue_training
+from app.services.queue import enqueue_training, send_committed
 from app.services.tenants import Caller
 
 log = logging.getLogger(__name__)
@@ -63,16 +63,7 @@ def submit_job(
     )
     session.commit()
     if job.status == JobStatus.QUEUED:
-        try:
-            enqueue_training(settings, job.id)
-        except Exception as error:
-            log.error("could not enqueue job %s: %s", job.id, error)
-            raise Unavailable(
-                f"Job {job.id} is saved but the broker is unreachable; retry the request with "
-                "the same Idempotency-Key.",
-                code="broker_unavailable",
-                retry_after_s=5,
-            ) from None
+        send_committed(settings, enqueue_training, noun="job", id_=job.id)
     return job, created
 
 
@@ -163,7 +154,10 @@ def _validated_fields(
     init = _validated_init(request.init, kind=training.kind, method=request.method)
     holdout = 0 if validation is not None else holdout_size(training.num_examples)
     hyperparameters = request.hyperparameters.resolve(
-        training.num_examples - holdout, max_steps=settings.max_steps, method=request.method
+        training.num_examples - holdout,
+        max_steps=settings.max_steps,
+        method=request.method,
+        classification=training.kind == "classification",
     )
     return {
         "task": request.task,

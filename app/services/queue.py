@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 from celery import Celery
 
 from app.config import Settings
+from app.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 # The name on the wire, kept from the first release so that messages queued before an upgrade still run.
 TRAIN_TASK = "softprompt.train_prompt"
+EVALUATE_TASK = "softprompt.evaluate"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -43,3 +50,25 @@ def _client(settings: Settings) -> Celery:
 def enqueue_training(settings: Settings, job_id: int) -> None:
     """Call only after the job's row is committed, so the worker always finds it."""
     _client(settings).send_task(TRAIN_TASK, args=[job_id], queue=settings.queue_name)
+
+
+def enqueue_evaluation(settings: Settings, evaluation_id: int) -> None:
+    """Call only after the evaluation's row is committed."""
+    _client(settings).send_task(EVALUATE_TASK, args=[evaluation_id], queue=settings.queue_name)
+
+
+def send_committed(
+    settings: Settings, enqueue: Callable[[Settings, int], None], *, noun: str, id_: int
+) -> None:
+    """Send a committed, queued row to the workers. The row is saved either way, so a broker that cannot be
+    reached is a 503 the client retries with the same Idempotency-Key, which sends it again."""
+    try:
+        enqueue(settings, id_)
+    except Exception as error:
+        log.error("could not enqueue %s %s: %s", noun, id_, error)
+        raise Unavailable(
+            f"{noun.capitalize()} {id_} is saved but the broker is unreachable; retry the request with the "
+            "same Idempotency-Key.",
+            code="broker_unavailable",
+            retry_after_s=5,
+        ) from None

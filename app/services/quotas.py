@@ -23,21 +23,24 @@ UPLOAD_WINDOW = timedelta(hours=1)
 JOB_RETRY_AFTER_S = 30
 
 
-def check_active_jobs(session: Session, *, caller: Caller) -> None:
+def check_active_jobs(session: Session, *, caller: Caller, table: type = TuningJob) -> None:
+    """At most the tenant's max_active_jobs of ``table`` (tuning jobs, or evaluations: counted apart)
+    queued or running."""
     # A write that changes nothing, before counting: it locks the tenant's row on PostgreSQL and takes the
     # database's write lock on SQLite until the caller commits, so requests racing for the last place take
     # turns instead of all counting the same jobs.
     session.execute(update(Tenant).where(Tenant.id == caller.tenant_id).values(id=Tenant.id))
     active = session.scalar(
         select(func.count())
-        .select_from(TuningJob)
-        .where(TuningJob.tenant_id == caller.tenant_id, TuningJob.status.in_(ACTIVE_STATUSES))
+        .select_from(table)
+        .where(table.tenant_id == caller.tenant_id, table.status.in_(ACTIVE_STATUSES))
     )
     if active >= caller.max_active_jobs:
+        noun = "jobs" if table is TuningJob else "evaluations"
         raise QuotaExceeded(
-            f"Your tenant has {active} jobs queued or running; its limit is {caller.max_active_jobs}. "
+            f"Your tenant has {active} {noun} queued or running; its limit is {caller.max_active_jobs}. "
             "Wait for one to finish, or cancel one.",
-            code="job_quota_exceeded",
+            code="job_quota_exceeded" if table is TuningJob else "evaluation_quota_exceeded",
             retry_after_s=JOB_RETRY_AFTER_S,
         )
 

@@ -189,17 +189,7 @@ class Serving:
 
     @staticmethod
     def _decode(session: Session, *, row_id: int, shape: tuple[int | None, ...], ref: str) -> torch.Tensor:
-        row = session.get(PromptVersion, row_id)
-        if hashlib.sha256(row.vectors).hexdigest() != row.sha256:
-            raise PromptCorrupt(
-                f"Prompt version {ref!r} fails its checksum; retrain or delete it.", param="task"
-            )
-        try:
-            return prompt_from_bytes(row.vectors, shape=shape)
-        except PromptCorrupt as error:
-            raise PromptCorrupt(
-                f"Prompt version {ref!r} is unusable: {error.message}", param="task"
-            ) from None
+        return decode_version(session.get(PromptVersion, row_id), shape=shape, ref=ref)
 
     def render_inputs(self, resolved: ResolvedTask, inputs: list[str]) -> tuple[list[str], list[int]]:
         """Templated inputs and their token counts, refused before any model work when too many or too
@@ -331,3 +321,15 @@ class GenerationHandle:
             if update.finished is not None:
                 results[update.index] = update.finished
         return results
+
+
+def decode_version(
+    row: PromptVersion, *, shape: tuple[int | None, ...], ref: str, param: str = "task"
+) -> torch.Tensor:
+    """A version's soft prompt, checked against its checksum and the backbone's ``shape``."""
+    if hashlib.sha256(row.vectors).hexdigest() != row.sha256:
+        raise PromptCorrupt(f"Prompt version {ref!r} fails its checksum; retrain or delete it.", param=param)
+    try:
+        return prompt_from_bytes(row.vectors, shape=shape)
+    except PromptCorrupt as error:
+        raise PromptCorrupt(f"Prompt version {ref!r} is unusable: {error.message}", param=param) from None

@@ -25,8 +25,9 @@ from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint
 from app.ml.method import Method
 from app.ml.prefix import init_prefix
+from app.ml.selection import bare_key, below_zero_shot, chosen_metric, tuned_key
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
-from app.ml.trainer import Example, Progress, TrainResult, below_zero_shot, train_prompt
+from app.ml.trainer import Example, Progress, TrainResult, train_prompt
 from app.services import checkpoints, leases, worker_metrics
 from app.services import jobs as jobs_service
 from app.services.datasets import get_dataset, load_records
@@ -70,7 +71,7 @@ def run_job(
     The run's state is saved in the registry every ``checkpoint_every`` steps (0: only at a hand-back),
     and a job that finds a checkpoint of its own continues from it (a job handed back, or queued again
     after its worker died); the checkpoint goes once the job ends."""
-    worker = _worker_name()
+    worker = worker_name()
     if not leases.claim(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s):
         log.info("job %s not claimed: it is not queued (duplicate delivery or cancelled)", job_id)
         return RunOutcome.SKIPPED
@@ -81,7 +82,7 @@ def run_job(
         try:
             # Claimed, so no other worker will take it: wait out a database that is briefly away rather
             # than fail a job that has not started.
-            inputs, job = _retrying(lambda: _load_inputs(db_url=db_url, job_id=job_id))
+            inputs, job = retrying(lambda: _load_inputs(db_url=db_url, job_id=job_id))
             status = _train_and_publish(
                 owner=owner,
                 job=job,
@@ -102,7 +103,7 @@ def run_job(
 def refuse_job(*, db_url: str, job_id: int, error: DomainError, lease_s: float = 60.0) -> RunOutcome:
     """Fail a queued job that no worker can run (its backbone cannot be loaded), saying why; a job that
     is no longer queued is left as it is."""
-    worker = _worker_name()
+    worker = worker_name()
     if not leases.claim(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s):
         return RunOutcome.SKIPPED
     log.error("job %s refused: %s", job_id, error.message)
@@ -110,7 +111,7 @@ def refuse_job(*, db_url: str, job_id: int, error: DomainError, lease_s: float =
     return RunOutcome.FAILED
 
 
-def _worker_name() -> str:
+def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
@@ -206,7 +207,7 @@ def _train_and_publish(
             db_url=db_url, job_id=job.id, worker=owner.worker, checkpoint=state
         ),
     )
-    return _retrying(lambda: _record_outcome(owner, result, inputs=inputs, backbone=backbone))
+    return retrying(lambda: _record_outcome(owner, result, inputs=inputs, backbone=backbone))
 
 
 def _record_outcome(
@@ -264,10 +265,8 @@ ZERO_SHOT_MIN_ROWS = 20
 
 
 def _below_zero_shot(metrics: dict) -> str:
-    if metrics.get("zero_shot_accuracy") is not None:
-        measure, tuned, bare = "accuracy", metrics["val_accuracy"], metrics["zero_shot_accuracy"]
-    else:
-        measure, tuned, bare = "loss", metrics["val_loss"], metrics["zero_shot_val_loss"]
+    metric = chosen_metric(metrics)
+    measure, tuned, bare = metric.value, metrics[tuned_key(metric)], metrics[bare_key(metric)]
     return (
         f"The best soft prompt this job found scored {measure} {tuned:.3f} on the hold-out, worse than "
         f"the template alone on the bare backbone ({bare:.3f}), so no version was published. Serve the "
@@ -279,7 +278,7 @@ def _below_zero_shot(metrics: dict) -> str:
 DATABASE_RETRY_S = 120.0
 
 
-def _retrying(write: Callable[[], T]) -> T:
+def retrying(write: Callable[[], T]) -> T:
     """``write`` again while the database is unreachable, up to DATABASE_RETRY_S: a finished training run
     is too costly to lose to a short outage, and a claimed job should not fail for one before it starts.
     Each try is one transaction, so a failed one left nothing."""

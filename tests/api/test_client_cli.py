@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.client import ApiError, Client
-from app.db.models import TuningJob
+from app.db.models import Evaluation, TuningJob
 from app.db.session import session_scope
-from app.services import training
+from app.services import evaluating, training
+from app.services.evaluating import run_evaluation
 from app.services.training import run_job
-from tests.helpers import TEMPLATE, sentiment_file
+from tests.helpers import TEMPLATE, jsonl, sentiment_file, upload
 
 
 @pytest.fixture
@@ -27,17 +28,25 @@ def softprompt(server, api_key):
     return lambda *args: runner.invoke(cli, list(args), env=env)
 
 
-def worker_thread(settings, backbone) -> threading.Thread:
-    """Stands in for the worker: runs the first job that appears, in this process."""
+RUNS = {
+    TuningJob: lambda db_url, row_id, backbone: run_job(db_url=db_url, job_id=row_id, backbone=backbone),
+    Evaluation: lambda db_url, row_id, backbone: run_evaluation(
+        db_url=db_url, evaluation_id=row_id, backbone=backbone
+    ),
+}
+
+
+def worker_thread(settings, backbone, table: type = TuningJob) -> threading.Thread:
+    """Stands in for the worker: runs the first job (or evaluation) that appears, in this process."""
 
     def work() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with session_scope(settings.registry_url) as session:
-                job = session.query(TuningJob).filter_by(status="queued").first()
-                job_id = job.id if job else None
-            if job_id is not None:
-                run_job(db_url=settings.registry_url, job_id=job_id, backbone=backbone)
+                row = session.query(table).filter_by(status="queued").first()
+                row_id = row.id if row else None
+            if row_id is not None:
+                RUNS[table](settings.registry_url, row_id, backbone)
                 return
             time.sleep(0.1)
 
@@ -183,3 +192,131 @@ def test_tune_takes_the_method(softprompt, tmp_path):
     assert json.loads(softprompt("jobs", "show", job_id).stdout)["method"] == "prefix"
     wrong = softprompt("tune", "--task", "deep", "--dataset", dataset, "--method", "lora")
     assert wrong.exit_code != 0 and "lora" in wrong.output
+
+
+# -- evaluations ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def quick_evaluations(monkeypatch):
+    """Progress written at every chunk and polled often, so the bar moves within a short test."""
+    monkeypatch.setattr(evaluating, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr("app.client.EVALUATION_POLL_S", 0.05)
+
+
+def table(stdout: str) -> dict[str, list[str]]:
+    """The metrics table printed after the status line: its first cell to the others, header row included."""
+    lines = stdout.splitlines()[1:]
+    rows = [line.split() for line in lines if line.strip() and not set(line.strip()) <= set("─━")]
+    return {row[0]: row[1:] for row in rows}
+
+
+def test_eval_shows_progress_then_the_models_side_by_side(
+    softprompt, client, settings, tiny_backbone, trained, quick_evaluations, tmp_path
+):
+    test_set = upload(client, sentiment_file(), filename="test.jsonl").json()["id"]
+    worker = worker_thread(settings, tiny_backbone, Evaluation)
+    ran = softprompt("eval", str(test_set), "sst2", "bare")
+    worker.join()
+    assert ran.exit_code == 0, ran.output
+    evaluation_id = re.match(r"evaluation (\d+) queued: sst2@1, bare\n", ran.stdout)[1]
+    assert "rows 40/40" in ran.stderr  # the progress bar at its end: 20 rows, 2 models
+
+    shown = ran.stdout.split("\n", 1)[1]
+    assert shown.startswith(f"evaluation {evaluation_id} succeeded on dataset {test_set}\n")
+    results = client.get(f"/v1/evaluations/{evaluation_id}").json()["results"]
+    trained_metrics, bare_metrics = results[0]["metrics"], results[1]["metrics"]
+    assert table(shown) == {
+        "metric": ["sst2@1", "bare"],
+        "accuracy": [f"{trained_metrics['accuracy']:.3f}", f"{bare_metrics['accuracy']:.3f}"],
+        "macro_f1": [f"{trained_metrics['macro_f1']:.3f}", f"{bare_metrics['macro_f1']:.3f}"],
+    }  # per_label and confusion_matrix are left out
+    assert softprompt("evals", "show", evaluation_id).stdout == shown
+
+    listed = softprompt("evals", "list", "--task", "sst2").stdout
+    headline = f"accuracy {trained_metrics['accuracy']:.3f}/{bare_metrics['accuracy']:.3f}"
+    assert listed == f"{evaluation_id}\tsucceeded\t{test_set}\tsst2@1,bare\t40/40\t{headline}\n"
+
+    saved = tmp_path / "predictions.jsonl"
+    written = softprompt("evals", "predictions", evaluation_id, "-o", str(saved))
+    assert written.stdout == f"wrote {saved} (20 rows)\n"
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert [p["model"] for p in rows[0]["predictions"]] == ["sst2@1", None]
+
+
+def test_eval_of_the_bare_backbone_on_a_generation_set(
+    softprompt, client, settings, tiny_backbone, quick_evaluations
+):
+    references = jsonl({"input": f"count {i}", "references": [f"{i} {i + 1}"]} for i in range(5))
+    test_set = upload(client, references, filename="test.jsonl").json()["id"]
+    worker = worker_thread(settings, tiny_backbone, Evaluation)
+    ran = softprompt("eval", str(test_set), "-", "--template", "Count: {input}\n", "--max-new-tokens", "4")
+    worker.join()
+    assert ran.exit_code == 0, ran.output
+    evaluation_id = re.match(r"evaluation (\d+) queued: bare\n", ran.stdout)[1]
+
+    shown = json.loads(softprompt("evals", "show", evaluation_id, "--json").stdout)
+    assert (shown["template"], shown["max_new_tokens"]) == ("Count: {input}\n", 4)
+    metrics = shown["results"][0]["metrics"]
+    figures = table(ran.stdout.split("\n", 1)[1])
+    # BLEU first, the generation figures at two decimals; the sacrebleu signatures are left out.
+    assert list(figures) == ["metric", "bleu", "chrf", "rouge_l", "exact_match", "f1"]
+    assert all(figures[name] == [f"{metrics[name]:.2f}"] for name in list(figures)[1:])
+
+
+def test_eval_without_waiting_then_cancel(softprompt, client, trained):
+    test_set = upload(client, sentiment_file(), filename="test.jsonl").json()["id"]
+    queued = softprompt("eval", str(test_set), "sst2@1", "--no-wait")
+    assert queued.exit_code == 0, queued.output
+    evaluation_id = re.fullmatch(r"evaluation (\d+) queued: sst2@1\n", queued.stdout)[1]
+    shown = softprompt("evals", "show", evaluation_id)
+    assert shown.stdout == f"evaluation {evaluation_id} queued on dataset {test_set}: 0/20 rows\n"
+    assert softprompt("evals", "list", "--task", "other").stdout == ""
+
+    assert softprompt("evals", "cancel", evaluation_id).stdout == f"evaluation {evaluation_id} cancelled\n"
+    again = softprompt("evals", "cancel", evaluation_id)
+    assert again.exit_code == 1 and again.stderr.startswith("error: evaluation_finished")
+    followed = softprompt("evals", "follow", evaluation_id)  # ended already: no table, exit 1
+    assert followed.exit_code == 1 and f"evaluation {evaluation_id} cancelled on dataset" in followed.stderr
+    assert followed.stdout == ""
+    early = softprompt("evals", "predictions", evaluation_id)
+    assert early.exit_code == 1 and early.stderr.startswith("error: evaluation_not_finished")
+
+    unknown = softprompt("eval", str(test_set), "nope")
+    assert unknown.exit_code == 1 and unknown.stderr.startswith("error: not_found (models[0])")
+
+
+def evaluation_body(status: str, done: int) -> dict:
+    return {
+        "id": 1,
+        "status": status,
+        "dataset": 1,
+        "kind": "classification",
+        "base_model": "tiny",
+        "template": "{input}",
+        "max_new_tokens": 64,
+        "progress": {"done": done, "total": 4},
+        "results": [],
+        "error": None,
+        "attempts": 1,
+        "created_at": "2026-01-01T00:00:00Z",
+        "started_at": None,
+        "finished_at": None,
+    }
+
+
+def test_following_an_evaluation_reports_each_change_once_and_outlasts_a_restart(monkeypatch):
+    monkeypatch.setattr("app.client.EVALUATION_POLL_S", 0.0)
+    monkeypatch.setattr("app.client.RECONNECT_PAUSE_S", 0.0)
+    answers = iter([("queued", 0), ("running", 0), ("running", 0), None, ("running", 2), ("succeeded", 4)])
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        polled = next(answers)
+        if polled is None:
+            raise httpx.ConnectError("connection refused")  # the API restarting
+        return httpx.Response(200, json=evaluation_body(*polled))
+
+    http = httpx.Client(base_url="http://service", transport=httpx.MockTransport(answer))
+    with Client(http=http) as client:
+        seen = [(e.status, e.progress.done) for e in client.follow_evaluation(1)]
+    assert seen == [("queued", 0), ("running", 0), ("running", 2), ("succeeded", 4)]

@@ -11,6 +11,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from app.services import training
+from app.services.evaluating import run_evaluation
 from app.services.training import run_job
 from tests.helpers import TEMPLATE, new_key, sentiment_file, upload
 
@@ -48,6 +49,18 @@ def finished_job(client, settings, tiny_backbone, monkeypatch):
 
 
 @pytest.fixture
+def finished_evaluation(client, settings, tiny_backbone, finished_job):
+    """The job's version and the bare backbone scored on the 20 reviews, as the API answers for it."""
+    dataset = upload(client, sentiment_file(), filename="test.jsonl").json()["id"]
+    created = client.post("/v1/evaluations", json={"dataset": dataset, "models": ["sst2@1", None]}).json()
+    outcome = run_evaluation(
+        db_url=settings.registry_url, evaluation_id=created["id"], backbone=tiny_backbone
+    )
+    assert outcome == "succeeded"
+    return client.get(f"/v1/evaluations/{created['id']}").json()
+
+
+@pytest.fixture
 def page():
     assert Path(CHROMIUM).exists(), "Debian's chromium is needed: `make test` installs it"
     with sync_playwright() as playwright:
@@ -67,7 +80,10 @@ def page():
         browser.close()
 
 
-def test_dashboard_shows_tasks_jobs_and_the_loss_curve_and_tries_a_task(server, page, finished_job, api_key):
+def test_dashboard_shows_tasks_jobs_and_the_loss_curve_and_tries_a_task(
+    server, page, finished_job, finished_evaluation, api_key
+):
+    """Everything on one page (the evaluation too, for the screenshot); evaluations are checked below."""
     page.goto(f"{server}/dashboard")
     page.fill("#key", api_key)
     page.click("#save-key")
@@ -101,17 +117,65 @@ def test_dashboard_shows_tasks_jobs_and_the_loss_curve_and_tries_a_task(server, 
     assert page.errors == []  # no script errors, no refused resources (the page's CSP)
 
 
-def test_another_key_shows_only_its_tenants_objects(server, page, finished_job, api_key, stack):
+def percent(value: float) -> str:
+    return f"{100 * value:.1f} %"
+
+
+def test_dashboard_compares_an_evaluations_models(server, page, finished_evaluation, api_key):
+    evaluation = finished_evaluation
+    trained, bare = (result["metrics"] for result in evaluation["results"])
+    page.goto(f"{server}/dashboard")
+    page.fill("#key", api_key)
+    page.click("#save-key")
+
+    row = page.locator(f'#evaluations tr[data-evaluation-id="{evaluation["id"]}"]')
+    expect(row).to_have_count(1)
+    cells = [row.locator("td").nth(i).text_content() for i in range(6)]
+    assert cells == [
+        str(evaluation["id"]),
+        "succeeded",
+        str(evaluation["dataset"]),
+        "40 / 40",
+        "sst2@1\nbare backbone",
+        f"accuracy {percent(trained['accuracy'])}\naccuracy {percent(bare['accuracy'])}",
+    ]
+
+    # The newest succeeded evaluation is shown: a chart per metric, a bar per model, on a 0-100 scale.
+    expect(page.locator("#comparison-title")).to_have_text(
+        f"Evaluation {evaluation['id']} on dataset {evaluation['dataset']}: sst2@1 vs bare backbone"
+    )
+    charts = page.locator("#comparison-charts svg")
+    expect(charts).to_have_count(2)
+    assert [charts.nth(i).get_attribute("data-metric") for i in range(2)] == ["accuracy", "macro_f1"]
+    for name in ("accuracy", "macro_f1"):
+        chart = page.locator(f'#comparison-charts svg[data-metric="{name}"]')
+        assert chart.locator("text.model").all_text_contents() == ["sst2@1", "bare backbone"]
+        values = [trained[name], bare[name]]
+        assert chart.locator("text.value").all_text_contents() == [percent(v) for v in values]
+        full = float(chart.locator("line.full").get_attribute("y1"))
+        for bar, value in zip(chart.locator("rect.bar").all(), values, strict=True):
+            top, height = float(bar.get_attribute("y")), float(bar.get_attribute("height"))
+            assert height == pytest.approx(value * (top + height - full), abs=0.05)
+
+    assert page.errors == []
+
+
+def test_another_key_shows_only_its_tenants_objects(
+    server, page, finished_job, finished_evaluation, api_key, stack
+):
     page.goto(f"{server}/dashboard")
     page.fill("#key", api_key)
     page.click("#save-key")
     expect(page.locator("#curve polyline")).to_have_count(1)
+    expect(page.locator("#comparison-charts svg")).to_have_count(2)
 
     page.fill("#key", "sp-wrong")
     page.click("#save-key")
     expect(page.locator("#status")).to_contain_text("The API key is not valid")
     expect(page.locator("#tasks tbody tr")).to_have_count(0)
     expect(page.locator("#curve polyline")).to_have_count(0)
+    expect(page.locator("#evaluations tbody tr")).to_have_count(0)
+    expect(page.locator("#comparison-charts svg")).to_have_count(0)
 
     # Another tenant's key: nothing of acme's, and no error about acme's job that was on show.
     page.fill("#key", new_key(stack, "globex"))
@@ -121,3 +185,4 @@ def test_another_key_shows_only_its_tenants_objects(server, page, finished_job, 
     page.wait_for_timeout(2500)  # one more poll
     expect(page.locator("#status")).to_have_text("")
     expect(page.locator("#curve polyline")).to_have_count(0)
+    expect(page.locator("#evaluations tbody tr")).to_have_count(0)

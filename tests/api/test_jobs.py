@@ -85,6 +85,11 @@ def test_invalid_jobs_name_the_field(client):
             422,
             "hyperparameters.loss",
         ),
+        (  # BLEU scores generated text, not a label
+            {"task": "t", "training_dataset": dataset_id, "hyperparameters": {"eval_metric": "bleu"}},
+            422,
+            "hyperparameters.eval_metric",
+        ),
     ]
     for body, status, param in cases:
         response = create(client, **body)

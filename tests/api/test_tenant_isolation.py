@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from sqlalchemy import text
 
 from app.db.session import get_engine
+from app.services.evaluating import run_evaluation
 from app.services.training import run_job
 from tests.helpers import bearer, new_key, sentiment_file, upload
 
@@ -20,6 +21,7 @@ TEMPLATE = "Review: {input}\nSentiment:"
 PATH_REFERENCES = {
     "dataset_id": "dataset",
     "job_id": "job",
+    "evaluation_id": "evaluation",
     "task": "task",
     "version": "version",
     # The OpenAI-compatible routes name the same objects their own way.
@@ -32,6 +34,10 @@ BODIES: dict[str, tuple[dict, dict[str, str]]] = {
     "JobCreate": (
         {"task": "mine", "training_dataset": "own:dataset", "template": TEMPLATE},
         {"training_dataset": "dataset", "validation_dataset": "dataset"},
+    ),
+    "EvaluationCreate": (
+        {"dataset": "own:dataset", "models": "own:models"},
+        {"dataset": "dataset", "models": "models"},
     ),
     "GenerateRequest": ({"task": "own:task", "input": "a fine film", "max_new_tokens": 2}, {"task": "task"}),
     "ClassifyRequest": ({"task": "own:task", "input": "a fine film"}, {"task": "task"}),
@@ -65,7 +71,12 @@ class Owned:
     dataset: int
     job: int
     task: str
+    evaluation: int
     version: int = 1
+
+    @property
+    def models(self) -> list[str]:
+        return [self.task]
 
     @property
     def file(self) -> str:
@@ -92,7 +103,14 @@ def make_objects(client, settings, backbone, key: str, task: str) -> Owned:
     }
     job = client.post("/v1/tuning/jobs", json=body, headers=headers).json()["id"]
     assert run_job(db_url=settings.registry_url, job_id=job, backbone=backbone) == "succeeded"
-    return Owned(key=key, dataset=dataset, job=job, task=task)
+    evaluation = client.post(
+        "/v1/evaluations", json={"dataset": dataset, "models": [task]}, headers=headers
+    ).json()["id"]
+    assert (
+        run_evaluation(db_url=settings.registry_url, evaluation_id=evaluation, backbone=backbone)
+        == "succeeded"
+    )
+    return Owned(key=key, dataset=dataset, job=job, task=task, evaluation=evaluation)
 
 
 @dataclass
@@ -188,11 +206,13 @@ def test_another_tenants_objects_answer_exactly_like_missing_ones(
     assert client.get(f"/v1/datasets/{acme.dataset}").status_code == 200
     assert client.get(f"/v1/prompts/{acme.task}/versions/1").status_code == 200
     assert client.get(f"/v1/tuning/jobs/{acme.job}").json()["status"] == "succeeded"
+    assert client.get(f"/v1/evaluations/{acme.evaluation}").json()["status"] == "succeeded"
 
     # Now make acme's objects truly unknown: globex's answers must not change by a single byte.
     with get_engine(settings.registry_url).begin() as connection:
         owner = "(SELECT id FROM tenants WHERE name = 'acme')"
         for statement in (
+            f"DELETE FROM evaluations WHERE tenant_id = {owner}",
             f"DELETE FROM prompt_versions WHERE task_id IN (SELECT id FROM tasks WHERE tenant_id = {owner})",
             f"DELETE FROM tasks WHERE tenant_id = {owner}",
             f"DELETE FROM job_events WHERE job_id IN (SELECT id FROM tuning_jobs WHERE tenant_id = {owner})",
@@ -209,7 +229,13 @@ def test_lists_show_only_the_callers_objects(client, api_key, settings, stack, t
     acme = make_objects(client, settings, tiny_backbone, api_key, "shared")
     globex = make_objects(client, settings, tiny_backbone, new_key(stack, "globex"), "shared")
     lists = [r for r in v1_routes(client.app) if "GET" in r.methods and not path_params(r)]
-    assert {r.path for r in lists} >= {"/v1/datasets", "/v1/tuning/jobs", "/v1/prompts", "/v1/models"}
+    assert {r.path for r in lists} >= {
+        "/v1/datasets",
+        "/v1/tuning/jobs",
+        "/v1/evaluations",
+        "/v1/prompts",
+        "/v1/models",
+    }
     for route in lists:
         mine, theirs = (
             # /v1/models also lists the backbones, which every tenant shares.

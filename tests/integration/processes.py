@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -83,14 +83,26 @@ def wait_ready(base_url: str, process: subprocess.Popen, log: Path, timeout: flo
     raise AssertionError(f"service not ready after {timeout} s:\n{log.read_text()[-4000:]}")
 
 
-def wait_for_job(client: httpx.Client, job_id: int, statuses: tuple[str, ...], timeout: float = 180) -> dict:
+def wait_until(client: httpx.Client, path: str, done: Callable[[dict], bool], timeout: float = 180) -> dict:
+    """GET ``path`` until ``done`` holds for its body; that body."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/tuning/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
+        body = client.get(path).json()
+        if done(body):
+            return body
         time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
+    raise AssertionError(f"{path} still {body.get('status')} after {timeout} s: {body}")
+
+
+def wait_for_job(client: httpx.Client, job_id: int, statuses: tuple[str, ...], timeout: float = 180) -> dict:
+    return wait_until(client, f"/v1/tuning/jobs/{job_id}", lambda job: job["status"] in statuses, timeout)
+
+
+def wait_for_evaluation(
+    client: httpx.Client, evaluation_id: int, statuses: tuple[str, ...], timeout: float = 180
+) -> dict:
+    path = f"/v1/evaluations/{evaluation_id}"
+    return wait_until(client, path, lambda evaluation: evaluation["status"] in statuses, timeout)
 
 
 def migrated_api(stack: ExitStack, env: dict[str, str], port: int, tmp_path: Path) -> httpx.Client:

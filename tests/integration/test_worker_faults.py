@@ -1,6 +1,6 @@
-"""A worker killed mid-job, through real processes: `softprompt api` and `softprompt worker` on the embedded
-stack (SQLite registry, Celery over SQLite) and on PostgreSQL + Redis. Short leases and a fast reaper keep
-the test quick; the mechanism is the one production runs."""
+"""A worker killed mid-job or mid-evaluation, through real processes: `softprompt api` and `softprompt worker`
+on the embedded stack (SQLite registry, Celery over SQLite) and on PostgreSQL + Redis. Short leases and a
+fast reaper keep the test quick; the mechanism is the one production runs."""
 
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ import redis
 
 from app.db.models import JobCheckpoint
 from app.db.session import session_scope
-from tests.helpers import sentiment_file
+from tests.helpers import jsonl, predictions, sentiment_file
 from tests.integration.processes import (
     free_port,
     job_holder,
     migrated_api,
     running,
     service_env,
+    wait_for_evaluation,
     wait_for_job,
+    wait_until,
 )
 from tests.stacks import STACK_PARAMS, Stack, postgres_database, redis_namespace, server_stack
 
@@ -91,6 +93,86 @@ def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpo
         print(f"{ending} after step {step}, resumed from {resumed[0]}, succeeded {recovered_in:.1f} s later")
         with session_scope(first_env["SOFTPROMPT_DATABASE_URL"]) as session:
             assert session.query(JobCheckpoint).count() == 0  # the finished job left no checkpoint behind
+
+
+# Sixty batches of 8 rows, 16 greedy tokens each: about three seconds of decoding on the tiny backbone on an
+# idle machine, where progress first shows after one, so a worker is caught mid-run with batches to go.
+EVALUATION_ROWS = 480
+CANCELLED_ROWS = 8_000
+EVALUATION_BATCH = {"SOFTPROMPT_EVALUATION_BATCH_ROWS": "8"}
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@pytest.mark.parametrize("stack_kind", STACK_PARAMS)
+def test_an_evaluation_whose_worker_is_killed_is_scored_again_from_the_first_row_and_counted_once(
+    stack_kind, tmp_path, tiny_backbone_dir
+):
+    """SIGKILL mid-run: the lease lapses, the reaper queues the evaluation again and another worker scores
+    it from the first row. Every row counts once, and the results are those of an uninterrupted run. A
+    cancel while a worker scores stops it with no results."""
+    port = free_port()
+    with ExitStack() as stack:
+        servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
+        env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY, **EVALUATION_BATCH)
+        client = migrated_api(stack, env, port, tmp_path)
+        first = stack.enter_context(running(["worker"], env, tmp_path / "worker-1.log"))
+
+        counting = jsonl(
+            {"input": f"count {i} after {i * 7 % 101}", "output": f"{i + 1}"} for i in range(EVALUATION_ROWS)
+        )
+        dataset = client.post("/v1/datasets", files={"file": ("counting.jsonl", counting)}).json()
+        body = {"dataset": dataset["id"], "models": [None], "template": "Count: {input}\nNext:"}
+        body["max_new_tokens"] = 16
+        interrupted = client.post("/v1/evaluations", json=body).json()
+        caught = _scoring(client, interrupted["id"])
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        killed_at = time.monotonic()
+        stack.enter_context(running(["worker"], env, tmp_path / "worker-2.log"))
+
+        done = wait_for_evaluation(client, interrupted["id"], FINISHED)
+        recovered_in = time.monotonic() - killed_at
+        print(f"killed after {caught['progress']['done']} rows, succeeded {recovered_in:.1f} s later")
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 2
+        assert done["progress"] == {"done": EVALUATION_ROWS, "total": EVALUATION_ROWS}
+        rows = predictions(client, interrupted["id"])
+        assert [row["row"] for row in rows] == list(range(1, EVALUATION_ROWS + 1))
+        assert all(len(row["predictions"]) == 1 for row in rows)
+
+        # The same evaluation again (a new one: no Idempotency-Key), run by one worker from start to end.
+        again = client.post("/v1/evaluations", json=body).json()
+        assert again["id"] != interrupted["id"]
+        uninterrupted = wait_for_evaluation(client, again["id"], FINISHED)
+        assert uninterrupted["status"] == "succeeded" and uninterrupted["attempts"] == 1, uninterrupted
+        assert done["results"][0]["metrics"] is not None
+        assert done["results"] == uninterrupted["results"]
+        assert predictions(client, again["id"]) == rows
+
+        # A cancel is seen within a second or so; an evaluation 25 times as long cannot end first on any
+        # machine, and stops early whatever its size.
+        many = jsonl({"input": f"count {i}", "output": f"{i + 1}"} for i in range(CANCELLED_ROWS))
+        longer = client.post("/v1/datasets", files={"file": ("many.jsonl", many)}).json()
+        cancelled = client.post("/v1/evaluations", json={**body, "dataset": longer["id"]}).json()
+        _scoring(client, cancelled["id"])
+        assert client.post(f"/v1/evaluations/{cancelled['id']}/cancel").json()["status"] == "running"
+        ended = wait_for_evaluation(client, cancelled["id"], FINISHED, timeout=60)
+        assert ended["status"] == "cancelled" and ended["attempts"] == 1, ended
+        assert ended["results"] == [{"model": None, "metrics": None}]
+        assert ended["progress"]["done"] < CANCELLED_ROWS  # it stopped early, not at the end
+        assert client.get(f"/v1/evaluations/{cancelled['id']}/predictions").status_code == 409
+
+
+def _scoring(client, evaluation_id: int) -> dict:
+    """Waits until a worker has scored some of the evaluation's rows and is still at it."""
+    evaluation = wait_until(
+        client,
+        f"/v1/evaluations/{evaluation_id}",
+        lambda e: e["status"] not in ("queued", "running") or e["progress"]["done"] > 0,
+        timeout=120,
+    )
+    assert evaluation["status"] == "running", f"caught too late: {evaluation}"
+    return evaluation
 
 
 def on_its_own_machine(env: dict[str, str], data_dir: Path) -> dict[str, str]:

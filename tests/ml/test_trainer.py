@@ -3,14 +3,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.ml import layout
+from app.ml import layout, trainer
 from app.ml.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
-from app.ml.inference import label_log_likelihoods
+from app.ml.generation_scores import generation_report
+from app.ml.inference import generate, label_log_likelihoods
 from app.ml.layout import context_ids, target_ids, target_log_probs
 from app.ml.prefix import init_prefix
+from app.ml.selection import EvalMetric
 from app.ml.soft_prompt import init_prompt
 from app.ml.text import render
 from app.ml.trainer import (
+    DECODE_MARGIN,
     Example,
     TrainConfig,
     _Best,
@@ -245,13 +248,34 @@ def test_a_run_that_only_made_the_prompt_worse_keeps_the_prompt_it_started_from(
     assert result.metrics["zero_shot_val_loss"] == pytest.approx(bare["val_loss"])
 
 
+def test_a_run_above_the_bare_template_never_scores_the_prompt_it_started_from(tiny_backbone, monkeypatch):
+    """Scoring the start is a whole hold-out pass (minutes of decoding on a generation task): it is done
+    only when the trained prompt falls below the bare template and the start might be kept instead."""
+    start = init_prompt(tiny_backbone, num_virtual_tokens=8, strategy="random", seed=3)  # as _train's
+    scored = []
+    real = trainer.evaluate
+
+    def counted(backbone, prompt, *args, **kwargs):
+        scored.append(prompt)
+        return real(backbone, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", counted)
+    result = _train(tiny_backbone, steps=40)
+    assert result.metrics["val_accuracy"] > result.metrics["zero_shot_accuracy"]
+    assert None in scored  # the bare template was scored
+    assert not any(p is not None and torch.equal(p.cpu(), start) for p in scored)
+
+
 def test_the_start_is_kept_only_when_the_trained_prompt_is_below_the_bare_template():
     def trained(accuracy: float) -> _Best:
-        best = _Best(classification=True)
+        best = _Best(EvalMetric.ACCURACY)
         best.offer(60, torch.zeros(2, 4), {"val_accuracy": accuracy, "val_loss": 0.5})
         return best
 
-    start, bare = {"val_accuracy": 0.875, "val_loss": 0.6}, {"val_accuracy": 0.825, "val_loss": 0.7}
+    start, bare = (
+        {"val_accuracy": 0.875, "val_loss": 0.6},
+        {"zero_shot_accuracy": 0.825, "zero_shot_val_loss": 0.7},
+    )
     # Above the bare template: the trained prompt is kept, though the start won the hold-out by a row.
     assert not _fallback_to_start(trained(0.850), start, bare)
     # Level with the bare template is not below it.
@@ -263,7 +287,7 @@ def test_the_start_is_kept_only_when_the_trained_prompt_is_below_the_bare_templa
 
 
 def test_the_best_evaluated_prompt_wins_over_the_last_one():
-    best = _Best(classification=True)
+    best = _Best(EvalMetric.ACCURACY)
     for step, accuracy, loss in ((10, 0.6, 0.9), (20, 0.8, 0.7), (30, 0.8, 0.8), (40, 0.7, 0.5)):
         best.offer(step, torch.full((2, 3), float(step)), {"val_accuracy": accuracy, "val_loss": loss})
     assert best.step == 20 and torch.equal(best.prompt, torch.full((2, 3), 20.0))
@@ -319,11 +343,6 @@ def test_a_run_resumed_from_a_stored_checkpoint_ends_exactly_like_an_unbroken_on
     resumed, _ = run(resume=checkpoint_from_bytes(stored))
     assert torch.equal(resumed.prompt, unbroken.prompt)
     assert resumed.metrics == unbroken.metrics and resumed.steps_done == 12
-    # A checkpoint stored before it kept step 0's metrics: the run evaluates its start again.
-    older = checkpoint_from_bytes(stored)
-    older.initial_metrics = {}
-    again, _ = run(resume=older)
-    assert torch.equal(again.prompt, unbroken.prompt) and again.metrics == unbroken.metrics
 
 
 def test_a_prompt_shared_by_the_batch_scores_as_the_plain_model_does(tiny_backbone, monkeypatch):
@@ -351,3 +370,49 @@ def test_rows_are_spread_over_as_few_packs_as_fit_and_about_equally_long():
     assert [[sizes[i] for i in pack] for pack in packs] == [[70, 10], [50, 20]]  # 2 x 80
     assert layout.balanced_packs([200, 10], 80) == [[0], [1]]  # an item over the capacity raises it
     assert layout.balanced_packs([], 80) == []
+
+
+def _data_to_text() -> list[Example]:
+    """Generation: the output restates the input's two fields."""
+    names, foods = ["Alimo", "Bento", "Cora", "Dalt"], ["pasta", "sushi", "tacos"]
+    return [Example(f"name[{n}] food[{f}]", f"{n} serves {f}.") for n in names for f in foods]
+
+
+def test_a_generation_run_scores_its_hold_out_by_decoding_it_tuned_and_bare(tiny_backbone):
+    data = _data_to_text()
+    config = _config(steps=4, batch_size=4, decode_tokens=32)
+    result = train_prompt(
+        tiny_backbone,
+        prompt=init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=3),
+        train=data,
+        validation=data,
+        template="Data: {input}\nText:",
+        labels=None,
+        config=config,
+        on_progress=lambda _: None,
+        should_stop=lambda: False,
+    )
+    metrics = result.metrics
+    assert metrics["eval_metric"] == "rouge_l"
+    # The figures are those of the kept prompt's own greedy outputs, scored by the evaluation metrics.
+    texts = [render("Data: {input}\nText:", ex.input) for ex in data]
+    # Decoded up to the longest output plus the margin (under the cap of 32).
+    longest = max(
+        len(target_ids(tiny_backbone, t, ex.output, with_eos=False))
+        for t, ex in zip(texts, data, strict=True)
+    )
+    assert longest + DECODE_MARGIN < 32
+    options = {"max_new_tokens": longest + DECODE_MARGIN}
+    outputs = generate(tiny_backbone, prompts=[result.prompt] * len(texts), texts=texts, **options)
+    report = generation_report([g.text.strip() for g in outputs], [[ex.output] for ex in data])
+    for name in ("exact_match", "f1", "bleu", "chrf", "rouge_l"):
+        assert metrics[f"val_{name}"] == pytest.approx(report[name]), name
+        assert 0 <= metrics[f"zero_shot_{name}"] <= 100
+
+
+def test_the_chosen_metric_picks_the_best_prompt():
+    by_bleu, by_loss = _Best(EvalMetric.BLEU), _Best(EvalMetric.LOSS)
+    for best in (by_bleu, by_loss):
+        best.offer(10, torch.full((1,), 10.0), {"val_bleu": 30.0, "val_loss": 2.0})
+        best.offer(20, torch.full((1,), 20.0), {"val_bleu": 20.0, "val_loss": 1.0})
+    assert by_bleu.step == 10 and by_loss.step == 20

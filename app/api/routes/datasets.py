@@ -27,7 +27,10 @@ async def upload_dataset(
     serving: ServingDep,
     file: Annotated[
         UploadFile,
-        File(description=".jsonl or .csv: {text,label}, {input,output} or {prompt,completion} records."),
+        File(
+            description=".jsonl or .csv: {text,label}, {input,output} or {prompt,completion} records; "
+            "or .jsonl {input,references: [...]} records, a test set for evaluations."
+        ),
     ],
     name: Annotated[str | None, Form(max_length=NAME_CHARS)] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
@@ -67,6 +70,6 @@ def get_dataset(dataset_id: IdPath, caller: CallerDep, session: SessionDep) -> D
 
 @router.delete("/{dataset_id}", status_code=204, responses=errors(401, 404, 409))
 def delete_dataset(dataset_id: IdPath, caller: CallerDep, session: SessionDep) -> Response:
-    """Delete a dataset; refused while a queued or running job uses it."""
+    """Delete a dataset; refused while a queued or running job or evaluation uses it."""
     service.delete_dataset(session, tenant_id=caller.tenant_id, dataset_id=dataset_id)
     return Response(status_code=204)

@@ -11,7 +11,7 @@ from app.api.responses import errors
 from app.api.schemas import Page, TaskPublic, VersionPublic
 from app.errors import InvalidRequest
 from app.input_text import check_json
-from app.services import adapters
+from app.services import adapters, evaluations
 from app.services import prompts as service
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"])
@@ -36,7 +36,9 @@ def get_task(task: str, caller: CallerDep, session: SessionDep) -> TaskPublic:
 def get_version(task: str, version: IdPath, caller: CallerDep, session: SessionDep) -> VersionPublic:
     """Get one immutable prompt version: template, labels, metrics, source job, checksum."""
     found = service.get_version(session, tenant_id=caller.tenant_id, name=task, version=version)
-    return VersionPublic.of(found, task)
+    return VersionPublic.of(
+        found, task, evaluations=evaluations.evaluations_of_version(session, version=found)
+    )
 
 
 @router.delete("/{task}/versions/{version}", status_code=204, responses=errors(401, 404))

@@ -7,6 +7,14 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const $ = (selector) => document.querySelector(selector);
 let selectedJob = null;
 let curve = { job: null, after: null, points: [] };
+let selectedEvaluation = null;
+let evaluations = []; // the last page read, for drawing a clicked one at once
+// The figures an evaluation compares, in the order people read them (as `softprompt eval` prints them);
+// the nested ones (per_label, confusion_matrix, signatures) stay in the API's answer.
+const METRICS = ["accuracy", "macro_f1", "bleu", "chrf", "rouge_l", "exact_match", "f1"];
+// Classification figures are fractions, shown as percentages; generation figures are already 0-100.
+const FRACTIONS = new Set(["accuracy", "macro_f1"]);
+const PICK_EVALUATION = "Pick a succeeded evaluation to compare its models.";
 
 function headers(extra = {}) {
   const key = sessionStorage.getItem("softprompt-key");
@@ -145,6 +153,110 @@ function drawCurve(points) {
   );
 }
 
+const modelName = (model) => (model === null ? "bare backbone" : model);
+const points = (name, value) => (FRACTIONS.has(name) ? 100 * value : value);
+
+function figure(name, value) {
+  if (typeof value !== "number") return null;
+  return FRACTIONS.has(name) ? percent(value) : value.toFixed(1);
+}
+
+// The plain numbers among an evaluation's metrics: the known ones in METRICS order, then any other.
+function metricNames(evaluation) {
+  const present = new Set();
+  for (const result of evaluation.results) {
+    for (const [name, value] of Object.entries(result.metrics || {})) {
+      if (typeof value === "number") present.add(name);
+    }
+  }
+  return [...METRICS.filter((name) => present.has(name)),
+    ...[...present].filter((name) => !METRICS.includes(name)).sort()];
+}
+
+async function refreshEvaluations() {
+  const page = await api("/v1/evaluations?limit=20");
+  const body = $("#evaluations tbody");
+  body.replaceChildren();
+  for (const evaluation of page.data) {
+    const row = body.insertRow();
+    row.className = evaluation.id === selectedEvaluation ? "evaluation selected" : "evaluation";
+    row.dataset.evaluationId = evaluation.id;
+    const main = metricNames(evaluation)[0];
+    const headline = main
+      ? evaluation.results.map((r) => `${main} ${figure(main, r.metrics[main]) ?? "–"}`).join("\n")
+      : evaluation.error ? evaluation.error.code : null;
+    cell(row, evaluation.id);
+    cell(row, evaluation.status, `status-${evaluation.status}`);
+    cell(row, evaluation.dataset);
+    cell(row, `${evaluation.progress.done} / ${evaluation.progress.total}`);
+    cell(row, evaluation.results.map((r) => modelName(r.model)).join("\n"), "lines");
+    cell(row, headline, "lines");
+    row.addEventListener("click", () => selectEvaluation(evaluation.id));
+  }
+  evaluations = page.data;
+  return page.data;
+}
+
+function selectEvaluation(id) {
+  selectedEvaluation = id;
+  for (const row of document.querySelectorAll("#evaluations tr.evaluation")) {
+    row.classList.toggle("selected", Number(row.dataset.evaluationId) === id);
+  }
+  drawComparison();
+}
+
+// One bar chart per metric, a bar per model, from the evaluation as the last page read it.
+function drawComparison() {
+  const evaluation = evaluations.find((e) => e.id === selectedEvaluation);
+  const charts = $("#comparison-charts");
+  charts.replaceChildren();
+  if (!evaluation) {
+    $("#comparison-title").textContent = PICK_EVALUATION;
+    return;
+  }
+  const { done, total } = evaluation.progress;
+  const models = evaluation.results.map((r) => modelName(r.model)).join(" vs ");
+  $("#comparison-title").textContent = evaluation.status === "succeeded"
+    ? `Evaluation ${evaluation.id} on dataset ${evaluation.dataset ?? "–"}: ${models}`
+    : `Evaluation ${evaluation.id}, ${evaluation.status} (${done} / ${total} rows): no metrics yet.`;
+  if (evaluation.status !== "succeeded") return;
+  for (const name of metricNames(evaluation)) {
+    const chart = document.createElement("figure");
+    const caption = document.createElement("figcaption");
+    caption.textContent = FRACTIONS.has(name) ? `${name} (%)` : name;
+    chart.append(caption, drawBars(name, evaluation.results));
+    charts.append(chart);
+  }
+}
+
+function drawBars(name, results) {
+  // Every metric on one 0-100 scale, with its 100 line drawn, so a bar's height reads against it.
+  const box = { left: 32, top: 14, bottom: 130, slot: 90 };
+  const right = box.left + box.slot * results.length;
+  const y = (value) => box.bottom - (value / 100) * (box.bottom - box.top);
+  const plot = svg("svg", { viewBox: `0 0 ${right + 8} 160`, role: "img", "aria-label": `${name} by model`,
+    "data-metric": name });
+  plot.append(
+    svg("line", { class: "full", x1: box.left, y1: y(100), x2: right, y2: y(100) }),
+    svg("line", { x1: box.left, y1: box.bottom, x2: right, y2: box.bottom }),
+    svg("text", { x: 4, y: y(100) + 4 }, "100"),
+    svg("text", { x: 4, y: box.bottom + 4 }, "0"),
+  );
+  results.forEach((result, i) => {
+    const value = (result.metrics || {})[name];
+    const top = y(typeof value === "number" ? points(name, value) : 0);
+    const x = box.left + i * box.slot + 0.15 * box.slot;
+    const width = 0.7 * box.slot;
+    const middle = { x: x + width / 2, "text-anchor": "middle" };
+    plot.append(
+      svg("rect", { class: `bar model-${i % 8}`, x, y: top, width, height: box.bottom - top }),
+      svg("text", { ...middle, class: "value", y: top - 3 }, figure(name, value) ?? "–"),
+      svg("text", { ...middle, class: "model", y: box.bottom + 16 }, modelName(result.model)),
+    );
+  });
+  return plot;
+}
+
 async function tryTask(route) {
   const task = $("#try-task").value || null;
   const input = $("#try-input").value;
@@ -168,8 +280,13 @@ async function tryTask(route) {
 function forgetShown() {
   selectedJob = null;
   curve = { job: null, after: null, points: [] };
+  selectedEvaluation = null;
+  evaluations = [];
   $("#tasks tbody").replaceChildren();
   $("#jobs tbody").replaceChildren();
+  $("#evaluations tbody").replaceChildren();
+  $("#comparison-title").textContent = PICK_EVALUATION;
+  $("#comparison-charts").replaceChildren();
   $("#try-task").replaceChildren(new Option("(bare backbone)", ""));
   $("#try-output").textContent = "";
   $("#curve-title").textContent = "Pick a job to see its training loss.";
@@ -178,8 +295,11 @@ function forgetShown() {
 
 async function refresh() {
   try {
-    const [, jobs] = await Promise.all([refreshTasks(), refreshJobs()]);
+    const [, jobs, shown] = await Promise.all([refreshTasks(), refreshJobs(), refreshEvaluations()]);
     if (selectedJob === null && jobs.length > 0) selectedJob = jobs[0].id;
+    const succeeded = shown.find((e) => e.status === "succeeded");
+    if (selectedEvaluation === null && succeeded) selectEvaluation(succeeded.id);
+    else drawComparison();
     await refreshCurve();
     say("");
   } catch (error) {

@@ -1,0 +1,287 @@
+"""Running one evaluation on a worker: claim it, score every model on the dataset through the engine's
+batched decoding (or rank classification), and write every result in one transaction.
+
+Nothing is written until the end, so a run that dies, is handed back or loses its lease leaves no partial
+counts: the next attempt starts again from the first row."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from sqlalchemy.exc import OperationalError
+
+from app.db.models import Dataset, Evaluation, JobStatus, PromptVersion, utcnow
+from app.db.session import session_scope
+from app.errors import DomainError, InvalidRequest
+from app.ml.backbone import Backbone
+from app.ml.generation_scores import example_scores, generation_report
+from app.ml.inference import classify, generate
+from app.ml.layout import context_ids, fit_context
+from app.ml.method import Method
+from app.ml.scores import classification_report
+from app.ml.soft_prompt import stored_shape, virtual_tokens
+from app.ml.text import render
+from app.services import leases
+from app.services.dataset_parsing import Record, decode_records, outputs_of
+from app.services.serving import decode_version
+from app.services.training import HANDBACK, RunOutcome, retrying, worker_name
+
+log = logging.getLogger(__name__)
+
+# Rows decoded (or scored) in one batch of the engine's scheduler, by default (the worker passes the
+# setting `evaluation_batch_rows`); between batches the run writes its progress and looks for a cancel.
+CHUNK_ROWS = 64
+PROGRESS_INTERVAL_S = 1.0
+
+
+@dataclass
+class _Model:
+    reference: str | None  # "task@3", or None: the bare backbone
+    prompt: torch.Tensor | None
+    template: str
+    labels: list[str] | None  # classification: the labels it ranks
+
+
+@dataclass
+class _Inputs:
+    kind: str
+    max_new_tokens: int
+    records: list[Record]
+    models: list[_Model]
+
+
+def run_evaluation(
+    *,
+    db_url: str,
+    evaluation_id: int,
+    backbone: Backbone,
+    lease_s: float = 60.0,
+    chunk_rows: int = CHUNK_ROWS,
+) -> RunOutcome:
+    """Runs the evaluation if this call wins the claim; returns how the run ended."""
+    worker = worker_name()
+    kind = leases.EVALUATIONS
+    if not leases.claim(db_url=db_url, job_id=evaluation_id, worker=worker, lease_s=lease_s, kind=kind):
+        return RunOutcome.SKIPPED
+    owner = _Owner(db_url=db_url, evaluation_id=evaluation_id, worker=worker)
+    heartbeat = leases.Heartbeat(
+        db_url=db_url, job_id=evaluation_id, worker=worker, lease_s=lease_s, kind=kind
+    )
+    with heartbeat:
+        try:
+            inputs = retrying(lambda: _load(db_url, evaluation_id, backbone))
+            watch = _Watch(db_url=db_url, evaluation_id=evaluation_id, lost=heartbeat.lost)
+            outputs = _predict(backbone, inputs, watch=watch, chunk_rows=chunk_rows)
+            if outputs is None:
+                return retrying(owner.stopped)
+            results, lines = _score(inputs, outputs)
+            return retrying(lambda: owner.succeed(results, lines))
+        except DomainError as error:
+            return owner.fail(code=error.code, message=error.message)
+        except Exception as error:  # a failed evaluation must say why, whatever broke
+            log.exception("evaluation %s failed", evaluation_id)
+            return owner.fail(code="evaluation_error", message=f"{type(error).__name__}: {error}")
+
+
+def refuse_evaluation(*, db_url: str, evaluation_id: int, error: DomainError) -> RunOutcome:
+    """Fail a queued evaluation that no worker can run (its backbone cannot be loaded), saying why."""
+    worker = worker_name()
+    if not leases.claim(
+        db_url=db_url, job_id=evaluation_id, worker=worker, lease_s=60.0, kind=leases.EVALUATIONS
+    ):
+        return RunOutcome.SKIPPED
+    return _Owner(db_url=db_url, evaluation_id=evaluation_id, worker=worker).fail(
+        code=error.code, message=error.message
+    )
+
+
+def _load(db_url: str, evaluation_id: int, backbone: Backbone) -> _Inputs:
+    with session_scope(db_url) as session:
+        evaluation = session.get(Evaluation, evaluation_id)
+        dataset = session.get(Dataset, evaluation.dataset_id) if evaluation.dataset_id else None
+        if dataset is None:
+            raise DomainError("The evaluation's dataset was deleted.", code="dataset_missing")
+        models = [_model(session, m, evaluation, dataset, backbone) for m in evaluation.models]
+        return _Inputs(
+            kind=evaluation.kind,
+            max_new_tokens=evaluation.max_new_tokens,
+            records=decode_records(dataset.records),
+            models=models,
+        )
+
+
+def _model(session, entry, evaluation: Evaluation, dataset: Dataset, backbone: Backbone) -> _Model:
+    if entry.reference is None:
+        return _Model(None, None, evaluation.template, dataset.labels)
+    version = session.get(PromptVersion, entry.version_id) if entry.version_id else None
+    if version is None:
+        raise DomainError(
+            f"Version {entry.reference} was deleted before it was scored.", code="version_missing"
+        )
+    shape = stored_shape(backbone, Method(version.method))
+    prompt = decode_version(version, shape=shape, ref=entry.reference, param="models")
+    return _Model(entry.reference, prompt, version.template, version.labels)
+
+
+def _predict(backbone: Backbone, inputs: _Inputs, *, watch: _Watch, chunk_rows: int) -> list[list] | None:
+    """Each model's output for every row (a label, or a generated text), or None if the run must stop."""
+    outputs: list[list] = []
+    total = len(inputs.records) * len(inputs.models)
+    watch.progress(0, total)  # an attempt after a lost one starts again from the first row, and says so
+    for model in inputs.models:
+        answers: list = []
+        for start in range(0, len(inputs.records), chunk_rows):
+            if watch.should_stop():
+                return None
+            chunk = inputs.records[start : start + chunk_rows]
+            texts = [render(model.template, source) for source, _ in chunk]
+            answers += _answer(backbone, model, texts, inputs, first_row=start)
+            watch.progress(len(outputs) * len(inputs.records) + len(answers), total)
+        outputs.append(answers)
+    return outputs
+
+
+def _answer(backbone: Backbone, model: _Model, texts: list[str], inputs: _Inputs, *, first_row: int) -> list:
+    prompts = [model.prompt] * len(texts)
+    try:
+        if inputs.kind == "classification":
+            scored = classify(backbone, labels=model.labels, prompts=prompts, texts=texts)
+            return [max(row, key=row.get) for row in scored]
+        options = {"max_new_tokens": inputs.max_new_tokens, "temperature": 0.0}
+        return [g.text.strip() for g in generate(backbone, prompts=prompts, texts=texts, **options)]
+    except InvalidRequest:
+        reserved = virtual_tokens(model.prompt) + inputs.max_new_tokens
+        for offset, text in enumerate(texts):
+            try:
+                fit_context(backbone, context_ids(backbone, text), reserved, truncate=False)
+            except InvalidRequest as error:
+                row = first_row + offset + 1
+                raise InvalidRequest(
+                    f"Row {row} does not fit the backbone's window: {error.message}.",
+                    param="dataset",
+                    line=row,
+                ) from None
+        raise
+
+
+def _score(inputs: _Inputs, outputs: list[list]) -> tuple[list[dict], bytes]:
+    """Each model's metrics, and the predictions file: one JSON line per row."""
+    expected = [record[1] for record in inputs.records]
+    if inputs.kind == "classification":
+        results = [
+            classification_report(expected, answers, labels=model.labels)
+            for model, answers in zip(inputs.models, outputs, strict=True)
+        ]
+        per_row = [
+            [{"correct": answer == gold} for answer, gold in zip(a, expected, strict=True)] for a in outputs
+        ]
+    else:
+        references = [outputs_of(record) for record in inputs.records]
+        results = [generation_report(answers, references) for answers in outputs]
+        per_row = [
+            [example_scores(answer, refs) for answer, refs in zip(a, references, strict=True)]
+            for a in outputs
+        ]
+    lines = []
+    for index, (source, gold) in enumerate(inputs.records):
+        predictions = [
+            {"model": model.reference, "output": answers[index], **scores[index]}
+            for model, answers, scores in zip(inputs.models, outputs, per_row, strict=True)
+        ]
+        lines.append(
+            json.dumps({"row": index + 1, "input": source, "expected": gold, "predictions": predictions})
+        )
+    return results, "\n".join(lines).encode()
+
+
+class _Watch:
+    """Throttled progress writes and cancel checks; while the database is unreachable the run goes on."""
+
+    def __init__(self, *, db_url: str, evaluation_id: int, lost: threading.Event):
+        self.db_url, self.evaluation_id, self.lost = db_url, evaluation_id, lost
+        self._last_progress = 0.0
+        self._last_cancel_check = 0.0
+        self._cancelled = False
+
+    def progress(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.lost.is_set() or (now - self._last_progress < PROGRESS_INTERVAL_S and done < total):
+            return
+        self._last_progress = now
+        self._write(lambda row: setattr(row, "progress", {"done": done, "total": total}))
+
+    def should_stop(self) -> bool:
+        if self.lost.is_set() or HANDBACK.is_set():
+            return True
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_cancel_check >= PROGRESS_INTERVAL_S:
+            self._last_cancel_check = now
+            self._write(lambda row: setattr(self, "_cancelled", bool(row.cancel_requested)))
+        return self._cancelled
+
+    def _write(self, change: Callable[[Evaluation], None]) -> None:
+        try:
+            with session_scope(self.db_url) as session:
+                change(session.get(Evaluation, self.evaluation_id))
+        except OperationalError as error:
+            log.warning("evaluation %s: registry unreachable: %s", self.evaluation_id, error)
+
+
+@dataclass
+class _Owner:
+    """This worker's hold on an evaluation: every write that ends it first checks the row still names it."""
+
+    db_url: str
+    evaluation_id: int
+    worker: str
+
+    def row(self, session) -> Evaluation | None:
+        row = session.get(Evaluation, self.evaluation_id, with_for_update=True)
+        held = row is not None and row.status == JobStatus.RUNNING and row.worker == self.worker
+        return row if held else None
+
+    def succeed(self, results: list[dict], predictions: bytes) -> RunOutcome:
+        with session_scope(self.db_url) as session:
+            row = self.row(session)
+            if row is None:
+                return RunOutcome.LOST
+            if row.cancel_requested:
+                return self._cancelled(row)
+            for model, metrics in zip(row.models, results, strict=True):
+                model.metrics = metrics
+            row.predictions, row.status, row.finished_at = predictions, JobStatus.SUCCEEDED, utcnow()
+            row.progress = {**row.progress, "done": row.progress.get("total", 0)}
+            return RunOutcome.SUCCEEDED
+
+    def stopped(self) -> RunOutcome:
+        """Cancelled by its owner, or handed back to the queue because this worker is shutting down (it
+        starts again from the first row; the reaper sends it at its next pass)."""
+        with session_scope(self.db_url) as session:
+            row = self.row(session)
+            if row is None:
+                return RunOutcome.LOST
+            if HANDBACK.is_set() and not row.cancel_requested:
+                row.status, row.worker, row.attempts = JobStatus.QUEUED, None, row.attempts - 1
+                row.lease_expires_at = utcnow()
+                return RunOutcome.HANDED_BACK
+            return self._cancelled(row)
+
+    @staticmethod
+    def _cancelled(row: Evaluation) -> RunOutcome:
+        row.status, row.finished_at = JobStatus.CANCELLED, utcnow()
+        return RunOutcome.CANCELLED
+
+    def fail(self, *, code: str, message: str) -> RunOutcome:
+        with session_scope(self.db_url) as session:
+            row = self.row(session)
+            if row is None:
+                return RunOutcome.LOST
+            row.status, row.finished_at = JobStatus.FAILED, utcnow()
+            row.error_code, row.error_message = code, message
+            return RunOutcome.FAILED
