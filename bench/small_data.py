@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from app.ml.method import Method  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
+from app.ml.selection import below_zero_shot  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
-from app.ml.trainer import below_zero_shot, train_prompt  # noqa: E402
+from app.ml.trainer import train_prompt  # noqa: E402
 from app.services.hyperparameters import METHOD_DEFAULTS, Hyperparameters  # noqa: E402
 from app.services.training import split_holdout  # noqa: E402
 from bench.tuning import LABELS, TEMPLATE, accuracy, load, log, rows  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> int:
         for seed in args.seeds:
             hp = Hyperparameters(**given, seed=seed)
             kept, held = split_holdout(sample, seed=seed)
-            hp = hp.resolve(len(kept), max_steps=10_000, method=method)
+            hp = hp.resolve(len(kept), max_steps=10_000, method=method, classification=True)
             log(f"  {method:>6} seed {seed}: {hp.steps} steps of {hp.batch_size}")
             began = time.perf_counter()
             result = train_prompt(

@@ -101,7 +101,9 @@ def config(
     given = {"steps": steps, "batch_size": batch_size}
     given |= {} if warmup else {"warmup_steps": 0}
     given |= {} if learning_rate is None else {"learning_rate": learning_rate}
-    resolved = Hyperparameters(**given).resolve(steps * batch_size, max_steps=steps, method=method)
+    resolved = Hyperparameters(**given).resolve(
+        steps * batch_size, max_steps=steps, method=method, classification=True
+    )
     return resolved.train_config(classification=True)
 
 
@@ -194,7 +196,7 @@ def run_peft(train: list[Example], dev: list[Example], steps: int, batch_size: i
     stamps = []
     for _ in range(steps):
         batch = [train[i] for i in batches.next()]
-        input_ids, attention_mask, labels = _peft_batch(tokenizer, batch, end_token=guide)
+        input_ids, attention_mask, labels = peft_batch(tokenizer, batch, end_token=guide)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -214,11 +216,11 @@ def run_peft(train: list[Example], dev: list[Example], steps: int, batch_size: i
     }
 
 
-def _peft_batch(tokenizer, batch: list[Example], *, end_token: bool):
-    """Right-padded [rendered input][label token](end-of-text) rows; the loss sees the targets only."""
+def peft_batch(tokenizer, batch: list[Example], *, end_token: bool, template: str = TEMPLATE):
+    """Right-padded [rendered input][" " output](end-of-text) rows; the loss sees the targets only."""
     sequences, masks = [], []
     for ex in batch:
-        context = tokenizer(render(TEMPLATE, ex.input), add_special_tokens=False)["input_ids"]
+        context = tokenizer(render(template, ex.input), add_special_tokens=False)["input_ids"]
         target = tokenizer(" " + ex.output, add_special_tokens=False)["input_ids"]
         target += [tokenizer.eos_token_id] if end_token else []
         sequences.append(context + target)
@@ -264,7 +266,7 @@ def run_full_job(method: Method) -> dict:
     train, dev = rows("train"), rows("dev")
     defaults = Hyperparameters()
     kept, held = split_holdout(train, seed=defaults.seed)
-    hp = defaults.resolve(len(kept), max_steps=Settings().max_steps, method=method)
+    hp = defaults.resolve(len(kept), max_steps=Settings().max_steps, method=method, classification=True)
     start = init_prefix if method == Method.PREFIX else init_prompt
     k = METHOD_DEFAULTS[method].num_virtual_tokens
     started = time.perf_counter()
