@@ -120,8 +120,8 @@ class Dataset(Base):
     labels: Mapped[list[str] | None]
     stats: Mapped[dict[str, Any]]
     sha256: Mapped[str] = mapped_column(String(64))
-    # The normalised records as JSON lines of [input, output]: the worker reads them from here, so a worker
-    # on another machine needs nothing but the database.
+    # The normalised records as JSON lines of [input, output], zlib-compressed (see encode_records): the
+    # worker reads them from here, so a worker on another machine needs nothing but the database.
     records: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)  # of the uploaded file: the upload quota counts it
     idempotency_key: Mapped[str | None] = mapped_column(String(255))

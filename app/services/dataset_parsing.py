@@ -34,6 +34,7 @@ import io
 import json
 import math
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -531,7 +532,7 @@ class ParsedUpload:
     num_examples: int
     labels: list[str] | None
     sha256: str
-    records: bytes  # JSON lines of [input, output]
+    records: bytes  # JSON lines of [input, output], compressed (encode_records)
     stats: dict[str, Any]  # without token counts: the tokenizer lives in the caller's process
     token_sample: list[Record]  # the records token_stats() counts
 
@@ -558,12 +559,22 @@ def parse_upload(
     )
 
 
+# zlib's fastest level: text records shrink about 2.5x (SST-2's training split: 4.7 MB to 1.8 MB, 50 ms; level
+# 6 gains a fifth more for four times the time). What an upload stores is copied whole, with the interpreter
+# lock held, as it is handed to the database: a 50 MB blob held the API's other requests up to 0.1 s.
+RECORDS_ZLIB_LEVEL = 1
+
+
 def encode_records(records: list[Record]) -> bytes:
-    return "\n".join(json.dumps(list(pair), ensure_ascii=False) for pair in records).encode()
+    """JSON lines of [input, output], compressed."""
+    lines = "\n".join(json.dumps(list(pair), ensure_ascii=False) for pair in records).encode()
+    return zlib.compress(lines, RECORDS_ZLIB_LEVEL)
 
 
 def decode_records(data: bytes) -> list[Record]:
-    return [tuple(json.loads(line)) for line in data.decode().split("\n")]
+    # Datasets stored before records were compressed hold the JSON lines as they are; a line opens with "[".
+    lines = data if data.startswith(b"[") else zlib.decompress(data)
+    return [tuple(json.loads(line)) for line in lines.decode().split("\n")]
 
 
 # --- statistics -------------------------------------------------------------------------------------------

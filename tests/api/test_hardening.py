@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import random
 import subprocess
 import sys
 import time
@@ -126,9 +127,19 @@ def test_a_task_or_dataset_with_too_many_labels_is_refused_and_nothing_is_stored
 
 
 def test_healthz_answers_within_100_ms_while_a_50_mb_upload_is_parsed(settings, api_key, tmp_path):
-    record = json.dumps({"text": "a fine film, " * 20, "label": "positive"}) + "\n"
+    # Sentences of random words, so that the records the registry stores are no smaller, compressed, than a
+    # real 50 MB file's (one sentence repeated would shrink 200-fold).
+    rng = random.Random(0)
+    words = [
+        f"{rng.choice('bcdfglmnprst')}{rng.choice('aeiou')}{rng.choice('nrstl')}{n}" for n in range(5000)
+    ]
+    lines, size = [], 0
+    while size < 50_000_000:
+        record = {"text": " ".join(rng.choices(words, k=40)), "label": rng.choice(["positive", "negative"])}
+        lines.append(json.dumps(record))
+        size += len(lines[-1]) + 1
     big = tmp_path / "big.jsonl"
-    big.write_text((record + record.replace("positive", "negative")) * (50_000_000 // (2 * len(record))))
+    big.write_text("\n".join(lines) + "\n")
     settings.max_upload_bytes = big.stat().st_size + 1024
     # The upload comes from another process, as it would in use: a client thread in this one would share
     # the interpreter lock with the server and measure itself.

@@ -12,7 +12,13 @@ import zipfile
 import pytest
 
 from app.errors import DatasetInvalid, DomainError, PayloadTooLarge, UnsupportedMediaType
-from app.services.dataset_parsing import ParsedDataset, dataset_stats, parse_dataset
+from app.services.dataset_parsing import (
+    ParsedDataset,
+    dataset_stats,
+    decode_records,
+    encode_records,
+    parse_dataset,
+)
 from tests.paths import SST2_TRAIN
 
 
@@ -444,3 +450,12 @@ def test_references_in_csv_say_to_use_jsonl() -> None:
     err = fails(b"input,references\na,x\nb,y\n", filename="d.csv")
     assert_fault(err, "references_need_jsonl", line=1, param="references")
     assert ".jsonl" in err.message
+
+
+def test_stored_records_are_compressed_and_those_stored_plain_before_still_read() -> None:
+    records = parse_dataset(SST2_TRAIN.read_bytes(), filename="train.jsonl").records[:2000]
+    plain = "\n".join(json.dumps(list(pair), ensure_ascii=False) for pair in records).encode()
+    stored = encode_records(records)
+    assert len(stored) < len(plain) / 2
+    assert decode_records(stored) == records
+    assert decode_records(plain) == records  # a dataset uploaded before records were compressed
