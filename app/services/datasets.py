@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -108,18 +107,7 @@ def create_dataset(
         idempotency_key=idempotency_key or None,
         request_sha256=request_sha256,
     )
-    session.add(dataset)
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()  # two uploads with the same key raced; the other one won
-        existing = idempotency.earlier(
-            session, Dataset, tenant_id=caller.tenant_id, key=idempotency_key, request_sha256=request_sha256
-        )
-        if existing is None:
-            raise
-        return existing, False
-    return dataset, True
+    return idempotency.insert(session, dataset)
 
 
 def get_dataset(session: Session, *, tenant_id: int, dataset_id: int, param: str | None = None) -> Dataset:
@@ -139,25 +127,22 @@ def list_datasets(
 
 def delete_dataset(session: Session, *, tenant_id: int, dataset_id: int) -> None:
     dataset = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
-    users = (TuningJob.training_dataset_id == dataset_id) | (TuningJob.validation_dataset_id == dataset_id)
-    active = session.scalars(
-        select(TuningJob.id).where(users, TuningJob.status.in_(ACTIVE_STATUSES)).limit(1)
-    ).first()
-    if active is not None:
-        raise Conflict(
-            f"Dataset {dataset_id} is used by job {active}, which is still queued or running.",
-            code="dataset_in_use",
-        )
-    scoring = session.scalars(
-        select(Evaluation.id)
-        .where(Evaluation.dataset_id == dataset_id, Evaluation.status.in_(ACTIVE_STATUSES))
-        .limit(1)
-    ).first()
-    if scoring is not None:
-        raise Conflict(
-            f"Dataset {dataset_id} is used by evaluation {scoring}, which is still queued or running.",
-            code="dataset_in_use",
-        )
+    uses = {
+        "job": (
+            TuningJob,
+            (TuningJob.training_dataset_id == dataset_id) | (TuningJob.validation_dataset_id == dataset_id),
+        ),
+        "evaluation": (Evaluation, Evaluation.dataset_id == dataset_id),
+    }
+    for noun, (table, using) in uses.items():
+        active = session.scalars(
+            select(table.id).where(using, table.status.in_(ACTIVE_STATUSES)).limit(1)
+        ).first()
+        if active is not None:
+            raise Conflict(
+                f"Dataset {dataset_id} is used by {noun} {active}, which is still queued or running.",
+                code="dataset_in_use",
+            )
     session.delete(dataset)
 
 

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, undefer
+from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db.models import (
@@ -24,8 +23,8 @@ from app.db.models import (
 )
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import idempotency, quotas
-from app.services.dataset_parsing import REFERENCES, decode_records
-from app.services.datasets import get_dataset
+from app.services.dataset_parsing import REFERENCES
+from app.services.datasets import get_dataset, load_records
 from app.services.pagination import paginate
 from app.services.prompts import check_template, find_version
 from app.services.queue import enqueue_evaluation, send_committed
@@ -119,16 +118,7 @@ def create_evaluation(
             for index, v in enumerate(versions)
         ],
     )
-    session.add(evaluation)
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()  # two requests with the same key raced; the other one won
-        existing = idempotency.earlier(session, Evaluation, **earlier)
-        if existing is None:
-            raise
-        return existing, False
-    return evaluation, True
+    return idempotency.insert(session, evaluation)
 
 
 def _versions(
@@ -175,12 +165,8 @@ def _check_fits(session: Session, dataset: Dataset, version: PromptVersion, *, p
         )
     unknown = set(dataset.labels or ()) - set(version.labels or ())
     if unknown:
-        dataset = session.scalars(
-            select(Dataset).where(Dataset.id == dataset.id).options(undefer(Dataset.records))
-        ).one()
-        row, label = next(
-            (i, label) for i, (_, label) in enumerate(decode_records(dataset.records)) if label in unknown
-        )
+        records = load_records(session, tenant_id=dataset.tenant_id, dataset_id=dataset.id)
+        row, label = next((i, label) for i, (_, label) in enumerate(records) if label in unknown)
         raise InvalidRequest(
             f"Row {row + 1} of dataset {dataset.id} has the label {label!r}, which {ref} does not know "
             f"(its labels: {', '.join(version.labels or [])}).",

@@ -9,6 +9,7 @@ import json
 from typing import Any, TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict
@@ -34,3 +35,19 @@ def earlier(
             code="idempotency_key_reused",
         )
     return row
+
+
+def insert(session: Session, row: Row) -> tuple[Row, bool]:
+    """``row`` (which carries its tenant_id, idempotency_key and request_sha256) added and True; or, when a
+    request with the same key raced it and inserted first, that request's row and False."""
+    tenant_id, key, request_sha256 = row.tenant_id, row.idempotency_key, row.request_sha256
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()  # the key is unique within the tenant's rows: the other request won
+        existing = earlier(session, type(row), tenant_id=tenant_id, key=key, request_sha256=request_sha256)
+        if existing is None:
+            raise
+        return existing, False
+    return row, True

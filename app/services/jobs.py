@@ -9,7 +9,6 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -90,24 +89,10 @@ def create_job(
         # While queued, the lease says when to send the message again if no worker has claimed it.
         lease_expires_at=utcnow() + timedelta(seconds=settings.job_resend_after_s),
     )
-    session.add(job)
-    try:
-        session.flush()
-    except IntegrityError:
-        # Two requests with the same key raced; the other one won.
-        session.rollback()
-        existing = idempotency.earlier(
-            session,
-            TuningJob,
-            tenant_id=caller.tenant_id,
-            key=idempotency_key,
-            request_sha256=request.fingerprint(),
-        )
-        if existing is None:
-            raise
-        return existing, False
-    add_event(session, job=job, type="status", message="Job queued.", data={"status": JobStatus.QUEUED})
-    return job, True
+    job, created = idempotency.insert(session, job)
+    if created:
+        add_event(session, job=job, type="status", message="Job queued.", data={"status": JobStatus.QUEUED})
+    return job, created
 
 
 def _validated_fields(

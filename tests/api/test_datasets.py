@@ -4,6 +4,9 @@ import asyncio
 
 from app.api.body_limit import MULTIPART_OVERHEAD, BodyLimit
 from app.config import Settings
+from app.db.models import Dataset
+from app.db.session import session_scope
+from app.services import idempotency
 from tests.helpers import sentiment_file, upload
 
 
@@ -31,6 +34,19 @@ def test_a_retried_upload_with_its_idempotency_key_stores_one_dataset(client):
     assert [d["id"] for d in client.get("/v1/datasets").json()["data"]] == [first.json()["id"]]
     other = client.post("/v1/datasets", files={"file": ("train.jsonl", b"x")}, headers=key)
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_an_upload_that_loses_a_race_for_its_idempotency_key_returns_the_winners_dataset(client, settings):
+    key = {"Idempotency-Key": "upload-reviews-race"}
+    first = client.post("/v1/datasets", files={"file": ("train.jsonl", sentiment_file())}, headers=key).json()
+    with session_scope(settings.registry_url) as session:
+        winner = session.get(Dataset, first["id"])
+        # What a second request with the same key inserts when it checked for the key before the first
+        # committed: the unique key refuses it, and it answers with the first request's dataset.
+        loser = Dataset(**{c.key: getattr(winner, c.key) for c in Dataset.__table__.columns if c.key != "id"})
+        stored, created = idempotency.insert(session, loser)
+        assert (stored.id, created) == (first["id"], False)
+    assert [d["id"] for d in client.get("/v1/datasets").json()["data"]] == [first["id"]]
 
 
 def test_csv_generation_dataset(client):
