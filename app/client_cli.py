@@ -158,8 +158,11 @@ def _follow(client: Client, job_id: int) -> None:
         reason = f": {job.error.code}: {job.error.message}" if job.error else ""
         typer.echo(f"job {job.id} {job.status}{reason}", err=True)
         raise typer.Exit(1)
-    accuracy = job.metrics.val_accuracy
-    summary = f", validation accuracy {accuracy:.3f}" if accuracy is not None else ""
+    metrics, summary = job.metrics, ""
+    if metrics.val_accuracy is not None:
+        summary = f", validation accuracy {metrics.val_accuracy:.3f}"
+        if metrics.zero_shot_accuracy is not None:
+            summary += f" (the bare template: {metrics.zero_shot_accuracy:.3f})"
     typer.echo(f"job {job.id} succeeded: {job.result.task}@{job.result.version}{summary}")
 
 

@@ -141,6 +141,21 @@ class LabelMetrics(BaseModel):
     support: int
 
 
+class VersusBare(BaseModel):
+    """The kept prompt against the bare template on the same hold-out rows, by `metric`: the rows each
+    scored better, and a one-sided exact sign test of the bare template's lead. `worse` (p_value under
+    refuse_below_p) is the verdict that refuses to publish."""
+
+    test: str
+    metric: EvalMetric
+    rows: int
+    prompt_better: int
+    bare_better: int
+    p_value: float
+    refuse_below_p: float
+    worse: bool
+
+
 class JobMetrics(BaseModel):
     """Of the prompt that was kept (the best evaluated one); zero-shot is the bare backbone with the same
     template on the same validation rows."""
@@ -166,6 +181,9 @@ class JobMetrics(BaseModel):
     zero_shot_rouge_l: float | None = None
     eval_metric: EvalMetric | None = Field(
         default=None, description="The hold-out metric that chose the kept prompt."
+    )
+    zero_shot_test: VersusBare | None = Field(
+        default=None, description="Whether the bare template is better beyond the hold-out's noise."
     )
     best_step: int | None = None
     stopped_early: bool | None = None

@@ -58,3 +58,16 @@ def example_scores(prediction: str, references: list[str]) -> dict:
 def example_rouge_l(prediction: str, references: list[str]) -> float:
     """ROUGE-L F-measure against the best of ``references``, 0-100."""
     return 100 * _ROUGE.score_multi(references, prediction)["rougeL"].fmeasure
+
+
+def sentence_score(prediction: str, references: list[str], metric: str) -> float:
+    """One example's score by one metric (0-100), for the paired test of a job's hold-out rows: SQuAD's
+    exact match and F1 and ROUGE-L against its best reference, sacrebleu's sentence BLEU (with effective
+    order, so a short sentence is not 0 for lacking 4-grams) and sentence chrF."""
+    if metric == "bleu":
+        return BLEU(effective_order=True).sentence_score(prediction, references).score
+    if metric == "chrf":
+        return CHRF().sentence_score(prediction, references).score
+    if metric == "rouge_l":
+        return example_rouge_l(prediction, references)
+    return example_scores(prediction, references)[metric]

@@ -1,4 +1,5 @@
-"""Which hold-out metric picks a job's best soft prompt, and whether that prompt beats the bare template.
+"""Which hold-out metric picks a job's best soft prompt (app/ml/versus_bare.py: whether it beats the bare
+template).
 
 No torch here: the request schemas import the metric names. A job's metrics hold ``val_<metric>`` for the
 tuned prompt and ``zero_shot_<metric>`` for the bare backbone with the same template (the loss is
@@ -63,20 +64,3 @@ def rank(metrics: dict, metric: EvalMetric) -> tuple[float, float]:
     value = metrics.get(tuned_key(metric))
     score = float("-inf") if value is None else _higher_is_better(metric, value)
     return (score, -metrics["val_loss"])
-
-
-def chosen_metric(metrics: dict) -> EvalMetric:
-    """The metric a job's metrics were chosen by (older versions name none: accuracy or the loss)."""
-    if metrics.get("eval_metric"):
-        return EvalMetric(metrics["eval_metric"])
-    return EvalMetric.ACCURACY if metrics.get("zero_shot_accuracy") is not None else EvalMetric.LOSS
-
-
-def below_zero_shot(metrics: dict) -> bool:
-    """Whether the kept soft prompt scored worse on the hold-out than the bare backbone with the same
-    template, by the job's metric (a tie is not worse)."""
-    metric = chosen_metric(metrics)
-    tuned, bare = metrics.get(tuned_key(metric)), metrics.get(bare_key(metric))
-    if tuned is None or bare is None:
-        return False
-    return _higher_is_better(metric, tuned) < _higher_is_better(metric, bare)

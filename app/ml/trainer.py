@@ -13,7 +13,7 @@ import torch
 
 from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint
-from app.ml.generation_scores import generation_report
+from app.ml.generation_scores import generation_report, sentence_score
 from app.ml.inference import generate, label_log_likelihoods
 from app.ml.layout import context_ids, fit_context, target_ids, target_log_probs, target_logits
 from app.ml.scores import classification_report
@@ -21,13 +21,13 @@ from app.ml.selection import (
     DECODED_METRICS,
     EvalMetric,
     bare_key,
-    below_zero_shot,
     default_metric,
     rank,
     tuned_key,
 )
 from app.ml.soft_prompt import virtual_tokens
 from app.ml.text import continuation, render
+from app.ml.versus_bare import Comparison, compare
 
 log = logging.getLogger(__name__)
 # train_loss is the mean over the last steps: a single step's loss is too noisy to report.
@@ -95,6 +95,9 @@ class TrainResult:
     steps_done: int
     stopped: bool
     state: Checkpoint | None = None  # when stopped: where it stopped, to continue from later
+    # The kept prompt against the bare template on the hold-out; None without one. When ``worse``, the
+    # job publishes nothing.
+    versus_bare: Comparison | None = None
 
 
 @dataclass
@@ -192,36 +195,67 @@ def evaluate(
     batch_size: int = 8,
     append_eos: bool = True,
     decode_tokens: int = 0,
+    rows_by: EvalMetric | None = None,
 ) -> dict:
     """val_loss (per target token) and, with labels, rank classification's val_accuracy, val_macro_f1 and
     val_per_label (precision, recall, F1, support); without labels and with ``decode_tokens``, the greedy
     outputs' val_exact_match, val_f1, val_bleu, val_chrf and val_rouge_l. ``prompt`` None evaluates the
-    bare backbone."""
+    bare backbone. With ``rows_by``, ``ROWS_KEY`` holds each row's score by that metric, for the paired test
+    against the bare template (app/ml/versus_bare.py): whether the row was right for accuracy and macro-F1
+    (which has no per-row value), its loss per target token, or its sentence score."""
     if not validation:
         return {"val_loss": None, "val_accuracy": None}
     scored_by_labels = labels and not append_eos and all(ex.output in labels for ex in validation)
     if scored_by_labels:
         # Every target is a label: the labels' log-likelihoods give the loss too, so one pass does both.
-        loss, predicted = _label_pass(backbone, prompt, validation, template, labels, batch_size)
+        losses, predicted = _label_pass(backbone, prompt, validation, template, labels, batch_size)
     else:
-        loss = _loss_pass(backbone, prompt, validation, template, batch_size, append_eos)
+        losses = _loss_pass(backbone, prompt, validation, template, batch_size, append_eos)
         predicted = []
         if labels:
             predicted = _label_pass(backbone, prompt, validation, template, labels, batch_size)[1]
-    metrics = {"val_loss": loss, "val_accuracy": None}
+    metrics = {"val_loss": losses.per_token(), "val_accuracy": None}
+    rows: list[float] | None = losses.per_row() if rows_by is EvalMetric.LOSS else None
     if labels:
-        report = classification_report([ex.output for ex in validation], predicted, labels)
+        truth = [ex.output for ex in validation]
+        report = classification_report(truth, predicted, labels)
         metrics.update(
             val_accuracy=report["accuracy"],
             val_macro_f1=report["macro_f1"],
             val_per_label=report["per_label"],
         )
+        if rows is None and rows_by is not None:
+            rows = [float(p == t) for p, t in zip(predicted, truth, strict=True)]
     elif decode_tokens:
-        report = generation_report(
-            _decode(backbone, prompt, validation, template, decode_tokens), [[ex.output] for ex in validation]
-        )
+        outputs = _decode(backbone, prompt, validation, template, decode_tokens)
+        references = [[ex.output] for ex in validation]
+        report = generation_report(outputs, references)
         metrics.update({tuned_key(m): report[m.value] for m in DECODED_METRICS})
+        if rows is None and rows_by is not None:
+            rows = [
+                sentence_score(o, refs, rows_by.value) for o, refs in zip(outputs, references, strict=True)
+            ]
+    if rows is not None:
+        metrics[ROWS_KEY] = rows
     return metrics
+
+
+# Where evaluate() puts the per-row scores; a job's reported metrics leave them out.
+ROWS_KEY = "val_rows"
+
+
+@dataclass
+class _Losses:
+    """Negative log-likelihood of each row's target tokens, summed, and how many tokens each has."""
+
+    sums: list[float]
+    tokens: list[int]
+
+    def per_token(self) -> float:
+        return sum(self.sums) / max(sum(self.tokens), 1)
+
+    def per_row(self) -> list[float]:
+        return [s / max(n, 1) for s, n in zip(self.sums, self.tokens, strict=True)]
 
 
 # Decoding a hold-out stops this many tokens past its longest output, if no end token came first.
@@ -248,19 +282,19 @@ def _loss_pass(
     template: str,
     batch_size: int,
     append_eos: bool,
-) -> float:
+) -> _Losses:
     k = virtual_tokens(prompt)
     encoded = _encode(backbone, validation, template, k, append_eos=append_eos)
-    total, count = 0.0, 0
+    sums: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            log_probs, _ = target_log_probs(
+            log_probs, row_of = target_log_probs(
                 backbone, [prompt] * len(chunk), [e.context for e in chunk], [e.target for e in chunk]
             )
-            total -= log_probs.sum().item()
-            count += len(log_probs)
-    return total / count
+            per_row = torch.zeros(len(chunk), device=log_probs.device).index_add_(0, row_of, -log_probs)
+            sums += per_row.tolist()
+    return _Losses(sums, [len(e.target) for e in encoded])
 
 
 def _label_pass(
@@ -270,19 +304,19 @@ def _label_pass(
     template: str,
     labels: list[str],
     batch_size: int,
-) -> tuple[float, list[str]]:
-    """Per-token loss of the true labels (meaningful when every output is a label) and the predictions."""
-    total, count, predicted = 0.0, 0, []
+) -> tuple[_Losses, list[str]]:
+    """The true labels' losses (meaningful when every output is a label) and the predictions."""
+    losses, predicted = _Losses([], []), []
     for start in range(0, len(validation), batch_size):
         chunk = validation[start : start + batch_size]
         texts = [render(template, ex.input) for ex in chunk]
         scores = label_log_likelihoods(backbone, prompts=[prompt] * len(chunk), texts=texts, labels=labels)
         for row, ex, text in zip(scores, chunk, texts, strict=True):
             predicted.append(labels[int(row.argmax())])
-            if ex.output in labels:
-                total -= float(row[labels.index(ex.output)])
-                count += len(target_ids(backbone, text, ex.output, with_eos=False))
-    return total / max(count, 1), predicted
+            known = ex.output in labels
+            losses.sums.append(-float(row[labels.index(ex.output)]) if known else 0.0)
+            losses.tokens.append(len(target_ids(backbone, text, ex.output, with_eos=False)) if known else 0)
+    return losses, predicted
 
 
 def train_prompt(
@@ -316,6 +350,8 @@ def train_prompt(
     optimizer = make_optimizer(param, config)
     batches = BatchOrder(config.batch_size, len(encoded), config.seed)
 
+    metric = config.metric(classification=bool(labels))
+
     def run_eval(current: torch.Tensor | None) -> dict:
         return evaluate(
             backbone,
@@ -326,9 +362,9 @@ def train_prompt(
             batch_size=config.batch_size,
             append_eos=config.append_eos,
             decode_tokens=0 if labels else config.decode_tokens,
+            rows_by=metric,
         )
 
-    metric = config.metric(classification=bool(labels))
     best = _Best(metric)  # the trained candidates
     losses: list[float] = []
     if resume is not None:
@@ -384,20 +420,29 @@ def train_prompt(
         ):
             on_checkpoint(snapshot())
     metrics: dict = {}
+    versus_bare = None
     kept = best.prompt if best.prompt is not None else param.detach()
     if not stopped:
         if not early:
             best.offer(len(losses), param, run_eval(param.detach()))
             kept = best.prompt if best.prompt is not None else param.detach()
+        if validation and ROWS_KEY not in best.metrics:  # resumed from a checkpoint without row scores
+            best.metrics = {**best.metrics, **run_eval(kept)}
         metrics = {**best.metrics, "best_step": best.step, "stopped_early": early}
         if validation:
-            bare = _bare(run_eval(None))
-            # The start (``prompt``, also when the run resumed) is scored only when the rule may keep it:
-            # a generation hold-out takes minutes to decode.
-            initial = run_eval(prompt.detach()) if _below_bare(best, bare) else {}
-            if _fallback_to_start(best, initial, bare):
-                kept, metrics = prompt.detach(), {**initial, "best_step": 0, "stopped_early": early}
-            metrics.update(bare, eval_metric=metric.value)
+            bare = run_eval(None)
+            versus_bare = compare(best.metrics[ROWS_KEY], bare[ROWS_KEY], metric)
+            if versus_bare.worse:
+                # The start (``prompt``, also when the run resumed) is the fallback, scored only when the
+                # trained prompt would be refused: a generation hold-out takes minutes to decode. It is
+                # not a rival in every job: on a few dozen rows an untrained label-word prompt can win a
+                # one-row draw and then score far below both elsewhere (docs/benchmarks.md, "Small data").
+                initial = run_eval(prompt.detach())
+                if best.key(initial) > best.key(best.metrics):
+                    kept, metrics = prompt.detach(), {**initial, "best_step": 0, "stopped_early": early}
+                    versus_bare = compare(initial[ROWS_KEY], bare[ROWS_KEY], metric)
+            metrics.update(_bare(bare), eval_metric=metric.value, zero_shot_test=versus_bare.as_metrics())
+    metrics.pop(ROWS_KEY, None)
     final = kept.float().cpu().clone()  # [k, d]
     window = losses[-LOSS_WINDOW:]
     metrics = {
@@ -412,6 +457,7 @@ def train_prompt(
         steps_done=len(losses),
         stopped=stopped,
         state=snapshot() if stopped else None,
+        versus_bare=versus_bare,
     )
 
 
@@ -420,20 +466,6 @@ def _bare(zero_shot: dict) -> dict:
     return {
         bare_key(m): zero_shot[tuned_key(m)] for m in EvalMetric if zero_shot.get(tuned_key(m)) is not None
     }
-
-
-def _fallback_to_start(best: _Best, initial: dict, bare: dict) -> bool:
-    """Whether to keep the soft prompt the run started from: only when the best trained one scores below
-    the bare template on the hold-out and the start scores better. The start is not a rival in every
-    run: on a hold-out of a few dozen rows one row decides between two candidates, and an untrained
-    label-word prompt can win that draw and then score far below both elsewhere."""
-    if not initial or best.prompt is None:
-        return False
-    return _below_bare(best, bare) and best.key(initial) > best.key(best.metrics)
-
-
-def _below_bare(best: _Best, bare: dict) -> bool:
-    return below_zero_shot({**best.metrics, **bare, "eval_metric": best.metric.value})
 
 
 def _detached(state: dict) -> dict:

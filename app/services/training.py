@@ -25,7 +25,7 @@ from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint
 from app.ml.method import Method
 from app.ml.prefix import init_prefix
-from app.ml.selection import bare_key, below_zero_shot, chosen_metric, tuned_key
+from app.ml.selection import bare_key, tuned_key
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
 from app.ml.trainer import Example, Progress, TrainResult, train_prompt
 from app.services import checkpoints, leases, worker_metrics
@@ -233,9 +233,9 @@ def _record_outcome(
                 data={"status": JobStatus.CANCELLED, "step": result.steps_done},
             )
             return RunOutcome.CANCELLED
-        if len(inputs.validation) >= ZERO_SHOT_MIN_ROWS and below_zero_shot(metrics):
-            row.metrics = metrics  # both scores, for the client to see why
-            return _failed(session, row, code="below_zero_shot", message=_below_zero_shot(metrics))
+        if result.versus_bare is not None and result.versus_bare.worse:
+            row.metrics = metrics  # both scores and the test, for the client to see why
+            return _failed(session, row, code="below_zero_shot", message=_below_zero_shot(result))
         version = publish_version(
             session,
             job=row,
@@ -259,18 +259,15 @@ def _record_outcome(
     return RunOutcome.SUCCEEDED
 
 
-# A hold-out this large at least tells a tuned prompt from the bare template; on fewer rows the job
-# publishes whatever it kept and reports both scores.
-ZERO_SHOT_MIN_ROWS = 20
-
-
-def _below_zero_shot(metrics: dict) -> str:
-    metric = chosen_metric(metrics)
-    measure, tuned, bare = metric.value, metrics[tuned_key(metric)], metrics[bare_key(metric)]
+def _below_zero_shot(result: TrainResult) -> str:
+    verdict = result.versus_bare
+    metric = verdict.metric
+    tuned, bare = result.metrics[tuned_key(metric)], result.metrics[bare_key(metric)]
     return (
-        f"The best soft prompt this job found scored {measure} {tuned:.3f} on the hold-out, worse than "
-        f"the template alone on the bare backbone ({bare:.3f}), so no version was published. Serve the "
-        "template with task null, or train longer, with more data or another learning rate."
+        f"The best soft prompt this job found scored {metric.value} {tuned:.3f} on the hold-out, worse than "
+        f"the template alone on the bare backbone ({bare:.3f}) beyond the hold-out's noise: "
+        f"{verdict.reason()}; so no version was published. Serve the template with task null, or train "
+        "longer, with more data or another learning rate."
     )
 
 

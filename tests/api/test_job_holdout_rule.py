@@ -1,15 +1,19 @@
-"""A job publishes a version only if it scores at least the bare template on the hold-out: otherwise the
-job fails saying both scores, and the task gets no version."""
+"""A job publishes a version unless the bare template beats it on the hold-out beyond the hold-out's noise
+(a paired sign test, app/ml/versus_bare.py): then the job fails saying both scores and how sure the rule
+was, and the task gets no version. A lead of a row or two is noise: the version is published with both
+scores and the verdict."""
 
 from __future__ import annotations
 
+from app.ml.selection import EvalMetric
+from app.ml.versus_bare import compare
 from app.services import training
 from app.services.training import run_job
 from tests.helpers import SENTIMENT, TEMPLATE, jsonl, upload
 
 
 def _job_on_200_reviews(client) -> int:
-    """A job whose hold-out (10 % of 200) is large enough for the rule."""
+    """A job with a hold-out of 20 rows (10 % of 200)."""
     records = [{"text": f"{text} ({i})", "label": label} for i in range(10) for text, label in SENTIMENT]
     dataset = upload(client, jsonl(records)).json()
     body = {
@@ -24,35 +28,64 @@ def _job_on_200_reviews(client) -> int:
     return created.json()["id"]
 
 
-def test_a_job_that_scores_below_the_bare_template_publishes_nothing(
-    client, settings, tiny_backbone, monkeypatch
-):
+def _reported_as(monkeypatch, *, prompt_right: list[float], bare_right: list[float]) -> None:
+    """The run is real; only its report is moved to these hold-out rows (1.0 right, 0.0 wrong)."""
     real = training.train_prompt
 
-    def scored_below(*args, **kwargs):
-        # The run is real; only its report is moved, so the bare template is ahead on the hold-out.
+    def moved(*args, **kwargs):
         result = real(*args, **kwargs)
-        result.metrics.update(zero_shot_accuracy=result.metrics["val_accuracy"] + 0.1)
+        result.versus_bare = compare(prompt_right, bare_right, EvalMetric.ACCURACY)
+        result.metrics.update(
+            val_accuracy=sum(prompt_right) / len(prompt_right),
+            zero_shot_accuracy=sum(bare_right) / len(bare_right),
+            zero_shot_test=result.versus_bare.as_metrics(),
+        )
         return result
 
-    monkeypatch.setattr(training, "train_prompt", scored_below)
+    monkeypatch.setattr(training, "train_prompt", moved)
+
+
+def test_a_job_the_bare_template_beats_beyond_noise_publishes_nothing(
+    client, settings, tiny_backbone, monkeypatch
+):
+    # The bare template right on 8 rows the prompt got wrong, the prompt on none it got wrong.
+    _reported_as(monkeypatch, prompt_right=[1.0] * 10 + [0.0] * 10, bare_right=[1.0] * 18 + [0.0] * 2)
     job_id = _job_on_200_reviews(client)
     assert run_job(db_url=settings.registry_url, job_id=job_id, backbone=tiny_backbone) == "failed"
     job = client.get(f"/v1/tuning/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "below_zero_shot"
-    assert "no version was published" in job["error"]["message"] and job["result"] is None
-    assert job["metrics"]["zero_shot_accuracy"] > job["metrics"]["val_accuracy"]
+    message = job["error"]["message"]
+    assert "accuracy 0.500" in message and "(0.900)" in message, message
+    assert "scored better on 8 and the prompt on 0" in message and "probability 0.00391" in message
+    assert "no version was published" in message and job["result"] is None
+    assert job["metrics"]["zero_shot_test"]["worse"] and job["metrics"]["zero_shot_test"]["rows"] == 20
     assert client.get("/v1/prompts/held").status_code == 404
 
 
-def test_a_job_reports_the_bare_templates_hold_out_scores_beside_its_own(client, settings, tiny_backbone):
+def test_a_lead_of_one_row_is_noise_and_the_version_says_so(client, settings, tiny_backbone, monkeypatch):
+    # 0.800 against 0.850 on 20 rows: the bare template right on one more row.
+    _reported_as(monkeypatch, prompt_right=[1.0] * 16 + [0.0] * 4, bare_right=[1.0] * 17 + [0.0] * 3)
+    job_id = _job_on_200_reviews(client)
+    assert run_job(db_url=settings.registry_url, job_id=job_id, backbone=tiny_backbone) == "succeeded"
+    version = client.get("/v1/prompts/held/versions/1").json()
+    metrics = version["metrics"]
+    assert (metrics["val_accuracy"], metrics["zero_shot_accuracy"]) == (0.8, 0.85)
+    verdict = metrics["zero_shot_test"]
+    assert not verdict["worse"] and verdict["bare_better"] == 1 and verdict["p_value"] == 0.5
+    job = client.get(f"/v1/tuning/jobs/{job_id}").json()
+    assert job["metrics"]["zero_shot_test"] == verdict and job["result"] == {"task": "held", "version": 1}
+
+
+def test_a_job_reports_the_bare_templates_hold_out_scores_and_the_verdict(client, settings, tiny_backbone):
     job_id = _job_on_200_reviews(client)
     outcome = run_job(db_url=settings.registry_url, job_id=job_id, backbone=tiny_backbone)
     metrics = client.get(f"/v1/tuning/jobs/{job_id}").json()["metrics"]
-    # Whichever way it went, it never published a version the template alone beats on the hold-out.
+    verdict = metrics["zero_shot_test"]
+    # Whichever way it went, the verdict decided it, and it counted the hold-out's rows.
+    assert verdict["rows"] == 20 and verdict["metric"] == "accuracy"
+    assert verdict["prompt_better"] + verdict["bare_better"] <= 20
+    assert outcome == ("failed" if verdict["worse"] else "succeeded")
     if outcome == "succeeded":
-        assert metrics["val_accuracy"] >= metrics["zero_shot_accuracy"]
         assert client.get("/v1/prompts/held/versions/1").json()["metrics"]["zero_shot_val_loss"] > 0
-    else:
-        assert metrics["val_accuracy"] < metrics["zero_shot_accuracy"]
     assert metrics["zero_shot_val_loss"] > 0 and metrics["best_step"] in (0, 2)
+    assert "val_rows" not in metrics

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.ml.generation_scores import example_scores, generation_report
+from app.ml.generation_scores import example_scores, generation_report, sentence_score
 from app.ml.scores import classification_report
 
 
@@ -70,3 +70,15 @@ def test_a_wrong_answer_scores_low_on_every_generation_metric():
 def test_generation_metrics_need_one_reference_list_per_prediction():
     with pytest.raises(ValueError, match="one list of references per prediction"):
         generation_report(["a", "b"], [["a"]])
+
+
+def test_a_sentence_is_scored_alone_for_the_paired_test_of_a_hold_out():
+    reference = ["Alimo serves pasta in the city centre."]
+    assert sentence_score("Alimo serves pasta in the city centre.", reference, "bleu") == pytest.approx(100)
+    # A short sentence sharing only bigrams still scores (effective order), below a full match.
+    assert 0 < sentence_score("Alimo serves pasta.", reference, "bleu") < 100
+    assert 0 < sentence_score("Alimo serves pasta.", reference, "chrf") < 100
+    assert sentence_score("Bento", reference, "exact_match") == 0.0
+    assert sentence_score("alimo serves pasta in the city centre", reference, "exact_match") == 100.0
+    rouge = sentence_score("Alimo serves pasta.", reference, "rouge_l")
+    assert rouge == pytest.approx(generation_report(["Alimo serves pasta."], [reference])["rouge_l"])

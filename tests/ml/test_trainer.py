@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -14,15 +16,16 @@ from app.ml.soft_prompt import init_prompt
 from app.ml.text import render
 from app.ml.trainer import (
     DECODE_MARGIN,
+    ROWS_KEY,
     Example,
     TrainConfig,
     _Best,
     _encode,
-    _fallback_to_start,
     _loss,
     evaluate,
     train_prompt,
 )
+from app.ml.versus_bare import compare
 
 TEMPLATE = "Review: {input}\nSentiment:"
 LABELS = ["positive", "negative"]
@@ -224,8 +227,11 @@ def test_patience_stops_a_run_that_no_longer_improves_and_reports_zero_shot(tiny
     assert metrics["zero_shot_accuracy"] == bare["val_accuracy"]
 
 
-def test_a_run_that_only_made_the_prompt_worse_keeps_the_prompt_it_started_from(tiny_backbone):
+def test_a_run_that_only_made_the_prompt_worse_keeps_the_prompt_it_started_from(tiny_backbone, monkeypatch):
     data = _examples()
+    # Twelve hold-out rows tell little; a lax threshold makes the rule refuse the trained prompt here, so
+    # that the start, which scores better, is the fallback.
+    monkeypatch.setattr(trainer, "compare", functools.partial(trainer.compare, refuse_below_p=0.5))
     # Trained on every label swapped, then held to the true ones: each step makes the hold-out worse.
     swapped = [Example(ex.input, LABELS[1 - LABELS.index(ex.output)]) for ex in data]
     start = init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=3)
@@ -246,6 +252,13 @@ def test_a_run_that_only_made_the_prompt_worse_keeps_the_prompt_it_started_from(
     assert result.metrics["val_loss"] == pytest.approx(started["val_loss"])
     bare = evaluate(tiny_backbone, None, data, template=TEMPLATE, labels=LABELS)
     assert result.metrics["zero_shot_val_loss"] == pytest.approx(bare["val_loss"])
+    # The verdict published with it is the start's, not the refused prompt's.
+    rows = [
+        evaluate(tiny_backbone, p, data, template=TEMPLATE, labels=LABELS, rows_by=EvalMetric.ACCURACY)
+        for p in (start, None)
+    ]
+    expected = compare(rows[0][ROWS_KEY], rows[1][ROWS_KEY], EvalMetric.ACCURACY, refuse_below_p=0.5)
+    assert result.versus_bare == expected and result.metrics["zero_shot_test"] == expected.as_metrics()
 
 
 def test_a_run_above_the_bare_template_never_scores_the_prompt_it_started_from(tiny_backbone, monkeypatch):
@@ -264,26 +277,6 @@ def test_a_run_above_the_bare_template_never_scores_the_prompt_it_started_from(t
     assert result.metrics["val_accuracy"] > result.metrics["zero_shot_accuracy"]
     assert None in scored  # the bare template was scored
     assert not any(p is not None and torch.equal(p.cpu(), start) for p in scored)
-
-
-def test_the_start_is_kept_only_when_the_trained_prompt_is_below_the_bare_template():
-    def trained(accuracy: float) -> _Best:
-        best = _Best(EvalMetric.ACCURACY)
-        best.offer(60, torch.zeros(2, 4), {"val_accuracy": accuracy, "val_loss": 0.5})
-        return best
-
-    start, bare = (
-        {"val_accuracy": 0.875, "val_loss": 0.6},
-        {"zero_shot_accuracy": 0.825, "zero_shot_val_loss": 0.7},
-    )
-    # Above the bare template: the trained prompt is kept, though the start won the hold-out by a row.
-    assert not _fallback_to_start(trained(0.850), start, bare)
-    # Level with the bare template is not below it.
-    assert not _fallback_to_start(trained(0.825), start, bare)
-    # Below the bare template: the start, which scores better.
-    assert _fallback_to_start(trained(0.800), start, bare)
-    # Below, and the start no better: nothing to fall back to (the job then publishes nothing).
-    assert not _fallback_to_start(trained(0.800), {"val_accuracy": 0.700, "val_loss": 0.9}, bare)
 
 
 def test_the_best_evaluated_prompt_wins_over_the_last_one():
@@ -408,6 +401,35 @@ def test_a_generation_run_scores_its_hold_out_by_decoding_it_tuned_and_bare(tiny
     for name in ("exact_match", "f1", "bleu", "chrf", "rouge_l"):
         assert metrics[f"val_{name}"] == pytest.approx(report[name]), name
         assert 0 <= metrics[f"zero_shot_{name}"] <= 100
+
+
+@pytest.mark.parametrize("metric", [EvalMetric.ROUGE_L, EvalMetric.LOSS])
+def test_a_generation_hold_out_is_scored_row_by_row_for_the_paired_test(tiny_backbone, metric):
+    data = _data_to_text()
+    prompt = init_prompt(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=3)
+    options = {"template": "Data: {input}\nText:", "labels": None, "decode_tokens": 32, "rows_by": metric}
+    metrics = evaluate(tiny_backbone, prompt, data, **options)
+    rows = metrics[ROWS_KEY]
+    assert len(rows) == len(data)
+    if metric is EvalMetric.ROUGE_L:  # the corpus figure is the mean of the rows'
+        assert sum(rows) / len(rows) == pytest.approx(metrics["val_rouge_l"])
+    else:  # each row's loss per target token; weighted by the rows' token counts, the hold-out's
+        texts = [render("Data: {input}\nText:", ex.input) for ex in data]
+        tokens = [
+            len(target_ids(tiny_backbone, t, ex.output, with_eos=True))
+            for t, ex in zip(texts, data, strict=True)
+        ]
+        weighted = sum(r * n for r, n in zip(rows, tokens, strict=True)) / sum(tokens)
+        assert weighted == pytest.approx(metrics["val_loss"], rel=1e-5)
+
+
+def test_a_classification_hold_out_is_scored_right_or_wrong_row_by_row(tiny_backbone):
+    data = _examples()
+    metrics = evaluate(
+        tiny_backbone, None, data, template=TEMPLATE, labels=LABELS, rows_by=EvalMetric.ACCURACY
+    )
+    assert set(metrics[ROWS_KEY]) <= {0.0, 1.0}
+    assert sum(metrics[ROWS_KEY]) / len(data) == pytest.approx(metrics["val_accuracy"])
 
 
 def test_the_chosen_metric_picks_the_best_prompt():
