@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     max_steps: int = 100_000
     max_virtual_tokens: int = 200
     max_template_chars: int = 10_000  # a job's or an imported version's template
+    # The bytes an imported adapter zip may inflate to, counted as they are inflated (the sizes a zip's
+    # headers claim can lie). An adapter is a few hundred KB.
+    max_adapter_unzipped_bytes: int = 64 * 1024 * 1024
     # Stop strings of one generation request: as many as OpenAI takes, each at most this long. Each is looked
     # for only in the newest text, so their cost per token is their length, not the text's.
     max_stop_strings: int = 4

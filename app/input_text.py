@@ -9,12 +9,17 @@ form fields, file names, path and query parameters (app/api/input_guard.py), dat
   request would be kept on one database and refused on the other.
 - Numbers are finite. Python's JSON parser reads 1e400 as infinity and accepts NaN and Infinity, which
   PostgreSQL's JSON columns refuse and SQLite stores as non-standard JSON.
+- JSON that a client sends inside something else (a dataset's lines, a form field, a file inside an
+  uploaded archive) is read by ``parse_json``: nested at most MAX_JSON_DEPTH deep, integers of at most
+  Python's 4,300 digits. Past either, Python's parser raises RecursionError or ValueError, which no
+  caller expected: a 500 and a dropped connection, where a 422 naming the field is the answer.
 
 Each violation is an InvalidRequest (422) naming the field, and the line for a dataset row.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -22,6 +27,50 @@ from typing import Any
 from app.errors import InvalidRequest
 
 _FORBIDDEN = re.compile("[\x00\ud800-\udfff]")
+# No record, adapter config or label list nests this deep; a deeper one is an attack or a mistake.
+MAX_JSON_DEPTH = 32
+
+
+class JsonFault(ValueError):
+    """Why a client's JSON cannot be read, in words (the caller names the place)."""
+
+
+def parse_json(raw: str | bytes) -> Any:
+    """``raw`` decoded, or JsonFault: not JSON (with the column), nested deeper than MAX_JSON_DEPTH, or an
+    integer too long to read."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise JsonFault(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise JsonFault(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except UnicodeDecodeError:
+        raise JsonFault("not UTF-8 text") from None
+    except ValueError as exc:  # an integer over Python's digit limit
+        raise JsonFault(str(exc)) from None
+    level: list[Any] = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return value
+    if any(isinstance(item, dict | list) for item in level):
+        raise JsonFault(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def load_json(raw: str | bytes, *, param: str) -> Any:
+    """``parse_json`` for a field or a file of a request: InvalidRequest (422, ``invalid_json``) naming
+    ``param``."""
+    try:
+        return parse_json(raw)
+    except JsonFault as fault:
+        message = f"{param} is not valid JSON: {fault}."
+        raise InvalidRequest(message, param=param, code="invalid_json") from None
 
 
 def text_fault(value: str) -> str | None:

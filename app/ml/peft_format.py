@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from app.errors import InvalidRequest
+from app.input_text import JsonFault, parse_json
 from app.ml.backbone import Backbone
 from app.ml.method import Method
 from app.ml.soft_prompt import PROMPT_KEY, is_prefix, prompt_to_bytes, stored_shape, virtual_tokens
@@ -30,8 +31,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # What PEFT would not read but a person (or a later import) may want: template, labels, where it came from.
 ABOUT_FILE = "softprompt.json"
 PEFT_TYPES = {"PROMPT_TUNING": Method.PROMPT, "PREFIX_TUNING": Method.PREFIX}
-# An adapter is a few hundred KB; anything that inflates far past that is not one.
-MAX_UNZIPPED_BYTES = 64 * 1024 * 1024
+# How members are inflated: a chunk at a time, so that a member that claims 100 bytes and inflates to a
+# gigabyte is stopped at the cap, not after. Only the methods PEFT's and every zip tool's output uses are
+# read: bzip2 and LZMA decompressors hand back a whole block however small the read, and bzip2 packs 1 GiB
+# of zeros into about 1 KB.
+READABLE_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
+INFLATE_CHUNK_BYTES = 1024 * 1024
+WANTED_FILES = (CONFIG_FILE, WEIGHTS_FILE, ABOUT_FILE, "adapter_model.bin")
 
 
 def export_zip(
@@ -114,16 +120,17 @@ class ImportedAdapter:
     about: dict[str, Any]  # our own export's softprompt.json (template, labels), or empty
 
 
-def import_zip(data: bytes, *, backbone: Backbone) -> ImportedAdapter:
+def import_zip(data: bytes, *, backbone: Backbone, max_unzipped_bytes: int) -> ImportedAdapter:
     """The soft prompt in a PEFT prompt-tuning or prefix-tuning adapter zip, checked against ``backbone``;
-    InvalidRequest naming what is wrong otherwise."""
-    files = _read_zip(data)
+    InvalidRequest naming what is wrong otherwise. The members read inflate to at most
+    ``max_unzipped_bytes`` together."""
+    files = _read_zip(data, max_unzipped_bytes)
     if CONFIG_FILE not in files:
         raise _invalid(f"the zip has no {CONFIG_FILE}; found {sorted(files) or 'nothing'}")
     try:
-        config = json.loads(files[CONFIG_FILE])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _invalid(f"{CONFIG_FILE} is not JSON: {error}") from None
+        config = parse_json(files[CONFIG_FILE])
+    except JsonFault as fault:
+        raise _invalid(f"{CONFIG_FILE} is not valid JSON: {fault}") from None
     found = config.get("peft_type") if isinstance(config, dict) else None
     if found not in PEFT_TYPES:
         raise _invalid(
@@ -158,35 +165,52 @@ def import_zip(data: bytes, *, backbone: Backbone) -> ImportedAdapter:
     if declared is not None and declared != virtual_tokens(prompt):
         raise _invalid(f"num_virtual_tokens is {declared} but {PROMPT_KEY} holds {virtual_tokens(prompt)}")
     try:
-        about = json.loads(files.get(ABOUT_FILE, b"{}"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        about = parse_json(files.get(ABOUT_FILE, b"{}"))
+    except JsonFault:
         about = {}  # PEFT does not read it either; the caller's form fields decide
     about = about if isinstance(about, dict) else {}
     return ImportedAdapter(prompt=prompt.contiguous(), method=method, config=config, about=about)
 
 
-def _read_zip(data: bytes) -> dict[str, bytes]:
-    """Top-level files by name; files in one folder (a zipped adapter directory) count as top-level."""
+def _read_zip(data: bytes, max_unzipped_bytes: int) -> dict[str, bytes]:
+    """The files an adapter needs, by name; files in one folder (a zipped adapter directory) count as
+    top-level. Nothing else in the archive is inflated."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
         raise _invalid("the file is not a zip archive") from None
     with archive:
         entries = [e for e in archive.infolist() if not e.is_dir()]
-        if sum(e.file_size for e in entries) > MAX_UNZIPPED_BYTES:
-            raise _invalid(
-                f"the zip unpacks to more than {MAX_UNZIPPED_BYTES} bytes; an adapter is far smaller"
-            )
-        files = {}
+        if sum(e.file_size for e in entries) > max_unzipped_bytes:  # what the headers claim
+            raise _too_large(max_unzipped_bytes)
+        files, inflated = {}, 0
         for entry in entries:
             name = entry.filename.rsplit("/", 1)[-1]
-            if name in (CONFIG_FILE, WEIGHTS_FILE, ABOUT_FILE, "adapter_model.bin"):
-                try:
-                    files[name] = archive.read(entry)
-                # Encrypted entries raise RuntimeError, unknown compression NotImplementedError.
-                except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as error:
-                    raise _invalid(f"{entry.filename} cannot be read: {error}") from None
+            if name not in WANTED_FILES:
+                continue
+            if entry.compress_type not in READABLE_METHODS:
+                raise _invalid(
+                    f"{entry.filename} is compressed with method {entry.compress_type}; only "
+                    f"{' and '.join(READABLE_METHODS.values())} members are read"
+                )
+            chunks = []
+            try:
+                with archive.open(entry) as member:
+                    while chunk := member.read(INFLATE_CHUNK_BYTES):
+                        inflated += len(chunk)
+                        if inflated > max_unzipped_bytes:  # what is really inflated
+                            raise _too_large(max_unzipped_bytes)
+                        chunks.append(chunk)
+            # Encrypted entries raise RuntimeError; a member longer or shorter than its header says fails
+            # its CRC check (BadZipFile).
+            except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as error:
+                raise _invalid(f"{entry.filename} cannot be read: {error}") from None
+            files[name] = b"".join(chunks)
         return files
+
+
+def _too_large(cap: int) -> InvalidRequest:
+    return _invalid(f"the zip inflates to more than {cap} bytes; an adapter is far smaller")
 
 
 def _invalid(message: str) -> InvalidRequest:

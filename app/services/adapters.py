@@ -70,7 +70,7 @@ def import_version(
             param="task",
         )
     quotas.check_upload(session, caller=caller, size=len(data))
-    adapter = import_zip(data, backbone=backbone)
+    adapter = import_zip(data, backbone=backbone, max_unzipped_bytes=settings.max_adapter_unzipped_bytes)
     k = virtual_tokens(adapter.prompt)
     if k > settings.max_virtual_tokens:
         raise InvalidRequest(

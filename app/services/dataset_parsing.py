@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from app.errors import DatasetInvalid, PayloadTooLarge, UnsupportedMediaType
-from app.input_text import check_text
+from app.input_text import JsonFault, check_text, parse_json
 
 ACCEPTED_EXTENSIONS = ("jsonl", "csv")
 TOKEN_STATS_SAMPLE = 2_000
@@ -238,14 +238,10 @@ def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _load_json_line(raw: str, line: int) -> Any:
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        reason = f"{exc.msg} at column {exc.colno}"
-    except RecursionError:
-        reason = "nested too deeply"
-    except ValueError as exc:  # e.g. an integer over Python's digit limit
-        reason = str(exc)
-    raise DatasetInvalid(f"Line {line} is not valid JSON: {reason}.", line=line, code="invalid_json")
+        return parse_json(raw)
+    except JsonFault as fault:
+        message = f"Line {line} is not valid JSON: {fault}."
+        raise DatasetInvalid(message, line=line, code="invalid_json") from None
 
 
 # --- CSV --------------------------------------------------------------------------------------------------

@@ -128,6 +128,15 @@ def test_an_adapter_longer_than_a_job_may_train_is_refused(client, settings):
             "not a readable safetensors",
         ),
         ({"readme.txt": "hi"}, "no adapter_config.json"),
+        ({"adapter_config.json": "[" * 100_000 + "]" * 100_000}, "nested deeper than 32 levels"),
+        (
+            {
+                "adapter_config.json": '{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": '
+                + "9" * 5000
+                + "}"
+            },  # noqa: E501
+            "Exceeds the limit (4300 digits)",
+        ),
     ],
 )
 def test_a_broken_adapter_is_refused_with_the_reason(client, files, fault):
@@ -203,3 +212,22 @@ def test_a_prefix_adapter_made_by_peft_is_imported_and_served(
                 break
             produced.append(token)
     assert served.json()["outputs"][0]["text"] == tiny_backbone.tokenizer.decode(produced)
+
+
+def test_the_labels_field_of_an_import_is_read_with_the_same_limits_as_every_json(client):
+    adapter = io.BytesIO()
+    with zipfile.ZipFile(adapter, "w") as archive:
+        archive.writestr("adapter_config.json", json.dumps({"peft_type": "PROMPT_TUNING"}))
+        archive.writestr("adapter_model.safetensors", prompt_to_bytes(torch.zeros(4, 64)))
+    for labels, fault in (("[" * 100_000, "nested deeper than 32 levels"), ("[" + "1" * 5000 + "]", "4300")):
+        refused = client.post(
+            "/v1/prompts/x/versions",
+            files={"file": ("a.zip", adapter.getvalue())},
+            data={"template": "{input}", "labels": labels},
+        )
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_json" and error["param"] == "labels" and fault in error["message"]
+    assert client.get("/v1/prompts/x").status_code == 404  # nothing stored
+    # The connection is still good for the next request.
+    assert client.get("/healthz").status_code == 200

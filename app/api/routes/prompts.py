@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
@@ -10,7 +9,7 @@ from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep,
 from app.api.responses import errors
 from app.api.schemas import Page, TaskPublic, VersionPublic
 from app.errors import InvalidRequest
-from app.input_text import check_json
+from app.input_text import check_json, load_json
 from app.services import adapters, evaluations
 from app.services import prompts as service
 
@@ -102,12 +101,7 @@ def import_peft(
 def _labels(text: str | None) -> list | None:
     if text is None or not text.strip():
         return None
-    try:
-        labels = json.loads(text)
-    except json.JSONDecodeError:
-        raise InvalidRequest(
-            'labels must be a JSON list, e.g. ["negative", "positive"].', param="labels"
-        ) from None
+    labels = load_json(text, param="labels")
     if not isinstance(labels, list):
         raise InvalidRequest('labels must be a JSON list, e.g. ["negative", "positive"].', param="labels")
     check_json(labels, prefix="labels")  # the form field was text; what its JSON decodes to is checked here
