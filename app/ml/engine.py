@@ -28,12 +28,12 @@ from typing import Protocol
 
 import torch
 
-from app.errors import Overloaded, Unavailable
+from app.errors import Overloaded, PromptCorrupt, Unavailable
 from app.ml.backbone import Backbone
 from app.ml.decode_batch import DecodeBatch, decode_step, prefill
 from app.ml.memory import release_freed_memory
 from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
-from app.ml.row import GenerationRequest, Row, choose_tokens
+from app.ml.row import UNDECODABLE, GenerationRequest, Row, choose_tokens
 
 log = logging.getLogger(__name__)
 # Prompt keys and values evicted before the idle engine hands freed memory back: about 18 prompts of the
@@ -199,11 +199,14 @@ class Scheduler:
         tokenizer, eos = self.backbone.tokenizer, self.backbone.eos_token_id
         keep = []
         for row, (sequence, token) in enumerate(zip(batch.sequences, chosen, strict=True)):
-            if not sequence.cancelled:
+            if token is None:
+                sequence.error = PromptCorrupt(UNDECODABLE)
+            elif not sequence.cancelled:
                 sequence.advance(tokenizer, token, eos)
             if not self._notify(sequence):
                 keep.append(row)
-        batch.next_tokens = torch.tensor(chosen, dtype=torch.long, device=batch.next_tokens.device)
+        tokens = [eos if token is None else token for token in chosen]  # a failed row leaves the batch below
+        batch.next_tokens = torch.tensor(tokens, dtype=torch.long, device=batch.next_tokens.device)
         return batch if len(keep) == len(batch) else batch.filter(keep)
 
     def _notify(self, sequence: Row) -> bool:

@@ -7,7 +7,7 @@ from collections.abc import Generator, Hashable
 import torch
 from transformers import DynamicCache
 
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, PromptCorrupt
 from app.ml.backbone import Backbone
 from app.ml.decode_batch import prefill
 from app.ml.engine import generate_all
@@ -20,7 +20,7 @@ from app.ml.layout import (
     token_groups,
 )
 from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
-from app.ml.row import Generation, GenerationRequest, Row
+from app.ml.row import UNDECODABLE, Generation, GenerationRequest, Row
 from app.ml.soft_prompt import is_prefix, virtual_tokens
 
 
@@ -232,4 +232,8 @@ def classify_steps(backbone: Backbone, *, labels: list[str], **request) -> Gener
 
 
 def probabilities(labels: list[str], scores: torch.Tensor) -> list[dict[str, float]]:
+    """A softmax per row; PromptCorrupt when a soft prompt of extreme values made the scores not finite
+    (which would otherwise answer null probabilities)."""
+    if not torch.isfinite(scores).all():
+        raise PromptCorrupt(UNDECODABLE)
     return [dict(zip(labels, row, strict=True)) for row in scores.softmax(-1).tolist()]

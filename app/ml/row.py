@@ -152,12 +152,27 @@ def partial_stop(head: str, stops: tuple[str, ...]) -> int:
 MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
-def choose_tokens(logits: torch.Tensor, sequences: list[Row]) -> list[int]:
-    """[B, V] float32 logits -> each row's next token under its own sampling parameters."""
-    chosen = logits.argmax(-1).tolist()
+# Why a row fails when its scores are not finite: the version's fault, not the request's or the engine's.
+UNDECODABLE = (
+    "this task's soft prompt gives the backbone scores that are not finite numbers; the version is "
+    "unusable: retrain or delete it"
+)
+
+
+def choose_tokens(logits: torch.Tensor, sequences: list[Row]) -> list[int | None]:
+    """[B, V] float32 logits -> each row's next token under its own sampling parameters, or None for a row
+    whose scores cannot be decoded: not finite (a soft prompt of extreme values overflows the backbone),
+    or no distribution left to sample from. Such a row fails alone; the batch's other rows go on."""
+    chosen: list[int | None] = logits.argmax(-1).tolist()
+    finite = torch.isfinite(logits).all(-1).tolist()  # [B]
     for row, seq in enumerate(sequences):
-        if seq.request.temperature >= MIN_SAMPLING_TEMPERATURE:
-            chosen[row] = _sample(logits[row], seq.request.temperature, seq.request.top_p, seq.generator)
+        if not finite[row]:
+            chosen[row] = None
+        elif seq.request.temperature >= MIN_SAMPLING_TEMPERATURE:
+            try:
+                chosen[row] = _sample(logits[row], seq.request.temperature, seq.request.top_p, seq.generator)
+            except RuntimeError:  # torch.multinomial on probabilities that overflowed
+                chosen[row] = None
     return chosen
 
 

@@ -10,9 +10,10 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from app.errors import Overloaded
+from app.errors import Overloaded, PromptCorrupt
 from app.ml.engine import Abandoned, Engine, Scheduler, batch_tokens
 from app.ml.inference import classify, classify_steps, generate_reference, generation_requests
+from app.ml.prefix import init_prefix
 from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv
 from app.ml.row import Generation, Row
 from tests.ml.rows import input_text, random_prompt
@@ -251,6 +252,32 @@ def test_a_failing_step_fails_its_rows_and_the_engine_keeps_serving(tiny_backbon
         generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=3), good
     )
     assert good.all_over.wait(30) and len(good.finished[id(row)].token_ids) == 3
+    assert engine.outstanding_rows == 0
+
+
+def test_a_prompt_of_extreme_values_fails_its_own_rows_and_no_other(tiny_backbone, engine):
+    """A prefix of finite but huge values (3e38) overflows the backbone's attention: its rows' scores are
+    not finite, and sampling from them raised and failed every row of the step. Those rows fail alone; a
+    greedy row in the same steps decodes as it would alone."""
+    shape = init_prefix(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=0).shape
+    extreme = torch.full(shape, 3e38)
+    requests = generation_requests(
+        tiny_backbone,
+        prompts=[extreme, extreme, None],
+        texts=["fun", "the plot", "a moving story"],
+        max_new_tokens=6,
+        temperature=1.0,
+        seed=0,
+    )
+    requests[2] = dataclasses.replace(requests[2], temperature=0.0)  # another tenant's greedy row
+    collector = _Collector(3)
+    rows = engine.submit(requests, collector)
+    assert collector.all_over.wait(60)
+    for row in rows[:2]:
+        error = collector.errors[id(row)]
+        assert isinstance(error, PromptCorrupt) and "not finite" in error.message
+    expected = generate_reference(tiny_backbone, prompt=None, text="a moving story", max_new_tokens=6)
+    assert collector.finished[id(rows[2])].token_ids == expected
     assert engine.outstanding_rows == 0
 
 

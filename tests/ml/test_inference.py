@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, PromptCorrupt
 from app.ml.inference import classify, generate, generate_reference, label_log_likelihoods, label_scores
 from app.ml.layout import context_ids, target_ids
+from app.ml.prefix import init_prefix
 from app.ml.row import _sample
 from tests.ml.rows import input_text, random_prompt
 
@@ -166,3 +167,10 @@ def test_scoring_in_small_chunks_gives_the_scores_of_one_pass(tiny_backbone, lab
             break
     assert chunks >= 5  # every row, or every pair, is longer than 8 tokens: one chunk each at least
     assert torch.allclose(pieces, whole, atol=1e-5)
+
+
+def test_a_prefix_of_extreme_values_is_refused_in_classification_not_scored_null(tiny_backbone):
+    shape = init_prefix(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=0).shape
+    with pytest.raises(PromptCorrupt) as refused:
+        classify(tiny_backbone, prompts=[torch.full(shape, 3e38)], texts=["fun"], labels=["good", "bad"])
+    assert "not finite" in refused.value.message
