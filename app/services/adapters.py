@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -14,7 +16,7 @@ from app.input_text import check_text, text_fault
 from app.ml.backbone import Backbone
 from app.ml.method import Method
 from app.ml.peft_format import export_zip, import_zip
-from app.ml.soft_prompt import loose_shape, prompt_from_bytes, prompt_to_bytes, virtual_tokens
+from app.ml.soft_prompt import PROMPT_KEY, loose_shape, prompt_from_bytes, prompt_to_bytes, virtual_tokens
 from app.services import prompts, quotas
 from app.services.jobs import TASK_NAME
 from app.services.labels import LabelLimits, check_labels
@@ -58,11 +60,13 @@ def import_version(
     labels: list[str] | None,
     backbone: Backbone,
     settings: Settings,
+    prompt_fault: Callable[[torch.Tensor], str | None],
 ) -> PromptVersion:
     """A new version of ``name`` (made if new) from a PEFT adapter zip, for the served backbone. The
     template and labels come from the request, else from our own export's softprompt.json. An import is an
     upload: it counts toward the tenant's hourly upload bytes and obeys the limits a job's version does.
-    Everything is checked before anything is written."""
+    ``prompt_fault`` says what makes the adapter's soft prompt unsafe to serve beside other tenants' rows
+    (app/ml/prompt_check.py). Everything is checked before anything is written."""
     if not TASK_NAME.fullmatch(name):
         raise InvalidRequest(
             f"Task name {name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', starting with a "
@@ -77,6 +81,11 @@ def import_version(
             f"The adapter has {k} virtual tokens; the limit is {settings.max_virtual_tokens}.",
             param="file",
             code="invalid_adapter",
+        )
+    fault = prompt_fault(adapter.prompt)
+    if fault is not None:
+        raise InvalidRequest(
+            f"Not a usable PEFT adapter: {PROMPT_KEY} {fault}.", param="file", code="invalid_adapter"
         )
     template = template if template is not None else adapter.about.get("template")
     if not isinstance(template, str):

@@ -22,6 +22,7 @@ from app.ml import inference
 from app.ml.backbone import Backbone
 from app.ml.engine import Call, Engine, Observer
 from app.ml.method import Method
+from app.ml.prompt_check import prompt_fault
 from app.ml.row import Generation, GenerationRequest, Row
 from app.ml.soft_prompt import prompt_from_bytes, stored_shape, virtual_tokens
 from app.ml.text import render
@@ -113,6 +114,12 @@ class Serving:
 
     def require_backbone(self) -> Backbone:
         return self._require_engine().backbone
+
+    def prompt_fault(self, prompt: torch.Tensor, *, tenant_id: int) -> str | None:
+        """``app.ml.prompt_check.prompt_fault`` on the engine's thread, which owns the backbone: it takes
+        its turn like any tenant's call. Blocks until it has run."""
+        engine = self._require_engine()
+        return engine.call(lambda backbone: prompt_fault(backbone, prompt), rows=1, tenant=tenant_id).result()
 
     def count_tokens(self, text: str) -> int:
         return len(self.require_backbone().tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -25,6 +25,7 @@ from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint
 from app.ml.method import Method
 from app.ml.prefix import init_prefix
+from app.ml.prompt_check import prompt_fault
 from app.ml.selection import bare_key, tuned_key
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
 from app.ml.trainer import Example, Progress, TrainResult, train_prompt
@@ -207,11 +208,13 @@ def _train_and_publish(
             db_url=db_url, job_id=job.id, worker=owner.worker, checkpoint=state
         ),
     )
-    return retrying(lambda: _record_outcome(owner, result, inputs=inputs, backbone=backbone))
+    # Checked before the transaction that publishes: it runs the backbone.
+    fault = None if result.stopped else prompt_fault(backbone, result.prompt)
+    return retrying(lambda: _record_outcome(owner, result, inputs=inputs, backbone=backbone, fault=fault))
 
 
 def _record_outcome(
-    owner: _Owner, result: TrainResult, *, inputs: JobInputs, backbone: Backbone
+    owner: _Owner, result: TrainResult, *, inputs: JobInputs, backbone: Backbone, fault: str | None
 ) -> RunOutcome:
     """One transaction: the version and the job's end, or the hand-back, or nothing if the job is lost."""
     metrics = result.metrics
@@ -233,6 +236,10 @@ def _record_outcome(
                 data={"status": JobStatus.CANCELLED, "step": result.steps_done},
             )
             return RunOutcome.CANCELLED
+        if fault is not None:  # what no version may be: unsafe beside other tenants' rows
+            row.metrics = metrics
+            message = f"The trained soft prompt {fault}; no version was published. Lower the learning rate."
+            return _failed(session, row, code="unusable_prompt", message=message)
         if result.versus_bare is not None and result.versus_bare.worse:
             row.metrics = metrics  # both scores and the test, for the client to see why
             return _failed(session, row, code="below_zero_shot", message=_below_zero_shot(result))

@@ -5,6 +5,8 @@ scores and the verdict."""
 
 from __future__ import annotations
 
+import torch
+
 from app.ml.selection import EvalMetric
 from app.ml.versus_bare import compare
 from app.services import training
@@ -89,3 +91,21 @@ def test_a_job_reports_the_bare_templates_hold_out_scores_and_the_verdict(client
         assert client.get("/v1/prompts/held/versions/1").json()["metrics"]["zero_shot_val_loss"] > 0
     assert metrics["zero_shot_val_loss"] > 0 and metrics["best_step"] in (0, 2)
     assert "val_rows" not in metrics
+
+
+def test_a_job_whose_prompt_is_unsafe_to_serve_publishes_nothing(
+    client, settings, tiny_backbone, monkeypatch
+):
+    real = training.train_prompt
+
+    def exploded(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.prompt = torch.full_like(result.prompt, 3e38)  # finite, and overflows the backbone
+        return result
+
+    monkeypatch.setattr(training, "train_prompt", exploded)
+    job_id = _job_on_200_reviews(client)
+    assert run_job(db_url=settings.registry_url, job_id=job_id, backbone=tiny_backbone) == "failed"
+    job = client.get(f"/v1/tuning/jobs/{job_id}").json()
+    assert job["error"]["code"] == "unusable_prompt" and "reaches 3e+38" in job["error"]["message"]
+    assert client.get("/v1/prompts/held").status_code == 404

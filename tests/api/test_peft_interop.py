@@ -231,3 +231,21 @@ def test_the_labels_field_of_an_import_is_read_with_the_same_limits_as_every_jso
     assert client.get("/v1/prompts/x").status_code == 404  # nothing stored
     # The connection is still good for the next request.
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("method", ["PROMPT_TUNING", "PREFIX_TUNING"])
+def test_an_adapter_of_extreme_finite_values_is_refused_naming_its_tensor(client, tiny_backbone, method):
+    """3e38 passes a NaN check, then overflows the backbone beside every other tenant's rows."""
+    kv = tiny_backbone.kv
+    prefix_width = 2 * kv.layers * kv.heads * kv.head_dim
+    width = tiny_backbone.embedding_dim if method == "PROMPT_TUNING" else prefix_width
+    adapter = io.BytesIO()
+    with zipfile.ZipFile(adapter, "w") as archive:
+        archive.writestr("adapter_config.json", json.dumps({"peft_type": method, "num_virtual_tokens": 4}))
+        archive.writestr("adapter_model.safetensors", prompt_to_bytes(torch.full((4, width), 3e38)))
+    refused = client.post(
+        "/v1/prompts/x/versions", files={"file": ("a.zip", adapter.getvalue())}, data={"template": "{input}"}
+    )
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_adapter"
+    assert "prompt_embeddings reaches 3e+38" in refused.json()["error"]["message"]
+    assert client.get("/v1/prompts/x").status_code == 404  # nothing stored

@@ -94,6 +94,7 @@ def import_peft(
         labels=_labels(labels),
         backbone=backbone,
         settings=settings,
+        prompt_fault=lambda prompt: serving.prompt_fault(prompt, tenant_id=caller.tenant_id),
     )
     return VersionPublic.of(row, task)
 
