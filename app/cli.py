@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 from typing import Annotated
@@ -181,6 +182,10 @@ def up(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     typer.echo(f"preparing backbone {name} (the first run converts it once; later runs load it at once)")
     materialize_backbone(name, settings.backbones[name], settings.backbone_cache_dir)
     worker_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+    # uvicorn answers SIGTERM by shutting down, then raises the signal again for the handler it found. The
+    # default handler would end this process on the spot, leaving the worker (and the upload parsers) to
+    # run on and a second `up` to start another: exit through the `finally` instead.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         api(host=host, port=port)
     finally:
@@ -189,6 +194,10 @@ def up(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
             worker_process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker_process.kill()
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _redacted(url: str) -> str:

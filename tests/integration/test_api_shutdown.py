@@ -1,18 +1,21 @@
 """SIGTERM to `softprompt api`: requests already in flight finish, new connections are refused, open event
-streams end, and the process exits by itself."""
+streams end, and the process exits by itself. SIGTERM or SIGINT to `softprompt up` stops the worker and
+the upload parser it started too."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.helpers import sentiment_file
-from tests.integration.processes import free_port, migrated_api_process, service_env
+from tests.integration.processes import free_port, migrated_api_process, running, service_env, wait_ready
 
 pytestmark = pytest.mark.worker
 
@@ -89,3 +92,54 @@ def test_sigterm_lets_requests_in_flight_finish_then_the_api_exits(tmp_path, tin
             f"upload finished, stream closed {outcome['stream_ended_at'] - sent:.1f} s and process exited "
             f"{exited - sent:.1f} s after SIGTERM"
         )
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_up_stops_its_worker_and_upload_parser_when_it_is_stopped(tmp_path, tiny_backbone_dir, signum):
+    port = free_port()
+    env = service_env(tmp_path / "data", tiny_backbone_dir, None)
+    log = tmp_path / "up.log"
+    with running(["up", "--port", str(port)], env, log) as up:
+        client = wait_ready(f"http://127.0.0.1:{port}", up, log)
+        # A file over a megabyte is parsed in a process of its own.
+        lines = sentiment_file().rstrip(b"\n") + b"\n"
+        large = lines * (2_000_000 // len(lines) + 1)
+        uploaded = client.post("/v1/datasets", files={"file": ("big.jsonl", large)})
+        assert uploaded.status_code == 201, uploaded.text
+        children = _descendants(up.pid)
+        assert len(children) >= 2, children  # the worker and the upload parser, at least
+        os.kill(up.pid, signum)  # the `up` process alone, as a terminal or a service manager would
+        up.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [pid for pid in children if _alive(pid)]
+        for pid in left:  # not to outlive the test when it fails
+            os.kill(pid, signal.SIGKILL)
+        assert not left, log.read_text()[-3000:]
