@@ -96,9 +96,10 @@ class JobCreate(BaseModel):
         min_length=1,
         max_length=64,
     )
-    training_dataset: int = Field(ge=1, le=MAX_ID, description="Id of an uploaded dataset.")
+    training_dataset: int = Field(strict=True, ge=1, le=MAX_ID, description="Id of an uploaded dataset.")
     validation_dataset: int | None = Field(
         default=None,
+        strict=True,
         ge=1,
         le=MAX_ID,
         description="Id of a dataset to evaluate on; default: a held-out slice of training.",
@@ -114,6 +115,7 @@ class JobCreate(BaseModel):
     )
     num_virtual_tokens: int | None = Field(
         default=None,
+        strict=True,
         ge=1,
         description=f"Length of the soft prompt. Default: {per_method('num_virtual_tokens')}.",
     )
@@ -262,7 +264,9 @@ class EvaluationCreate(BaseModel):
         json_schema_extra={"examples": [{"dataset": 2, "models": ["sst2@3", "sst2@2", None]}]},
     )
 
-    dataset: int = Field(ge=1, le=MAX_ID, description="Id of an uploaded dataset to score the models on.")
+    dataset: int = Field(
+        strict=True, ge=1, le=MAX_ID, description="Id of an uploaded dataset to score the models on."
+    )
     models: list[str | None] = Field(
         min_length=1,
         description="The models to compare, in order: 'task@3' (a version), 'task' (its newest version, "
@@ -276,6 +280,7 @@ class EvaluationCreate(BaseModel):
     )
     max_new_tokens: int | None = Field(
         default=None,
+        strict=True,
         ge=1,
         description="Generation: greedy decoding stops at the end of the answer or after this many tokens "
         "(default 64).",
@@ -416,7 +421,7 @@ class GenerateRequest(BaseModel):
 
     task: str | None = Field(default=None, description=TASK_DESCRIPTION)
     input: str | list[str] = Field(description="One input or a list, run as one batch.")
-    max_new_tokens: int = Field(default=64, ge=1)
+    max_new_tokens: int = Field(default=64, strict=True, ge=1)
     temperature: float = Field(
         default=0.0, ge=0, le=5, description="0 (and anything below 1e-4) is greedy decoding."
     )
@@ -424,7 +429,7 @@ class GenerateRequest(BaseModel):
     stop: list[str] | None = Field(
         default=None, description="Up to 4 strings (SOFTPROMPT_MAX_STOP_STRINGS) of up to 256 characters."
     )
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    seed: int | None = Field(default=None, strict=True, ge=0, le=2**31 - 1)
     stream: bool = False
 
 

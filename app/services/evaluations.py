@@ -208,6 +208,11 @@ def get_evaluation(session: Session, *, tenant_id: int, evaluation_id: int) -> E
     return evaluation
 
 
+def _literal(text: str) -> str:
+    """``text`` as a LIKE pattern that matches only itself: its escape character, % and _ escaped."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def list_evaluations(
     session: Session, *, tenant_id: int, limit: int, after: int | None, task: str | None = None
 ) -> tuple[list[Evaluation], bool]:
@@ -215,7 +220,7 @@ def list_evaluations(
     query = select(Evaluation).where(Evaluation.tenant_id == tenant_id)
     if task is not None:
         named = select(EvaluationModel.evaluation_id).where(
-            EvaluationModel.reference.like(task.replace("_", "\\_") + "@%", escape="\\")
+            EvaluationModel.reference.like(_literal(task) + "@%", escape="\\")
         )
         query = query.where(Evaluation.id.in_(named))
     return paginate(session, query, id_column=Evaluation.id, limit=limit, after=after)

@@ -75,10 +75,13 @@ class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int | None = Field(
-        default=None, ge=1, description=f"Default: {DEFAULT_EPOCHS} epochs, within 100-800 steps."
+        default=None,
+        strict=True,
+        ge=1,
+        description=f"Default: {DEFAULT_EPOCHS} epochs, within 100-800 steps.",
     )
     epochs: float | None = Field(default=None, gt=0, le=1000, description="Instead of steps.")
-    batch_size: int = Field(default=32, ge=1, le=256)
+    batch_size: int = Field(default=32, strict=True, ge=1, le=256)
     learning_rate: float | None = Field(
         default=None,
         gt=0,
@@ -86,12 +89,19 @@ class Hyperparameters(BaseModel):
         description=f"Default: {per_method('learning_rate')}.",
     )
     weight_decay: float = Field(default=0.0, ge=0, le=1)
-    warmup_steps: int | None = Field(default=None, ge=0, description="Default: 10 % of the steps.")
+    warmup_steps: int | None = Field(
+        default=None, strict=True, ge=0, description="Default: 10 % of the steps."
+    )
     max_grad_norm: float = Field(default=1.0, gt=0)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: at the end).")
+    seed: int = Field(default=0, strict=True, ge=0, le=2**31 - 1)
+    eval_every: int = Field(
+        default=0, strict=True, ge=0, description="Evaluate every N steps (0: at the end)."
+    )
     patience: int = Field(
-        default=0, ge=0, description="Stop after this many evaluations without improvement (0: never)."
+        default=0,
+        strict=True,
+        ge=0,
+        description="Stop after this many evaluations without improvement (0: never).",
     )
     optimizer: Optimizer = Optimizer.ADAMW
     eval_metric: EvalMetric | None = Field(

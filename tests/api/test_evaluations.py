@@ -221,3 +221,11 @@ def test_a_generation_job_scores_its_hold_out_with_the_evaluation_metrics(client
     version = client.get("/v1/prompts/counter/versions/1").json()
     assert version["metrics"]["val_rouge_l"] == metrics["val_rouge_l"]
     assert client.get(f"/v1/tuning/jobs/{chosen['id']}").json()["metrics"]["eval_metric"] == "bleu"
+
+
+def test_a_task_filter_is_a_name_not_a_pattern(client, settings, tiny_backbone, trained):
+    test_set = upload(client, sentiment_file(), filename="test.jsonl").json()["id"]
+    evaluate(client, settings, tiny_backbone, dataset=test_set, models=["sst2@1"])
+    assert len(client.get("/v1/evaluations", params={"task": "sst2"}).json()["data"]) == 1
+    for pattern in ("%", "sst_", "s%"):
+        assert client.get("/v1/evaluations", params={"task": pattern}).json()["data"] == [], pattern

@@ -131,3 +131,22 @@ def test_events_stream_as_sse_until_the_job_ends(client):
         assert response.headers["content-type"].startswith("text/event-stream")
         body = "".join(response.iter_text())
     assert "event: status" in body and "event: end" in body and '"cancelled"' in body
+
+
+def test_ids_and_counts_are_numbers_not_anything_that_converts_to_one(client):
+    """`true` is not dataset 1, and "3" is not 3: a client's bug surfaces as a 422 naming the field."""
+    dataset_id = upload(client, sentiment_file()).json()["id"]
+    cases = [
+        ({"training_dataset": True}, "training_dataset"),
+        ({"training_dataset": str(dataset_id)}, "training_dataset"),
+        ({"training_dataset": dataset_id, "num_virtual_tokens": True}, "num_virtual_tokens"),
+        ({"training_dataset": dataset_id, "hyperparameters": {"steps": "10"}}, "hyperparameters.steps"),
+        ({"training_dataset": dataset_id, "hyperparameters": {"seed": 1.0}}, "hyperparameters.seed"),
+    ]
+    for body, field in cases:
+        refused = create(client, task="strict", **body)
+        assert refused.status_code == 422, (body, refused.text)
+        assert refused.json()["error"]["param"] == field, (body, refused.json())
+    assert client.get("/v1/tuning/jobs").json()["data"] == []
+    evaluation = client.post("/v1/evaluations", json={"dataset": True, "models": [None]})
+    assert evaluation.status_code == 422 and evaluation.json()["error"]["param"] == "dataset"
