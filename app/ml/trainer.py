@@ -407,7 +407,8 @@ def train_prompt(
         on_progress(Progress(done, config.steps, losses[-1], eta))
         if config.eval_every and done % config.eval_every == 0 and done < config.steps and validation:
             metrics = run_eval(param.detach())
-            log.info("step %d/%d: %s", done, config.steps, metrics)
+            shown = {k: v for k, v in metrics.items() if k != ROWS_KEY}
+            log.info("step %d/%d: %s", done, config.steps, shown)
             best.offer(done, param, metrics)
             if config.patience and best.evaluations_since_best >= config.patience:
                 early = True
