@@ -9,10 +9,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import DomainError, Unauthorized, Unavailable
+from app.errors import Conflict, DomainError, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DBAPIError)
     async def _database(_: Request, exc: Exception) -> JSONResponse:
         log.error("registry database error: %s", exc)
-        return error_response(
-            Unavailable(
-                "The registry database is unreachable; retry shortly.",
-                code="database_unavailable",
-                retry_after_s=5,
-            )
-        )
+        return error_response(database_error(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -105,3 +99,27 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"error": {"code": "internal_error", "message": "Internal server error."}}, status_code=500
         )
+
+
+# PostgreSQL's SQLSTATEs for a transaction that lost to another: serialization failure, deadlock, lock not
+# available. SQLite says "database is locked" when its busy timeout runs out behind another writer.
+CONFLICT_SQLSTATES = {"40001", "40P01", "55P03"}
+
+
+def database_error(exc: Exception) -> DomainError:
+    """A database error by its kind: another request's write won (409, to retry), or the registry is
+    unreachable (503). Not every database error means the database is down."""
+    orig = getattr(exc, "orig", None)
+    if (
+        isinstance(exc, IntegrityError)
+        or getattr(orig, "sqlstate", None) in CONFLICT_SQLSTATES
+        or ("database is locked" in str(orig))
+    ):
+        return Conflict(
+            "Another request changed the same data at the same moment; retry the request.",
+            code="database_conflict",
+            retry_after_s=1,
+        )
+    return Unavailable(
+        "The registry database is unreachable; retry shortly.", code="database_unavailable", retry_after_s=5
+    )

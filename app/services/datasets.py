@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import ACTIVE_STATUSES, NAME_CHARS, Dataset, Evaluation, TuningJob
+from app.db.models import ACTIVE_STATUSES, NAME_CHARS, Dataset, Evaluation, Tenant, TuningJob
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import idempotency, quotas, uploads
 from app.services.dataset_parsing import Record, decode_records, token_stats
@@ -125,7 +125,18 @@ def list_datasets(
     return paginate(session, query, id_column=Dataset.id, limit=limit, after=after)
 
 
+def lock_datasets(session: Session, *, tenant_id: int) -> None:
+    """Serialise, within a tenant, deleting a dataset and creating a run (a job, an evaluation) that uses
+    one: each takes this lock first in its transaction, so a delete's in-use check sees every run committed
+    before it, and a run is never created on a dataset being deleted. Without it both could succeed, and
+    the run failed later with dataset_missing. The lock is a no-op update of the tenant's row, held to the
+    end of the transaction: a row lock on PostgreSQL, the database's write lock on SQLite (which has no
+    FOR UPDATE). The tenant's row is a few bytes, where a dataset's holds all its records."""
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+
+
 def delete_dataset(session: Session, *, tenant_id: int, dataset_id: int) -> None:
+    lock_datasets(session, tenant_id=tenant_id)
     dataset = get_dataset(session, tenant_id=tenant_id, dataset_id=dataset_id)
     uses = {
         "job": (

@@ -24,7 +24,7 @@ from app.db.models import (
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import idempotency, quotas
 from app.services.dataset_parsing import REFERENCES
-from app.services.datasets import get_dataset, load_records
+from app.services.datasets import get_dataset, load_records, lock_datasets
 from app.services.pagination import paginate
 from app.services.prompts import check_template, find_version
 from app.services.queue import enqueue_evaluation, send_committed
@@ -81,6 +81,7 @@ def create_evaluation(
     existing = idempotency.earlier(session, Evaluation, **earlier)
     if existing is not None:
         return existing, False
+    lock_datasets(session, tenant_id=caller.tenant_id)
     dataset = get_dataset(session, tenant_id=caller.tenant_id, dataset_id=request.dataset, param="dataset")
     if dataset.num_examples > settings.max_evaluation_rows:
         raise InvalidRequest(

@@ -17,7 +17,7 @@ from app.errors import Conflict, InvalidRequest, NotFound
 from app.ml.method import INITS, Method
 from app.services import checkpoints, idempotency, quotas
 from app.services.dataset_parsing import REFERENCES
-from app.services.datasets import get_dataset
+from app.services.datasets import get_dataset, lock_datasets
 from app.services.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
 from app.services.pagination import paginate
 from app.services.prompts import check_template
@@ -120,6 +120,7 @@ def _validated_fields(
             param="num_virtual_tokens",
         )
 
+    lock_datasets(session, tenant_id=tenant_id)
     training = get_dataset(
         session, tenant_id=tenant_id, dataset_id=request.training_dataset, param="training_dataset"
     )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from app.api.body_limit import MULTIPART_OVERHEAD, BodyLimit
 from app.config import Settings
@@ -157,3 +158,36 @@ def test_the_body_limit_stops_reading_as_soon_as_the_limit_is_passed():
     asyncio.run(limited(scope, receive, send))
     assert sent[0]["status"] == 413
     assert reads == (100 + MULTIPART_OVERHEAD) // 1024 + 1
+
+
+def test_a_dataset_deleted_while_a_run_on_it_is_created_is_never_both_deleted_and_used(client):
+    """The delete's in-use check and the run's creation are serialised: one of them wins, the other is
+    refused (409 in use, or 404 gone), never both succeeding and never a 5xx."""
+    runs = {
+        "/v1/evaluations": lambda dataset: {"dataset": dataset, "models": [None], "template": "{input}"},
+        "/v1/tuning/jobs": lambda dataset: {"task": "race", "training_dataset": dataset},
+    }
+    for attempt in range(12):
+        route, body = list(runs.items())[attempt % 2]
+        dataset = upload(client, sentiment_file()).json()["id"]
+        start, answers = threading.Barrier(2), {}
+
+        def delete(dataset=dataset, start=start, answers=answers):
+            start.wait()
+            answers["delete"] = client.delete(f"/v1/datasets/{dataset}")
+
+        def create(dataset=dataset, start=start, answers=answers, route=route, body=body):
+            start.wait()
+            answers["create"] = client.post(route, json=body(dataset))
+
+        threads = [threading.Thread(target=delete), threading.Thread(target=create)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        deleted, created = answers["delete"], answers["create"]
+        codes = (deleted.status_code, created.status_code)
+        assert codes in {(204, 404), (409, 201)}, (route, deleted.text, created.text)
+        if created.status_code == 201:  # out of the tenant's active-run quota for the next attempt
+            client.post(f"{route}/{created.json()['id']}/cancel")
+            assert client.get(f"/v1/datasets/{dataset}").status_code == 200
