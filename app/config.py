@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     tenant_max_active_jobs: int = 4  # queued or running at once
     tenant_upload_bytes_per_hour: int = 1024 * 1024 * 1024
     tenant_inference_rps: int = 20  # requests per second to /v1/generate and /v1/classify
+    # Job event streams (text/event-stream) open at once, per tenant and in all, per API process; past
+    # either, 429. Each holds a connection and polls the registry twice a second.
+    tenant_max_event_streams: int = 8
+    max_event_streams: int = 256
     # Where inference request counts live: "" keeps them in this process (each API replica counts alone);
     # a redis:// URL shares them between replicas.
     rate_limit_url: str = ""

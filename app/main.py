@@ -25,6 +25,7 @@ from app.services import leases
 from app.services.api_metrics import Metrics
 from app.services.quotas import InferenceRateLimiter
 from app.services.serving import Serving
+from app.services.streams import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.authenticator = Authenticator(settings)
+    app.state.stream_slots = StreamSlots(
+        per_tenant=settings.tenant_max_event_streams, total=settings.max_event_streams
+    )
     app.state.inference_limiter = InferenceRateLimiter(settings)
     app.state.metrics = Metrics()
     install_error_handlers(app)

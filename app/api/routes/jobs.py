@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import anyio
 import anyio.from_thread
 from fastapi import APIRouter, Header, Request, Response
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from app.api.auth import BearerDep, CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
@@ -104,17 +105,29 @@ def job_events(
     # This handler runs in a worker thread; the shutdown event belongs to the server's event loop.
     shutdown = anyio.from_thread.run_sync(anyio.Event)
     authenticator = request.app.state.authenticator
+    release = request.app.state.stream_slots.acquire(caller.tenant_id)  # 429 past the caps
 
     def recheck() -> None:
         """A stream outlives its request: a key revoked meanwhile (or a first key ending the open mode)
         ends it at the next poll, not when the job does."""
         authenticator.authenticate(request, credentials)
 
+    stream = _stream(settings.registry_url, caller.tenant_id, job_id, after, request, shutdown, recheck)
     return EventSourceResponse(
-        _stream(settings.registry_url, caller.tenant_id, job_id, after, request, shutdown, recheck),
+        _releasing(stream, release),
         shutdown_event=shutdown,
         shutdown_grace_period=SHUTDOWN_GRACE_S,
+        background=BackgroundTask(release),  # also when the stream never started
     )
+
+
+async def _releasing(stream: AsyncIterator[dict], release: Callable[[], None]) -> AsyncIterator[dict]:
+    """The stream's events; its slot is free again as soon as it ends, however it ends."""
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        release()
 
 
 def _event(row) -> JobEventPublic:
