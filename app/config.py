@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     trust_loopback: bool = True
     # GET /metrics answers loopback clients, and others sending this as a Bearer token (empty: none).
     metrics_token: str = ""
+    # (tenant, task) pairs with series of their own on /metrics; past it they count under task "_other".
+    metrics_max_task_series: int = 1000
 
     # Each tenant's quotas; `softprompt tenants quota` overrides them for one tenant.
     tenant_max_active_jobs: int = 4  # queued or running at once

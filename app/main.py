@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         per_tenant=settings.tenant_max_event_streams, total=settings.max_event_streams
     )
     app.state.inference_limiter = InferenceRateLimiter(settings)
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics(max_task_series=settings.metrics_max_task_series)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(metrics_api.RequestMetrics, metrics=app.state.metrics)

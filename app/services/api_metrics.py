@@ -3,6 +3,9 @@ tests) never share counts."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 # Seconds: from a quick classification to a long generation on a busy CPU.
@@ -10,9 +13,18 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
+# The task label of the series past a process's cap of (tenant, task) pairs.
+OTHER_TASKS = "_other"
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, max_task_series: int = 1000) -> None:
         self.registry = CollectorRegistry()
+        # Each (tenant, task) pair served makes a series per route: with thousands of tasks an uncapped
+        # label set is an unbounded scrape. Past the cap, new pairs count under task OTHER_TASKS.
+        self.max_task_series = max_task_series
+        self._task_routes: dict[tuple[str, str], set[str]] = {}  # the series each pair has
+        self._lock = threading.Lock()
         self.requests = Counter(
             "softprompt_http_requests",
             "HTTP requests answered, by route template and status.",
@@ -68,6 +80,27 @@ class Metrics:
         self.step_time.observe(seconds)
 
     def served(self, *, tenant: str, task: str | None, route: str, inputs: int, tokens: int) -> None:
-        self.inputs.labels(tenant, task or "", route).inc(inputs)
+        label = self._task_label(tenant, task or "", route)
+        self.inputs.labels(tenant, label, route).inc(inputs)
         if tokens:
-            self.tokens.labels(tenant, task or "").inc(tokens)
+            self.tokens.labels(tenant, label).inc(tokens)
+
+    def _task_label(self, tenant: str, task: str, route: str) -> str:
+        with self._lock:
+            routes = self._task_routes.get((tenant, task))
+            if routes is None:
+                if len(self._task_routes) >= self.max_task_series:
+                    return OTHER_TASKS
+                routes = self._task_routes[(tenant, task)] = set()
+            routes.add(route)
+            return task
+
+    def forget_task(self, *, tenant: str, task: str) -> None:
+        """Drop a deleted task's series, and its place under the cap."""
+        with self._lock:
+            routes = self._task_routes.pop((tenant, task), set())
+        for route in routes:
+            with contextlib.suppress(KeyError):
+                self.inputs.remove(tenant, task, route)
+        with contextlib.suppress(KeyError):
+            self.tokens.remove(tenant, task)

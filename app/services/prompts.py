@@ -6,7 +6,7 @@ import hashlib
 import re
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, undefer
@@ -175,5 +175,9 @@ def find_version(session: Session, *, tenant_id: int, ref: str, with_vectors: bo
     return get_version(session, tenant_id=tenant_id, name=name, version=version, with_vectors=with_vectors)
 
 
-def delete_version(session: Session, *, tenant_id: int, name: str, version: int) -> None:
-    session.delete(get_version(session, tenant_id=tenant_id, name=name, version=version))
+def delete_version(session: Session, *, tenant_id: int, name: str, version: int) -> int:
+    """How many versions the task has left."""
+    found = get_version(session, tenant_id=tenant_id, name=name, version=version, with_vectors=False)
+    session.delete(found)
+    session.flush()
+    return session.scalar(select(func.count()).where(PromptVersion.task_id == found.task_id)) or 0

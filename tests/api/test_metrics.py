@@ -60,3 +60,21 @@ def test_metrics_are_not_served_to_others_without_the_token(client, settings):
     local = TestClient(create_app(settings), base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000))
     assert local.get("/metrics").status_code == 200
     assert local.get("/metrics", headers={"X-Forwarded-For": "192.0.2.1"}).status_code == 401
+
+
+def test_task_series_are_capped_and_go_with_the_task(settings, api_key, trained):
+    """Thousands of tasks must not make thousands of series: past the cap a task counts under "_other",
+    and a task whose last version is deleted leaves /metrics."""
+    capped = settings.model_copy(update={"metrics_token": "scrape-me", "metrics_max_task_series": 1})
+    with TestClient(create_app(capped), headers=bearer(api_key)) as client:
+        for task in ("sst2", None):  # the bare backbone is a series too: the second pair
+            body = {"task": task, "input": "fine", "max_new_tokens": 2}
+            assert client.post("/v1/generate", json=body).status_code == 200
+        seen = scrape(client, "scrape-me")
+        served = "softprompt_inference_inputs_total"
+        inputs = {dict(labels)["task"] for name, labels in seen if name == served}
+        assert inputs == {"sst2", "_other"}
+        assert client.delete("/v1/prompts/sst2/versions/1").status_code == 204
+        seen = scrape(client, "scrape-me")
+        tasks = {dict(labels).get("task") for name, labels in seen if name.startswith("softprompt_")}
+        assert "sst2" not in tasks and "_other" in tasks

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.auth import CallerDep
-from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep, SettingsDep
+from app.api.deps import AfterQuery, IdPath, LimitQuery, MetricsDep, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.api.schemas import Page, TaskPublic, VersionPublic
 from app.errors import InvalidRequest
@@ -41,9 +41,13 @@ def get_version(task: str, version: IdPath, caller: CallerDep, session: SessionD
 
 
 @router.delete("/{task}/versions/{version}", status_code=204, responses=errors(401, 404))
-def delete_version(task: str, version: IdPath, caller: CallerDep, session: SessionDep) -> Response:
+def delete_version(
+    task: str, version: IdPath, caller: CallerDep, session: SessionDep, metrics: MetricsDep
+) -> Response:
     """Delete a version; its number is never reused."""
-    service.delete_version(session, tenant_id=caller.tenant_id, name=task, version=version)
+    left = service.delete_version(session, tenant_id=caller.tenant_id, name=task, version=version)
+    if not left:  # the task serves nothing any more: its metrics series go too
+        metrics.forget_task(tenant=caller.tenant, task=task)
     return Response(status_code=204)
 
 
