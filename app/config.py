@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     # Limits: each is named in the 4xx a client gets past it.
     max_upload_bytes: int = 50 * 1024 * 1024
     max_request_bytes: int = 2 * 1024 * 1024  # any other request body (JSON)
+    # A body must keep arriving: at most this long between two of its chunks, and all of it within
+    # body_deadline_s, or the request is 408 and its connection closed (a client trickling a large upload
+    # would hold a connection and a parser's buffer for as long as it liked).
+    body_idle_timeout_s: float = 30.0
+    body_deadline_s: float = 600.0
     max_examples: int = 200_000
     min_examples: int = 2
     max_references: int = 64  # reference outputs per input of an evaluation dataset

@@ -43,6 +43,13 @@ class PayloadTooLarge(DomainError):
     code = "payload_too_large"
 
 
+class RequestTimeout(DomainError):
+    """A request body that stopped arriving, or arrived too slowly: its connection is freed for others."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class UnsupportedMediaType(DomainError):
     status = 415
     code = "unsupported_media_type"

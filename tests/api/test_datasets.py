@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+
+import pytest
 
 from app.api.body_limit import MULTIPART_OVERHEAD, BodyLimit
 from app.config import Settings
@@ -158,6 +161,68 @@ def test_the_body_limit_stops_reading_as_soon_as_the_limit_is_passed():
     asyncio.run(limited(scope, receive, send))
     assert sent[0]["status"] == 413
     assert reads == (100 + MULTIPART_OVERHEAD) // 1024 + 1
+
+
+async def _reads_everything(scope, receive, send):
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize(
+    ("pause_s", "settings"),
+    [
+        (10.0, Settings(body_idle_timeout_s=0.2)),  # a body that stops arriving
+        (0.05, Settings(body_idle_timeout_s=1.0, body_deadline_s=0.3)),  # a trickle that never ends
+    ],
+)
+def test_a_body_that_stops_or_trickles_is_408_and_its_connection_closed(pause_s, settings):
+    """A client sending a large upload a few bytes at a time held its connection for as long as it liked."""
+    sent, reads = [], 0
+
+    async def trickle():
+        nonlocal reads
+        reads += 1
+        if reads > 1:
+            await asyncio.sleep(pause_s)
+        return {"type": "http.request", "body": b"x" * 10, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/datasets", "headers": [], "method": "POST"}
+    started = time.monotonic()
+    asyncio.run(BodyLimit(_reads_everything, settings)(scope, trickle, send))
+    assert time.monotonic() - started < 2
+    assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+    assert b'"code":"body_timeout"' in sent[1]["body"]
+
+
+def test_once_the_body_is_in_waiting_for_a_disconnect_has_no_timeout():
+    """An event stream or a long generation waits on receive() for the client to go; that is no body."""
+    messages = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(0.5)  # longer than the idle timeout below
+        return {"type": "http.disconnect"}
+
+    async def waits_for_disconnect(scope, receive, send):
+        await receive()
+        assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/generate", "headers": [], "method": "POST"}
+    asyncio.run(BodyLimit(waits_for_disconnect, Settings(body_idle_timeout_s=0.1))(scope, receive, send))
+    assert sent[0]["status"] == 200
 
 
 def test_a_dataset_deleted_while_a_run_on_it_is_created_is_never_both_deleted_and_used(client):
