@@ -62,7 +62,8 @@ TASKS = {
 }
 TEST_ROWS = 500
 THRESHOLDS = (0.05, 0.10, 0.20)
-OLD_RULE_MIN_ROWS = 20  # the rule before: on a hold-out of 20 rows or more, any lower mean refused
+OLD_RULE_MIN_ROWS = 20
+CLEAR_MARGIN = 0.05  # the rule before: on a hold-out of 20 rows or more, any lower mean refused
 
 
 def examples(task: str, split: str) -> list[Example]:
@@ -139,25 +140,29 @@ def report(records: list[dict]) -> None:
     rules = [("before: any lower hold-out mean (>= 20 rows)", old_rule_refuses)] + [
         (f"sign test, p < {t:.2f}", lambda r, t=t: sign_test_refuses(r, t)) for t in THRESHOLDS
     ]
-    better = [r for r in records if r["test_tuned"] > r["test_bare"]]
-    worse = [r for r in records if r["test_tuned"] < r["test_bare"]]
-    print(
-        f"{len(records)} runs: the kept prompt better than the bare template on the test split in "
-        f"{len(better)}, worse in {len(worse)}, level in {len(records) - len(better) - len(worse)}; "
-        f"{sum(r['kept_start'] for r in records)} kept their start as the fallback"
-    )
-    print(
-        "| rule | refused | false refusals (refused, better on test) | false publishes (published, worse) |"
-    )
-    print("| --- | --- | --- | --- |")
-    for name, refuses in rules:
-        refused = [r for r in records if refuses(r)]
-        false_refusals = [r for r in better if refuses(r)]
-        false_publishes = [r for r in worse if not refuses(r)]
+    # The test split is a sample too: on 500 rows a difference of two accuracies near 0.75 has a standard
+    # error of about 0.027, so one within CLEAR_MARGIN (two of them) says little about which prompt is
+    # better. Each decision is judged both ways.
+    for margin, words in ((0.0, "by any amount"), (CLEAR_MARGIN, f"by more than {CLEAR_MARGIN:.2f}")):
+        better = [r for r in records if r["test_tuned"] - r["test_bare"] > margin]
+        worse = [r for r in records if r["test_bare"] - r["test_tuned"] > margin]
         print(
-            f"| {name} | {len(refused)} of {len(records)} | {len(false_refusals)} of {len(better)} | "
-            f"{len(false_publishes)} of {len(worse)} |"
+            f"\n{len(records)} runs; on the test split, {words}: the kept prompt better than the bare "
+            f"template in {len(better)}, worse in {len(worse)}; "
+            f"{sum(r['kept_start'] for r in records)} kept their start as the fallback"
         )
+        print(
+            "| rule | refused | false refusals (refused, better on test) | false publishes (published, worse) |"
+        )
+        print("| --- | --- | --- | --- |")
+        for name, refuses in rules:
+            refused = [r for r in records if refuses(r)]
+            false_refusals = [r for r in better if refuses(r)]
+            false_publishes = [r for r in worse if not refuses(r)]
+            print(
+                f"| {name} | {len(refused)} of {len(records)} | {len(false_refusals)} of {len(better)} | "
+                f"{len(false_publishes)} of {len(worse)} |"
+            )
     print()
     print("| task | size | lr | hold-out | runs | test: tuned - bare | refused before | refused, p < 0.05 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -170,7 +175,7 @@ def report(records: list[dict]) -> None:
             f"| {task} | {size} | {rate:g} | {runs[0]['holdout_rows']} | {len(runs)} | {gain:+.3f} | "
             f"{sum(map(old_rule_refuses, runs))} | {sum(sign_test_refuses(r, 0.05) for r in runs)} |"
         )
-    wrong = [r for r in worse if not sign_test_refuses(r, 0.05)]
+    wrong = [r for r in records if r["test_tuned"] < r["test_bare"] and not sign_test_refuses(r, 0.05)]
     for r in wrong:
         print(
             f"published though worse on test: {r['task']} {r['size']} seed {r['seed']}: hold-out "
