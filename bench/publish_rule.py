@@ -151,9 +151,7 @@ def report(records: list[dict]) -> None:
             f"template in {len(better)}, worse in {len(worse)}; "
             f"{sum(r['kept_start'] for r in records)} kept their start as the fallback"
         )
-        print(
-            "| rule | refused | false refusals (refused, better on test) | false publishes (published, worse) |"
-        )
+        print("| rule | refused | false refusals (refused, better) | false publishes (published, worse) |")
         print("| --- | --- | --- | --- |")
         for name, refuses in rules:
             refused = [r for r in records if refuses(r)]
