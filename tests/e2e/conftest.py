@@ -22,7 +22,7 @@ class Service:
     url: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when the e2e tests are done, not at the end of the suite
 def real_service(tmp_path_factory):
     if not SST2_TRAIN.is_file():
         pytest.skip("shared/data/sst2 is not beside the repository")
