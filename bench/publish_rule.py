@@ -61,7 +61,7 @@ TASKS = {
     "qnli": ("{input}\nDoes the sentence answer the question? Yes or no:", ["no", "yes"], "test"),
 }
 TEST_ROWS = 500
-THRESHOLDS = (0.05, 0.10, 0.20)
+THRESHOLDS = (0.05, 0.10, 0.20, 0.30, 0.50)
 OLD_RULE_MIN_ROWS = 20
 CLEAR_MARGIN = 0.05  # the rule before: on a hold-out of 20 rows or more, any lower mean refused
 

@@ -35,6 +35,21 @@ def test_a_clear_lead_of_the_bare_template_refuses_and_says_how_sure():
     assert "0.0327" in verdict.reason()
 
 
+@pytest.mark.parametrize("differing", [1, 3, 9, 39])
+def test_a_lead_of_one_row_is_never_refused_however_many_rows_differ(differing):
+    bare_only = differing // 2 + 1
+    tuned, bare = _rows(0, differing - bare_only, bare_only, 40 - differing)
+    assert not compare(tuned, bare, EvalMetric.ACCURACY).worse
+
+
+def test_what_refused_nothing_at_005_is_refused_now():
+    """A 20-row hold-out of an overshooting job: 0.45 against 0.75, the bare template right on 11 rows
+    the prompt got wrong and the prompt on 5; on the test split it was 0.548 against 0.742."""
+    tuned, bare = _rows(4, 5, 11, 0)
+    verdict = compare(tuned, bare, EvalMetric.ACCURACY)
+    assert verdict.p_value == pytest.approx(0.105, abs=1e-3) and verdict.worse
+
+
 def test_a_lead_of_the_prompt_is_never_worse():
     tuned, bare = _rows(20, 15, 0, 5)
     verdict = compare(tuned, bare, EvalMetric.ACCURACY)
