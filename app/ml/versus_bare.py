@@ -25,6 +25,9 @@ from app.ml.selection import EvalMetric
 # those were refused and no prompt better on the test split was (docs/benchmarks.md, "The publish rule").
 # A lead of one row is never refused (its chance is 0.5 or more), however many rows differ.
 REFUSE_BELOW_P = 0.30
+# A hold-out of fewer rows cannot tell (datasets under 200 examples hold out under 20): the job publishes
+# what it kept and reports both scores. At 0.30 two rows both won by the bare template would refuse.
+MIN_ROWS = 20
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Comparison:
 
     def reason(self) -> str:
         """Why the rule decided as it did, in words a person reads in a job's error."""
+        if self.rows < MIN_ROWS:
+            return f"a hold-out of {self.rows} rows is too small to tell (the rule needs {MIN_ROWS})"
         return (
             f"on {self.rows} hold-out rows the bare template scored better on {self.bare_better} and the "
             f"prompt on {self.prompt_better}; a lead this large comes by chance with probability "
@@ -60,7 +65,7 @@ def compare(
     tuned: list[float], bare: list[float], metric: EvalMetric, *, refuse_below_p: float = REFUSE_BELOW_P
 ) -> Comparison:
     """``tuned`` and ``bare``: each hold-out row's score by ``metric``, in the same row order (for the loss,
-    lower is better)."""
+    lower is better). Never ``worse`` on fewer than MIN_ROWS rows."""
     if len(tuned) != len(bare):
         raise ValueError(f"{len(tuned)} tuned scores against {len(bare)} bare ones")
     sign = -1.0 if metric is EvalMetric.LOSS else 1.0
@@ -77,5 +82,5 @@ def compare(
         bare_better=int(bare_better),
         p_value=p_value,
         refuse_below_p=refuse_below_p,
-        worse=p_value < refuse_below_p,
+        worse=len(tuned) >= MIN_ROWS and p_value < refuse_below_p,
     )

@@ -57,7 +57,7 @@ def test_a_lead_of_the_prompt_is_never_worse():
 
 
 def test_the_loss_is_better_when_lower():
-    tuned, bare = [0.5] * 12, [0.9] * 12
+    tuned, bare = [0.5] * 24, [0.9] * 24
     assert not compare(tuned, bare, EvalMetric.LOSS).worse
     assert compare(bare, tuned, EvalMetric.LOSS).worse
 
@@ -70,3 +70,10 @@ def test_identical_rows_give_no_verdict_against_the_prompt():
 def test_the_scores_must_be_of_the_same_rows():
     with pytest.raises(ValueError):
         compare([1.0], [1.0, 0.0], EvalMetric.ACCURACY)
+
+
+def test_a_hold_out_under_twenty_rows_never_refuses_and_says_why():
+    tuned, bare = _rows(0, 0, 10, 9)  # the bare template right on 10 of 19 rows, the prompt on none
+    verdict = compare(tuned, bare, EvalMetric.ACCURACY)
+    assert verdict.p_value < 0.001 and not verdict.worse
+    assert "19 rows is too small to tell" in verdict.reason()
