@@ -37,6 +37,7 @@ from scipy.stats import binomtest  # noqa: E402
 from app.ml.method import Method  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.trainer import Example, evaluate, train_prompt  # noqa: E402
+from app.ml.versus_bare import REFUSE_BELOW_P as CHOSEN  # noqa: E402
 from app.services.hyperparameters import METHOD_DEFAULTS, Hyperparameters  # noqa: E402
 from app.services.training import split_holdout  # noqa: E402
 from bench.tuning import load, log  # noqa: E402
@@ -162,7 +163,7 @@ def report(records: list[dict]) -> None:
                 f"{len(false_publishes)} of {len(worse)} |"
             )
     print()
-    print("| task | size | lr | hold-out | runs | test: tuned - bare | refused before | refused, p < 0.05 |")
+    print(f"| task | size | lr | hold-out | runs | test: tuned - bare | refused before | p < {CHOSEN:.2f} |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -171,12 +172,13 @@ def report(records: list[dict]) -> None:
         gain = sum(r["test_tuned"] - r["test_bare"] for r in runs) / len(runs)
         print(
             f"| {task} | {size} | {rate:g} | {runs[0]['holdout_rows']} | {len(runs)} | {gain:+.3f} | "
-            f"{sum(map(old_rule_refuses, runs))} | {sum(sign_test_refuses(r, 0.05) for r in runs)} |"
+            f"{sum(map(old_rule_refuses, runs))} | {sum(sign_test_refuses(r, CHOSEN) for r in runs)} |"
         )
-    wrong = [r for r in records if r["test_tuned"] < r["test_bare"] and not sign_test_refuses(r, 0.05)]
+    wrong = [r for r in records if r["test_tuned"] < r["test_bare"] and not sign_test_refuses(r, CHOSEN)]
     for r in wrong:
         print(
-            f"published though worse on test: {r['task']} {r['size']} seed {r['seed']}: hold-out "
+            f"published at p < {CHOSEN:.2f} though worse on test: {r['task']} {r['size']} seed {r['seed']} "
+            f"lr {r.get('learning_rate', 0.01):g}: hold-out "
             f"{r['holdout_tuned']:.3f} / {r['holdout_bare']:.3f}, "
             f"test {r['test_tuned']:.3f} / {r['test_bare']:.3f}"
         )
