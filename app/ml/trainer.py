@@ -215,28 +215,27 @@ def evaluate(
         if labels:
             predicted = _label_pass(backbone, prompt, validation, template, labels, batch_size)[1]
     metrics = {"val_loss": losses.per_token(), "val_accuracy": None}
-    rows: list[float] | None = losses.per_row() if rows_by is EvalMetric.LOSS else None
+    truth = [ex.output for ex in validation]
+    outputs: list[str] = []
     if labels:
-        truth = [ex.output for ex in validation]
         report = classification_report(truth, predicted, labels)
         metrics.update(
             val_accuracy=report["accuracy"],
             val_macro_f1=report["macro_f1"],
             val_per_label=report["per_label"],
         )
-        if rows is None and rows_by is not None:
-            rows = [float(p == t) for p, t in zip(predicted, truth, strict=True)]
     elif decode_tokens:
         outputs = _decode(backbone, prompt, validation, template, decode_tokens)
-        references = [[ex.output] for ex in validation]
-        report = generation_report(outputs, references)
+        report = generation_report(outputs, [[t] for t in truth])
         metrics.update({tuned_key(m): report[m.value] for m in DECODED_METRICS})
-        if rows is None and rows_by is not None:
-            rows = [
-                sentence_score(o, refs, rows_by.value) for o, refs in zip(outputs, references, strict=True)
-            ]
-    if rows is not None:
-        metrics[ROWS_KEY] = rows
+    if rows_by is EvalMetric.LOSS:
+        metrics[ROWS_KEY] = losses.per_row()
+    elif rows_by is not None and labels:
+        metrics[ROWS_KEY] = [float(p == t) for p, t in zip(predicted, truth, strict=True)]
+    elif rows_by is not None and outputs:
+        metrics[ROWS_KEY] = [
+            sentence_score(o, [t], rows_by.value) for o, t in zip(outputs, truth, strict=True)
+        ]
     return metrics
 
 
