@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = 512
     max_batch_inputs: int = 64
     max_steps: int = 100_000
+    # The work one run may ask a worker for, counted before it is accepted. A job: steps x batch size x
+    # the tokens of one of its examples (its dataset's mean input and output tokens, plus the virtual
+    # tokens). An evaluation: rows x models x the new tokens each row may decode (generation) or the labels
+    # each row ranks (classification). docs/operations.md, "Fair turns on the workers", sizes them.
+    max_job_train_tokens: int = 20_000_000
+    max_evaluation_work: int = 5_000_000
     max_virtual_tokens: int = 200
     max_template_chars: int = 10_000  # a job's or an imported version's template
     # The bytes an imported adapter zip may inflate to, counted as they are inflated (the sizes a zip's
@@ -84,6 +90,9 @@ class Settings(BaseSettings):
     job_max_attempts: int = 3
     job_resend_after_s: float = 600.0
     reaper_interval_s: float = 15.0
+    # A run that has had its worker this long gives it up at its next step or batch when another tenant's
+    # run is waiting: it goes back to the queue with its state saved (app/services/turns.py). 0: never.
+    run_time_slice_s: float = 600.0
     # SIGTERM to the API: it stops accepting connections, lets requests in flight finish for up to this
     # long, then closes the rest and exits. Event streams end at once with a "shutdown" event.
     shutdown_timeout_s: float = 30.0

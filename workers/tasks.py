@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from celery import signals
 from celery.exceptions import Reject
 from prometheus_client import start_http_server
@@ -11,7 +13,7 @@ from app.config import get_settings
 from app.db.models import Evaluation, TuningJob
 from app.db.session import session_scope
 from app.errors import UnsupportedBackbone
-from app.services import worker_metrics
+from app.services import leases, turns, worker_metrics
 from app.services.evaluating import refuse_evaluation, run_evaluation
 from app.services.queue import EVALUATE_TASK, TRAIN_TASK
 from app.services.training import HANDBACK, RunOutcome, refuse_job, run_job
@@ -50,10 +52,27 @@ def run_tuning_job(job_id: int) -> RunOutcome:
     job_token = logs.job_id.set(job_id)
     task_token = logs.task.set(None)
     try:
-        return _train(job_id)
+        return _take_turns(job_id, kind=leases.JOBS, run=_train)
     finally:
         logs.job_id.reset(job_token)
         logs.task.reset(task_token)
+
+
+# A message whose chosen run another worker claimed first chooses again, this many times in all.
+CHOICES = 3
+
+
+def _take_turns(preferred: int, *, kind: leases.Leased, run: Callable[[int], RunOutcome]) -> RunOutcome:
+    """Runs the queued row whose tenant is owed a turn (app/services/turns.py), which may not be the
+    message's own; the message's row is then run by another message, or sent again by the reaper."""
+    db_url = get_settings().registry_url
+    outcome = RunOutcome.SKIPPED
+    for _ in range(CHOICES):
+        chosen = turns.next_run(db_url=db_url, kind=kind, preferred=preferred)
+        outcome = run(chosen)
+        if outcome != RunOutcome.SKIPPED or chosen == preferred:
+            return outcome
+    return outcome
 
 
 def _train(job_id: int) -> RunOutcome:
@@ -64,6 +83,7 @@ def _train(job_id: int) -> RunOutcome:
         logs.task.set(job.task if job else None)
     if base_model is None:
         return RunOutcome.MISSING
+    logs.job_id.set(job_id)  # the row chosen, which may not be the message's
     try:
         backbone = get_backbone(base_model)
     except UnsupportedBackbone as error:  # no worker can run it: the job says why instead of waiting
@@ -75,6 +95,7 @@ def _train(job_id: int) -> RunOutcome:
             backbone=backbone,
             checkpoint_every=settings.checkpoint_every_steps,
             lease_s=settings.job_lease_s,
+            time_slice_s=settings.run_time_slice_s,
         )
     worker_metrics.JOBS.labels(outcome).inc()
     return outcome
@@ -84,6 +105,12 @@ def _train(job_id: int) -> RunOutcome:
 def run_evaluation_task(evaluation_id: int) -> RunOutcome:
     if HANDBACK.is_set():
         raise Reject("worker shutting down", requeue=True)
+    outcome = _take_turns(evaluation_id, kind=leases.EVALUATIONS, run=_evaluate)
+    worker_metrics.EVALUATIONS.labels(outcome).inc()
+    return outcome
+
+
+def _evaluate(evaluation_id: int) -> RunOutcome:
     settings = get_settings()
     with session_scope(settings.registry_url) as session:
         evaluation = session.get(Evaluation, evaluation_id)
@@ -100,4 +127,5 @@ def run_evaluation_task(evaluation_id: int) -> RunOutcome:
         backbone=backbone,
         lease_s=settings.job_lease_s,
         chunk_rows=settings.evaluation_batch_rows,
+        time_slice_s=settings.run_time_slice_s,
     )

@@ -264,6 +264,9 @@ class Evaluation(WorkerRun, Base):
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Per-example predictions as JSON lines, one per dataset row, written with the results.
     predictions: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    # The answers of the rows already scored, as JSON (one list per model, in order), saved when the run
+    # yields its worker or the worker shuts down, so that the next attempt goes on from there.
+    partial_answers: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
 
     models: Mapped[list[EvaluationModel]] = relationship(
         back_populates="evaluation", order_by="EvaluationModel.position", cascade="all, delete-orphan"

@@ -1,8 +1,10 @@
 """Running one evaluation on a worker: claim it, score every model on the dataset through the engine's
 batched decoding (or rank classification), and write every result in one transaction.
 
-Nothing is written until the end, so a run that dies, is handed back or loses its lease leaves no partial
-counts: the next attempt starts again from the first row."""
+No result is written until the end, so a run that dies or loses its lease leaves no partial counts. A run
+that gives its worker up (the worker shuts down, or its time slice ended with another tenant's run
+waiting) saves the answers of the rows already scored, and the next attempt goes on from there; a run
+whose worker died starts from those saved answers, or from the first row."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from app.services import leases
 from app.services.dataset_parsing import Record, decode_records, outputs_of
 from app.services.serving import decode_version
 from app.services.training import HANDBACK, RunOutcome, retrying, worker_name
+from app.services.turns import TimeSlice
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +53,12 @@ class _Model:
 
 @dataclass
 class _Inputs:
+    tenant_id: int
     kind: str
     max_new_tokens: int
     records: list[Record]
     models: list[_Model]
+    answers: list[list]  # saved by an earlier attempt: per model, the answers of its first rows
 
 
 def run_evaluation(
@@ -63,8 +68,10 @@ def run_evaluation(
     backbone: Backbone,
     lease_s: float = 60.0,
     chunk_rows: int = CHUNK_ROWS,
+    time_slice_s: float = 0.0,
 ) -> RunOutcome:
-    """Runs the evaluation if this call wins the claim; returns how the run ended."""
+    """Runs the evaluation if this call wins the claim; returns how the run ended. After ``time_slice_s``
+    (0: never) it yields its worker to another tenant's waiting run (app/services/turns.py)."""
     worker = worker_name()
     kind = leases.EVALUATIONS
     if not leases.claim(db_url=db_url, job_id=evaluation_id, worker=worker, lease_s=lease_s, kind=kind):
@@ -76,10 +83,11 @@ def run_evaluation(
     with heartbeat:
         try:
             inputs = retrying(lambda: _load(db_url, evaluation_id, backbone))
-            watch = _Watch(db_url=db_url, evaluation_id=evaluation_id, lost=heartbeat.lost)
-            outputs = _predict(backbone, inputs, watch=watch, chunk_rows=chunk_rows)
-            if outputs is None:
-                return retrying(owner.stopped)
+            turn = TimeSlice(db_url=db_url, tenant_id=inputs.tenant_id, seconds=time_slice_s)
+            watch = _Watch(db_url=db_url, evaluation_id=evaluation_id, lost=heartbeat.lost, turn=turn)
+            outputs, finished = _predict(backbone, inputs, watch=watch, chunk_rows=chunk_rows)
+            if not finished:
+                return retrying(lambda: owner.stopped(outputs, yielded=turn.yielded))
             results, lines = _score(inputs, outputs)
             return retrying(lambda: owner.succeed(results, lines))
         except DomainError as error:
@@ -108,11 +116,14 @@ def _load(db_url: str, evaluation_id: int, backbone: Backbone) -> _Inputs:
         if dataset is None:
             raise DomainError("The evaluation's dataset was deleted.", code="dataset_missing")
         models = [_model(session, m, evaluation, dataset, backbone) for m in evaluation.models]
+        saved = evaluation.partial_answers
         return _Inputs(
+            tenant_id=evaluation.tenant_id,
             kind=evaluation.kind,
             max_new_tokens=evaluation.max_new_tokens,
             records=decode_records(dataset.records),
             models=models,
+            answers=json.loads(saved) if saved else [],
         )
 
 
@@ -129,22 +140,26 @@ def _model(session, entry, evaluation: Evaluation, dataset: Dataset, backbone: B
     return _Model(entry.reference, prompt, version.template, version.labels)
 
 
-def _predict(backbone: Backbone, inputs: _Inputs, *, watch: _Watch, chunk_rows: int) -> list[list] | None:
-    """Each model's output for every row (a label, or a generated text), or None if the run must stop."""
-    outputs: list[list] = []
-    total = len(inputs.records) * len(inputs.models)
-    watch.progress(0, total)  # an attempt after a lost one starts again from the first row, and says so
-    for model in inputs.models:
-        answers: list = []
-        for start in range(0, len(inputs.records), chunk_rows):
+def _predict(
+    backbone: Backbone, inputs: _Inputs, *, watch: _Watch, chunk_rows: int
+) -> tuple[list[list], bool]:
+    """Each model's output for every row (a label, or a generated text), going on from the answers an
+    earlier attempt saved, and True; or the answers so far and False if the run must stop."""
+    rows, total = len(inputs.records), len(inputs.records) * len(inputs.models)
+    outputs: list[list] = [list(saved) for saved in inputs.answers]
+    watch.progress(sum(map(len, outputs)), total)  # an attempt after a lost one says where it starts
+    for index, model in enumerate(inputs.models):
+        if index == len(outputs):
+            outputs.append([])
+        answers = outputs[index]
+        for start in range(len(answers), rows, chunk_rows):
             if watch.should_stop():
-                return None
+                return outputs, False
             chunk = inputs.records[start : start + chunk_rows]
             texts = [render(model.template, source) for source, _ in chunk]
             answers += _answer(backbone, model, texts, inputs, first_row=start)
-            watch.progress(len(outputs) * len(inputs.records) + len(answers), total)
-        outputs.append(answers)
-    return outputs
+            watch.progress(index * rows + len(answers), total)
+    return outputs, True
 
 
 def _answer(backbone: Backbone, model: _Model, texts: list[str], inputs: _Inputs, *, first_row: int) -> list:
@@ -203,8 +218,8 @@ def _score(inputs: _Inputs, outputs: list[list]) -> tuple[list[dict], bytes]:
 class _Watch:
     """Throttled progress writes and cancel checks; while the database is unreachable the run goes on."""
 
-    def __init__(self, *, db_url: str, evaluation_id: int, lost: threading.Event):
-        self.db_url, self.evaluation_id, self.lost = db_url, evaluation_id, lost
+    def __init__(self, *, db_url: str, evaluation_id: int, lost: threading.Event, turn: TimeSlice):
+        self.db_url, self.evaluation_id, self.lost, self.turn = db_url, evaluation_id, lost, turn
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False
@@ -217,7 +232,7 @@ class _Watch:
         self._write(lambda row: setattr(row, "progress", {"done": done, "total": total}))
 
     def should_stop(self) -> bool:
-        if self.lost.is_set() or HANDBACK.is_set():
+        if self.lost.is_set() or HANDBACK.is_set() or self.turn.spent():
             return True
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= PROGRESS_INTERVAL_S:
@@ -256,25 +271,28 @@ class _Owner:
             for model, metrics in zip(row.models, results, strict=True):
                 model.metrics = metrics
             row.predictions, row.status, row.finished_at = predictions, JobStatus.SUCCEEDED, utcnow()
+            row.partial_answers = None
             row.progress = {**row.progress, "done": row.progress.get("total", 0)}
             return RunOutcome.SUCCEEDED
 
-    def stopped(self) -> RunOutcome:
-        """Cancelled by its owner, or handed back to the queue because this worker is shutting down (it
-        starts again from the first row; the reaper sends it at its next pass)."""
+    def stopped(self, answers: list[list], *, yielded: bool) -> RunOutcome:
+        """Cancelled by its owner, or back to the queue with the answers so far (not counted as an
+        attempt) because this worker is shutting down or the run ``yielded`` its turn; the reaper sends it
+        at its next pass."""
         with session_scope(self.db_url) as session:
             row = self.row(session)
             if row is None:
                 return RunOutcome.LOST
-            if HANDBACK.is_set() and not row.cancel_requested:
+            if (HANDBACK.is_set() or yielded) and not row.cancel_requested:
                 row.status, row.worker, row.attempts = JobStatus.QUEUED, None, row.attempts - 1
                 row.lease_expires_at = utcnow()
-                return RunOutcome.HANDED_BACK
+                row.partial_answers = json.dumps(answers).encode()
+                return RunOutcome.HANDED_BACK if HANDBACK.is_set() else RunOutcome.YIELDED
             return self._cancelled(row)
 
     @staticmethod
     def _cancelled(row: Evaluation) -> RunOutcome:
-        row.status, row.finished_at = JobStatus.CANCELLED, utcnow()
+        row.status, row.finished_at, row.partial_answers = JobStatus.CANCELLED, utcnow(), None
         return RunOutcome.CANCELLED
 
     def fail(self, *, code: str, message: str) -> RunOutcome:
@@ -282,6 +300,6 @@ class _Owner:
             row = self.row(session)
             if row is None:
                 return RunOutcome.LOST
-            row.status, row.finished_at = JobStatus.FAILED, utcnow()
+            row.status, row.finished_at, row.partial_answers = JobStatus.FAILED, utcnow(), None
             row.error_code, row.error_message = code, message
             return RunOutcome.FAILED

@@ -95,6 +95,8 @@ def create_evaluation(
         if version is not None:
             _check_fits(session, dataset, version, param=f"models[{index}]")
     template = _template(request, versions, settings=settings)
+    max_new_tokens = _max_new_tokens(request, settings)
+    _check_work(dataset, versions, max_new_tokens=max_new_tokens, settings=settings)
     named = [v for v in versions if v is not None]
     base_model = named[0].base_model if named else settings.default_backbone
     quotas.check_active_jobs(session, caller=caller, table=Evaluation)
@@ -104,7 +106,7 @@ def create_evaluation(
         kind=dataset.kind,
         base_model=base_model,
         template=template,
-        max_new_tokens=_max_new_tokens(request, settings),
+        max_new_tokens=max_new_tokens,
         progress={"done": 0, "total": dataset.num_examples * len(versions)},
         idempotency_key=idempotency_key or None,
         request_sha256=request.fingerprint(),
@@ -120,6 +122,28 @@ def create_evaluation(
         ],
     )
     return idempotency.insert(session, evaluation)
+
+
+def _check_work(
+    dataset: Dataset, versions: list[PromptVersion | None], *, max_new_tokens: int, settings: Settings
+) -> None:
+    """An evaluation's work, counted before it is accepted: rows x models x the new tokens each row may
+    decode (generation) or the labels each row ranks (classification)."""
+    per_row, unit = max_new_tokens, "new tokens"
+    if dataset.kind == "classification":
+        per_row, unit = (
+            max(len(v.labels or []) if v else len(dataset.labels or []) for v in versions),
+            "labels",
+        )
+    work = dataset.num_examples * len(versions) * per_row
+    if work > settings.max_evaluation_work:
+        raise InvalidRequest(
+            f"This evaluation is {work:,} units of work ({dataset.num_examples} rows x {len(versions)} "
+            f"models x {per_row} {unit}); one evaluation may do at most {settings.max_evaluation_work:,} "
+            "(SOFTPROMPT_MAX_EVALUATION_WORK). Score a sample, fewer models or fewer new tokens.",
+            param="max_new_tokens" if unit == "new tokens" else "dataset",
+            code="too_much_work",
+        )
 
 
 def _versions(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -145,6 +146,7 @@ def _validated_fields(
         method=request.method,
         classification=training.kind == "classification",
     )
+    _check_work(training, hyperparameters, virtual_tokens=virtual_tokens, settings=settings)
     return {
         "task": request.task,
         "training_dataset_id": training.id,
@@ -157,6 +159,34 @@ def _validated_fields(
         "hyperparameters": hyperparameters.stored(),
         "progress": {"step": 0, "total_steps": hyperparameters.steps, "eta_seconds": None},
     }
+
+
+def _check_work(
+    dataset: Dataset, hyperparameters: Hyperparameters, *, virtual_tokens: int, settings: Settings
+) -> None:
+    """A job's work, counted before it is accepted: steps x batch size x the tokens of one example."""
+    per_example = example_tokens(dataset) + virtual_tokens
+    work = hyperparameters.steps * hyperparameters.batch_size * per_example
+    if work > settings.max_job_train_tokens:
+        raise InvalidRequest(
+            f"This job would train on about {work:,} tokens ({hyperparameters.steps} steps x batch size "
+            f"{hyperparameters.batch_size} x {per_example} tokens per example, with the virtual tokens); "
+            f"a job may train on at most {settings.max_job_train_tokens:,} "
+            "(SOFTPROMPT_MAX_JOB_TRAIN_TOKENS). Use fewer steps or a smaller batch.",
+            param="hyperparameters.steps",
+            code="too_much_work",
+        )
+
+
+def example_tokens(dataset: Dataset) -> int:
+    """The mean tokens of one example (input and output), from the statistics stored with the dataset;
+    their mean characters where it has no token statistics (a token is at least one character)."""
+    stats = dataset.stats or {}
+    total = 0.0
+    for side in ("input", "output"):
+        counted = stats.get(f"{side}_tokens") or stats.get(f"{side}_chars") or {}
+        total += float(counted.get("mean", 0.0))
+    return max(1, math.ceil(total))
 
 
 def _check_trainable(dataset: Dataset, *, param: str) -> None:

@@ -34,6 +34,7 @@ from app.services import jobs as jobs_service
 from app.services.datasets import get_dataset, load_records
 from app.services.hyperparameters import Hyperparameters
 from app.services.prompts import publish_version
+from app.services.turns import TimeSlice
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +53,7 @@ class RunOutcome(StrEnum):
     SKIPPED = "skipped"  # not queued when it arrived: a duplicate delivery, or cancelled before it started
     LOST = "lost"  # its lease went to another worker mid-run; this run wrote nothing
     HANDED_BACK = "handed_back"  # the worker shut down mid-run: queued again, its state saved
+    YIELDED = "yielded"  # its time slice ended with another tenant's run waiting: queued again, state saved
     MISSING = "missing"  # no such job (deleted with its tenant)
 
 
@@ -65,13 +67,20 @@ class JobInputs:
 
 
 def run_job(
-    *, db_url: str, job_id: int, backbone: Backbone, checkpoint_every: int = 0, lease_s: float = 60.0
+    *,
+    db_url: str,
+    job_id: int,
+    backbone: Backbone,
+    checkpoint_every: int = 0,
+    lease_s: float = 60.0,
+    time_slice_s: float = 0.0,
 ) -> RunOutcome:
     """Runs the job if this call wins the claim. Returns how the run ended (RunOutcome).
 
     The run's state is saved in the registry every ``checkpoint_every`` steps (0: only at a hand-back),
     and a job that finds a checkpoint of its own continues from it (a job handed back, or queued again
-    after its worker died); the checkpoint goes once the job ends."""
+    after its worker died); the checkpoint goes once the job ends. After ``time_slice_s`` (0: never) the
+    job yields its worker to another tenant's waiting run (app/services/turns.py)."""
     worker = worker_name()
     if not leases.claim(db_url=db_url, job_id=job_id, worker=worker, lease_s=lease_s):
         log.info("job %s not claimed: it is not queued (duplicate delivery or cancelled)", job_id)
@@ -84,6 +93,7 @@ def run_job(
             # Claimed, so no other worker will take it: wait out a database that is briefly away rather
             # than fail a job that has not started.
             inputs, job = retrying(lambda: _load_inputs(db_url=db_url, job_id=job_id))
+            turn = TimeSlice(db_url=db_url, tenant_id=job.tenant_id, seconds=time_slice_s)
             status = _train_and_publish(
                 owner=owner,
                 job=job,
@@ -91,6 +101,7 @@ def run_job(
                 backbone=backbone,
                 checkpoint_every=checkpoint_every,
                 lost=heartbeat.lost,
+                turn=turn,
             )
         except DomainError as error:
             status = owner.fail(code=error.code, message=error.message)
@@ -177,6 +188,7 @@ def _train_and_publish(
     backbone: Backbone,
     checkpoint_every: int,
     lost: threading.Event,
+    turn: TimeSlice,
 ) -> RunOutcome:
     hp = Hyperparameters.model_validate(job.hyperparameters)
     start = init_prefix if job.method == Method.PREFIX else init_prompt
@@ -202,7 +214,7 @@ def _train_and_publish(
         labels=inputs.labels,
         config=config,
         on_progress=reporter.progress,
-        should_stop=lambda: lost.is_set() or HANDBACK.is_set() or reporter.cancel_requested(),
+        should_stop=lambda: lost.is_set() or HANDBACK.is_set() or reporter.cancel_requested() or turn.spent(),
         resume=inputs.resume,
         on_checkpoint=lambda state: checkpoints.save_if_held(
             db_url=db_url, job_id=job.id, worker=owner.worker, checkpoint=state
@@ -210,11 +222,21 @@ def _train_and_publish(
     )
     # Checked before the transaction that publishes: it runs the backbone.
     fault = None if result.stopped else prompt_fault(backbone, result.prompt)
-    return retrying(lambda: _record_outcome(owner, result, inputs=inputs, backbone=backbone, fault=fault))
+    return retrying(
+        lambda: _record_outcome(
+            owner, result, inputs=inputs, backbone=backbone, fault=fault, yielded=turn.yielded
+        )
+    )
 
 
 def _record_outcome(
-    owner: _Owner, result: TrainResult, *, inputs: JobInputs, backbone: Backbone, fault: str | None
+    owner: _Owner,
+    result: TrainResult,
+    *,
+    inputs: JobInputs,
+    backbone: Backbone,
+    fault: str | None,
+    yielded: bool = False,
 ) -> RunOutcome:
     """One transaction: the version and the job's end, or the hand-back, or nothing if the job is lost."""
     metrics = result.metrics
@@ -223,8 +245,8 @@ def _record_outcome(
         if row is None:
             log.warning("job %s: the lease went to another worker; this run writes nothing", owner.job_id)
             return RunOutcome.LOST
-        if result.stopped and HANDBACK.is_set() and not row.cancel_requested:
-            return _hand_back(session, row, result.state)
+        if result.stopped and (HANDBACK.is_set() or yielded) and not row.cancel_requested:
+            return _hand_back(session, row, result.state, yielded=yielded and not HANDBACK.is_set())
         checkpoints.discard(session, job_id=row.id)  # the job ends here, one way or the other
         if result.stopped or row.cancel_requested:
             row.status, row.finished_at = JobStatus.CANCELLED, utcnow()
@@ -298,20 +320,24 @@ def retrying(write: Callable[[], T]) -> T:
             delay = min(2 * delay, 10.0)
 
 
-def _hand_back(session, row: TuningJob, state: Checkpoint) -> RunOutcome:
-    """Back to the queue with its state saved, not counted as an attempt. The reaper sends it again at its
-    next pass: a worker that is shutting down does not talk to the broker."""
+def _hand_back(session, row: TuningJob, state: Checkpoint, *, yielded: bool) -> RunOutcome:
+    """Back to the queue with its state saved, not counted as an attempt: the worker is shutting down, or
+    the job's time slice ended with another tenant's run waiting (``yielded``). The reaper sends it again
+    at its next pass: a worker that is shutting down does not talk to the broker."""
     checkpoints.save(session, job_id=row.id, checkpoint=state)
     row.status, row.worker, row.attempts = JobStatus.QUEUED, None, row.attempts - 1
     row.lease_expires_at = utcnow()
+    why = (
+        "Its time slice ended with another tenant's run waiting" if yielded else "The worker is shutting down"
+    )
     jobs_service.add_event(
         session,
         job=row,
         type="status",
-        message=f"The worker is shutting down; the job goes back to the queue after step {state.step}.",
-        data={"status": JobStatus.QUEUED, "step": state.step},
+        message=f"{why}; the job goes back to the queue after step {state.step}.",
+        data={"status": JobStatus.QUEUED, "step": state.step, "yielded": yielded},
     )
-    return RunOutcome.HANDED_BACK
+    return RunOutcome.YIELDED if yielded else RunOutcome.HANDED_BACK
 
 
 @dataclass

@@ -8,7 +8,13 @@ from prometheus_client import Counter, Histogram
 JOBS = Counter(
     "softprompt_worker_jobs",
     "Job runs this worker ended, by outcome: succeeded, failed, cancelled, lost (taken over after a "
-    "lapsed lease), handed_back (the worker stopped), skipped (not queued when it arrived).",
+    "lapsed lease), handed_back (the worker stopped), yielded (its time slice ended with another tenant's "
+    "run waiting), skipped (not queued when it arrived).",
+    ["outcome"],
+)
+EVALUATIONS = Counter(
+    "softprompt_worker_evaluations",
+    "Evaluation runs this worker ended, by outcome (the job outcomes' names).",
     ["outcome"],
 )
 STEP_SECONDS = Histogram(
