@@ -133,12 +133,15 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """Run the HTTP API (loads the backbone once at start-up)."""
     import uvicorn
 
+    from app.api.slow_headers import bounded
+
     _logging()
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=host,
         port=port,
+        http=bounded(get_settings().header_timeout_s),
         log_level="info",
         log_config=None,  # uvicorn's own lines go to the root logger: JSON like everything else
         access_log=False,  # app/api/request_id.py logs each request, with its id

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # would hold a connection and a parser's buffer for as long as it liked).
     body_idle_timeout_s: float = 30.0
     body_deadline_s: float = 600.0
+    # A request's line and headers must all arrive within this long of their first byte (or of the
+    # connection opening), or the connection is closed (app/api/slow_headers.py).
+    header_timeout_s: float = Field(default=10.0, gt=0)
     max_examples: int = 200_000
     min_examples: int = 2
     max_references: int = 64  # reference outputs per input of an evaluation dataset
