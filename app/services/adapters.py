@@ -82,11 +82,6 @@ def import_version(
             param="file",
             code="invalid_adapter",
         )
-    fault = prompt_fault(adapter.prompt)
-    if fault is not None:
-        raise InvalidRequest(
-            f"Not a usable PEFT adapter: {PROMPT_KEY} {fault}.", param="file", code="invalid_adapter"
-        )
     template = template if template is not None else adapter.about.get("template")
     if not isinstance(template, str):
         raise InvalidRequest(
@@ -98,6 +93,13 @@ def import_version(
     if labels is not None:
         check_labels(
             labels, limits=LabelLimits.of(settings), count_tokens=_token_counter(backbone), param="labels"
+        )
+    # Last: it runs the backbone on the engine's thread (about 0.4 s on 2 cores), so an import refused for
+    # its template or labels costs no one else anything.
+    fault = prompt_fault(adapter.prompt)
+    if fault is not None:
+        raise InvalidRequest(
+            f"Not a usable PEFT adapter: {PROMPT_KEY} {fault}.", param="file", code="invalid_adapter"
         )
     return prompts.add_version(
         session,
