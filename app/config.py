@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     # pauses every running row. As many as one input may hold, so grouping short inputs never makes a
     # pause longer than one long input makes anyway (about 2 s on 2 cores).
     engine_prefill_tokens: int = 1024
+    # A prefill longer than this many tokens runs a chunk of this size at a time (0: in one piece); after
+    # each chunk the running rows' steps and other tenants' short admissions get as much engine time as
+    # the chunk took. Chosen by measurement (docs/benchmarks.md, "Chunked prefill"): about 0.5 s of the
+    # default backbone on 2 cores.
+    engine_prefill_chunk_tokens: int = Field(default=128, ge=0)
     # The running rows' positions (virtual tokens, input, and the new tokens each may still make) bound the
     # keys and values held in memory: 6,144 positions are about 280 MB on the default backbone. A quarter
     # is kept for tenants with no row running, so one tenant's long rows never shut another out.

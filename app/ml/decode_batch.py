@@ -81,16 +81,62 @@ def _cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynamic
     return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True)))
 
 
-def prefill(
+@dataclass
+class Prefill:
+    """New rows' inputs being run on top of their prompts' shared keys and values, all at once or a few
+    columns at a time (chunked prefill: a long input's prefill, cut into pieces that take turns with the
+    running rows' decoder steps). A chunk's queries see the cache built so far plus themselves, so the keys,
+    values and logits are those of one prefill of the whole input."""
+
+    sequences: list[Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # [B, K + N] long: 1 for prompt and input entries, 0 for padding
+    positions: torch.Tensor  # [B, N] long: position id of each input column
+    ids: torch.Tensor  # [B, N] long: the inputs, left-padded
+    prompt_columns: int  # K: the longest prompt's entries, the cache's first columns
+    done: int = 0  # input columns run so far
+
+    @property
+    def columns(self) -> int:
+        return self.ids.shape[1]
+
+    def run(self, backbone: Backbone, columns: int | None = None) -> torch.Tensor | None:
+        """Run the next ``columns`` input columns (None: all that are left). Returns the logits for each
+        row's first new token ([B, V] float32) once the last column has run, else None."""
+        model, k = backbone.model, self.prompt_columns
+        start = self.done
+        end = self.columns if columns is None else min(self.columns, start + columns)
+        # Query i (cache column k + start + i) sees the real entries up to itself.
+        causal = torch.ones(end - start, k + end, dtype=torch.bool, device=self.mask.device).tril(k + start)
+        allowed = self.mask[:, : k + end].bool()[:, None, None] & causal  # [B, 1, q, K + end]
+        hidden = model.get_decoder()(
+            inputs_embeds=model.get_input_embeddings()(self.ids[:, start:end]),  # [B, q, d]
+            attention_mask=additive_mask(allowed, backbone.dtype),
+            position_ids=self.positions[:, start:end],
+            cache=self.cache,
+            use_cache=True,
+        ).last_hidden_state  # [B, q, d]
+        self.done = end
+        return backbone.logits(hidden[:, -1]) if end == self.columns else None  # [B, V]
+
+    def batch(self) -> DecodeBatch:
+        """The rows, ready to decode, once every column has run."""
+        return DecodeBatch(
+            sequences=list(self.sequences),
+            cache=self.cache,
+            attention_mask=self.mask,
+            next_positions=self.positions[:, -1] + 1,
+            next_tokens=torch.zeros(len(self.sequences), dtype=torch.long, device=self.mask.device),
+        )
+
+
+def start_prefill(
     backbone: Backbone,
     sequences: list[Row],
     prompt_kv: Callable[[GenerationRequest], PromptKV | None],
-) -> tuple[DecodeBatch, torch.Tensor]:
-    """Run the new rows' inputs on top of their prompts' shared keys and values.
-
-    Returns the batch, ready to decode, and the logits for each row's first new token ([B, V] float32).
-    """
-    device, dtype, model = backbone.device, backbone.dtype, backbone.model
+) -> Prefill:
+    """The new rows laid out on top of their prompts' keys and values, no input column run yet."""
+    device, dtype = backbone.device, backbone.dtype
     kvs = [prompt_kv(seq.request) for seq in sequences]
     contexts = [seq.request.context for seq in sequences]
     batch_size = len(sequences)
@@ -116,25 +162,23 @@ def prefill(
         ids[row, n_max - n :] = torch.tensor(context, dtype=torch.long, device=device)
     if k_max:
         cache = _cache_from(list(prefix_keys.unbind(0)), list(prefix_values.unbind(0)))
-
-    # Query i (cache column k_max + i) sees the real entries up to itself.
-    causal = torch.ones(n_max, k_max + n_max, dtype=torch.bool, device=device).tril(k_max)  # [N, K + N]
-    hidden = model.get_decoder()(
-        inputs_embeds=model.get_input_embeddings()(ids),  # [B, N, d]; padding rows are masked out
-        attention_mask=additive_mask(mask.bool()[:, None, None] & causal, dtype),  # [B, 1, N, K + N]
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-    ).last_hidden_state  # [B, N, d]
-    logits = backbone.logits(hidden[:, -1])  # [B, V]
-    batch = DecodeBatch(
-        sequences=list(sequences),
-        cache=cache,
-        attention_mask=mask,
-        next_positions=positions[:, -1] + 1,
-        next_tokens=torch.zeros(batch_size, dtype=torch.long, device=device),
+    return Prefill(
+        sequences=list(sequences), cache=cache, mask=mask, positions=positions, ids=ids, prompt_columns=k_max
     )
-    return batch, logits
+
+
+def prefill(
+    backbone: Backbone,
+    sequences: list[Row],
+    prompt_kv: Callable[[GenerationRequest], PromptKV | None],
+) -> tuple[DecodeBatch, torch.Tensor]:
+    """Run the new rows' inputs on top of their prompts' shared keys and values, in one piece.
+
+    Returns the batch, ready to decode, and the logits for each row's first new token ([B, V] float32).
+    """
+    pending = start_prefill(backbone, sequences, prompt_kv)
+    logits = pending.run(backbone)
+    return pending.batch(), logits
 
 
 def decode_step(backbone: Backbone, batch: DecodeBatch) -> torch.Tensor:

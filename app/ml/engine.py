@@ -7,9 +7,11 @@ Tenants share fairly: free places go round-robin to the tenants with waiting row
 only its share of the queue, so one tenant's flood neither delays another's rows nor fills the queue.
 
 No piece of work is larger than it must be, and large work takes turns with small. Newcomers are prefilled
-in groups of at most ``prefill_tokens`` tokens, and a tenant with no row running is admitted at once. The
-running rows' keys and values are bounded by ``max_batch_tokens`` positions, a quarter of them kept for
-tenants with no row running.
+in groups of at most ``prefill_tokens`` tokens, and a tenant with no row running is admitted at once. A
+group longer than ``prefill_chunk_tokens`` is prefilled a chunk at a time (chunked prefill), each chunk
+taking turns with a decoder step of the running rows or the admission of other newcomers no longer than a
+chunk: a long input no longer pauses everyone for its whole prefill. The running rows' keys and values
+are bounded by ``max_batch_tokens`` positions, a quarter of them kept for tenants with no row running.
 Calls (classification) run in chunks (app/ml/inference.py), one chunk per turn, the calls taking turns;
 the engine's time is shared evenly between calls and decoder steps: after a chunk, steps run until they
 have had as much time. So a small generation waits for at most the rest of one chunk, however large the
@@ -30,7 +32,7 @@ import torch
 
 from app.errors import Overloaded, PromptCorrupt, Unavailable
 from app.ml.backbone import Backbone
-from app.ml.decode_batch import DecodeBatch, decode_step, prefill
+from app.ml.decode_batch import DecodeBatch, Prefill, decode_step, start_prefill
 from app.ml.memory import release_freed_memory
 from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
 from app.ml.row import UNDECODABLE, GenerationRequest, Row, choose_tokens
@@ -70,9 +72,18 @@ class Scheduler:
         prefill_tokens: int | None = None,
         max_batch_tokens: int | None = None,
         observer: Observer | None = None,
+        prefill_chunk_tokens: int | None = None,
     ):
         self.backbone = backbone
         self.max_batch_rows = max_batch_rows
+        # A prefill runs at most this many tokens at a time (None or 0: a prefill is one piece), and a
+        # newcomer group that joins while a chunked prefill is under way is no longer than one chunk.
+        self.prefill_chunk_tokens = prefill_chunk_tokens or None
+        self.prefilling: Prefill | None = None  # a group part-way through its chunked prefill
+        # Seconds of engine time the other work is owed: a chunk adds its length, other steps take theirs.
+        # The next chunk waits while any is owed, so a long prefill and everything else share the engine
+        # evenly, and a short request waits for at most one chunk however long the prefill.
+        self._owed_to_others = 0.0
         self.prompt_kv_cache = prompt_kv_cache
         self.observer = observer
         # An admission's prefill runs at most this many input tokens (a longer row runs alone): it pauses
@@ -95,7 +106,7 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and self.running is None
+        return not self.waiting and self.running is None and self.prefilling is None
 
     def add(self, sequence: Row, listener: Listener) -> None:
         self._listeners[id(sequence)] = listener
@@ -108,21 +119,39 @@ class Scheduler:
         self.waiting[tenant].append(sequence)
 
     def step(self) -> None:
-        """Admit waiting rows (one prefill) if there is room, else advance the running rows by a token."""
+        """The prefilling group's next chunk, on its turn; else admit waiting rows (a prefill, or the first
+        chunk of one) if there is room; else advance the running rows by a token; else the next chunk."""
+        if self.prefilling is not None and self._owed_to_others <= 0:
+            self._chunk()
+            return
+        started = time.perf_counter()
         joining = self._joining()
         if joining:
             self._steps_since_admission = 0
             if self.observer is not None:
                 now = time.monotonic()
                 self.observer.admitted([now - s.queued_at for s in joining])
+            chunked_before = self.prefilling is not None
             self._guarded(joining, lambda: self._admit(joining))
+            if not chunked_before and self.prefilling is not None:  # a long group's first chunk
+                self._owed_to_others += time.perf_counter() - started
+                return
         elif self.running is not None:
             self._steps_since_admission += 1
             running = self.running
-            started = time.perf_counter()
             self._guarded(running.sequences, lambda: self._advance(running))
             if self.observer is not None:
                 self.observer.stepped(len(running), time.perf_counter() - started)
+        elif self.prefilling is not None:
+            self._owed_to_others = 0.0  # nothing else to do: nothing to owe
+            self._chunk()
+            return
+        self._owed_to_others = max(0.0, self._owed_to_others - (time.perf_counter() - started))
+
+    def _chunk(self) -> None:
+        started = time.perf_counter()
+        self._guarded(self.prefilling.sequences, self._continue_prefill)
+        self._owed_to_others += time.perf_counter() - started
 
     def _joining(self) -> list[Row]:
         """The rows this step admits, taken in the tenants' turn order while they fit: in the batch's rows,
@@ -134,6 +163,8 @@ class Scheduler:
         Such a tenant may also use the last quarter of ``max_batch_tokens``, which tenants with rows
         running may not: one tenant's long rows cannot fill the batch against another's first one."""
         rows = self.running.sequences if self.running is not None else []
+        if self.prefilling is not None:
+            rows = rows + self.prefilling.sequences
         busy = {s.request.tenant for s in rows}
         used = sum(batch_tokens(s.request) for s in rows)
         due = not rows or self._steps_since_admission >= self.admit_every_steps
@@ -168,6 +199,8 @@ class Scheduler:
             return False  # its next admission comes with the cadence
         if first:
             return True  # an empty engine takes its first row whatever its size
+        if self.prefilling is not None and prefilled + len(request.context) > self.prefill_chunk_tokens:
+            return False  # beside a chunked prefill, newcomers no longer than a chunk, in one piece
         budget = self.prefill_tokens
         if prefilled and budget is not None and prefilled + len(request.context) > budget:
             return False  # a prefill of its own, later (a row longer than the budget has one alone)
@@ -186,7 +219,28 @@ class Scheduler:
         return sequence
 
     def _admit(self, joining: list[Row]) -> None:
-        batch, logits = prefill(self.backbone, joining, self._prompt_kv)
+        pending = start_prefill(self.backbone, joining, self._prompt_kv)
+        columns = self._chunk_columns(len(joining))
+        if columns is None or pending.columns <= columns:
+            self._join(pending.batch(), pending.run(self.backbone))
+        else:
+            self.prefilling = pending
+            self._continue_prefill()
+
+    def _continue_prefill(self) -> None:
+        """The prefilling group's next chunk; the group joins the running rows after its last."""
+        pending, self.prefilling = self.prefilling, None  # a chunk that fails fails its rows alone
+        logits = pending.run(self.backbone, self._chunk_columns(len(pending.sequences)))
+        if logits is None:
+            self.prefilling = pending
+        else:
+            self._join(pending.batch(), logits)
+
+    def _chunk_columns(self, rows: int) -> int | None:
+        """Input columns per chunk for a group of ``rows`` rows: a chunk runs about prefill_chunk_tokens."""
+        return None if self.prefill_chunk_tokens is None else max(1, self.prefill_chunk_tokens // rows)
+
+    def _join(self, batch: DecodeBatch, logits: torch.Tensor) -> None:
         batch = self._take_tokens(batch, logits)
         if batch is not None:
             self.running = batch if self.running is None else DecodeBatch.concatenate(self.running, batch)
@@ -249,10 +303,19 @@ def batch_tokens(request: GenerationRequest) -> int:
 
 
 def generate_all(
-    backbone: Backbone, requests: list[GenerationRequest], *, max_batch_rows: int = 64
+    backbone: Backbone,
+    requests: list[GenerationRequest],
+    *,
+    max_batch_rows: int = 64,
+    prefill_chunk_tokens: int | None = None,
 ) -> list[Row]:
     """Run ``requests`` to completion in this thread, through the same scheduler the engine uses."""
-    scheduler = Scheduler(backbone, max_batch_rows=max_batch_rows, prompt_kv_cache=None)
+    scheduler = Scheduler(
+        backbone,
+        max_batch_rows=max_batch_rows,
+        prompt_kv_cache=None,
+        prefill_chunk_tokens=prefill_chunk_tokens,
+    )
     sequences = [Row(request=r) for r in requests]
     for sequence in sequences:
         scheduler.add(sequence, lambda *_: None)
@@ -326,6 +389,7 @@ class Engine:
         prefill_tokens: int | None = None,
         max_batch_tokens: int | None = None,
         observer: Observer | None = None,
+        prefill_chunk_tokens: int | None = None,
     ):
         self.backbone = backbone
         self.max_batch_rows = max_batch_rows
@@ -340,6 +404,7 @@ class Engine:
             prefill_tokens=prefill_tokens,
             max_batch_tokens=max_batch_tokens,
             observer=observer,
+            prefill_chunk_tokens=prefill_chunk_tokens,
         )
         self._cv = threading.Condition()
         self._incoming: deque[tuple[Row, Listener]] = deque()

@@ -99,6 +99,7 @@ class Serving:
                 max_tenant_rows=settings.engine_max_tenant_rows,
                 admit_every_steps=settings.engine_admit_every_steps,
                 prefill_tokens=settings.engine_prefill_tokens,
+                prefill_chunk_tokens=settings.engine_prefill_chunk_tokens,
                 max_batch_tokens=settings.engine_max_batch_tokens,
                 observer=observer,
                 prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.errors import Overloaded, PromptCorrupt
-from app.ml.engine import Abandoned, Engine, Scheduler, batch_tokens
+from app.ml.engine import Abandoned, Engine, Scheduler, batch_tokens, generate_all
 from app.ml.inference import classify, classify_steps, generate_reference, generation_requests
 from app.ml.prefix import init_prefix
 from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv
@@ -235,14 +235,14 @@ def test_a_failing_step_fails_its_rows_and_the_engine_keeps_serving(tiny_backbon
     bad = generation_requests(tiny_backbone, prompts=[random_prompt(3, 0)], texts=["fun"], max_new_tokens=3)
     from app.ml import engine as engine_module
 
-    real = engine_module.prefill
+    real = engine_module.start_prefill
 
     def exploding(backbone, sequences, prompt_kv):
         if any(s.request is bad[0] for s in sequences):
             raise RuntimeError("boom")
         return real(backbone, sequences, prompt_kv)
 
-    monkeypatch.setattr(engine_module, "prefill", exploding)
+    monkeypatch.setattr(engine_module, "start_prefill", exploding)
     collector = _Collector(1)
     engine.submit(bad, collector)
     assert collector.all_over.wait(30)
@@ -452,3 +452,63 @@ def test_the_batch_holds_at_most_its_token_budget_and_keeps_a_quarter_for_newcom
     scheduler.step()  # heavy's fourth row does not fit; light's first row fits in the quarter kept for it
     assert [s.request.tenant for s in scheduler.running.sequences] == ["heavy"] * 3 + ["light"]
     assert sum(batch_tokens(s.request) for s in scheduler.running.sequences) <= budget
+
+
+def _long_mixed_requests(backbone, count: int):
+    """Inputs several chunks long, of different lengths, for a prompt, a prefix and the bare backbone."""
+    prompts = [
+        [
+            random_prompt(3, seed=i),
+            init_prefix(backbone, num_virtual_tokens=4, strategy="random", seed=i),
+            None,
+        ][i % 3]
+        for i in range(count)
+    ]
+    texts = [" ".join(input_text(i + j) for j in range(3 + i % 4)) for i in range(count)]
+    return prompts, texts, generation_requests(backbone, prompts=prompts, texts=texts, max_new_tokens=6)
+
+
+def test_a_chunked_prefill_gives_the_unchunked_greedy_output_for_both_methods_in_one_batch(tiny_backbone):
+    prompts, texts, requests = _long_mixed_requests(tiny_backbone, 6)
+    chunk = 8
+    assert min(len(r.context) for r in requests) > 3 * chunk  # every input is several chunks long
+    whole = generate_all(tiny_backbone, requests)
+    chunked = generate_all(tiny_backbone, requests, prefill_chunk_tokens=chunk)
+    assert [r.result().token_ids for r in chunked] == [r.result().token_ids for r in whole]
+    for row, prompt, text in zip(chunked, prompts, texts, strict=True):
+        expected = generate_reference(tiny_backbone, prompt=prompt, text=text, max_new_tokens=6)
+        assert row.result().token_ids == expected
+
+
+def test_running_rows_and_short_newcomers_take_turns_with_the_chunks_of_a_long_prefill(tiny_backbone):
+    """While another tenant's long input is prefilled chunk by chunk, the running rows get a token after a
+    chunk and a short newcomer joins before the long prefill is over; every output stays exact."""
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, prefill_chunk_tokens=8)
+    short = generation_requests(
+        tiny_backbone, prompts=[None] * 2, texts=["fun", "a dull plot"], max_new_tokens=30
+    )
+    running, newcomer = (Row(request=dataclasses.replace(r, tenant="small")) for r in short)
+    long_text = "the story of a long film with a great cast " * 6
+    long_request = generation_requests(tiny_backbone, prompts=[None], texts=[long_text], max_new_tokens=4)[0]
+    long_row = Row(request=dataclasses.replace(long_request, tenant="large"))
+    scheduler.add(running, lambda *_: None)
+    scheduler.step()  # the small tenant's row runs
+    scheduler.add(long_row, lambda *_: None)
+    scheduler.step()  # the long row's first chunk
+    assert scheduler.prefilling is not None and len(long_row.request.context) > 4 * 8
+    tokens_before = len(running.produced)
+    scheduler.step()  # the running rows are owed the chunk's time: their turn
+    assert len(running.produced) == tokens_before + 1
+    scheduler.add(newcomer, lambda *_: None)
+    scheduler.step()
+    scheduler.step()  # within two steps the newcomer joins, in one piece, while the long prefill goes on
+    assert newcomer in scheduler.running.sequences and scheduler.prefilling is not None
+    while not scheduler.idle:
+        scheduler.step()
+    assert all(row.error is None for row in (running, newcomer, long_row))
+    expected = generate_reference(tiny_backbone, prompt=None, text=long_text, max_new_tokens=4)
+    assert long_row.result().token_ids == expected
+    for row, text in ((running, "fun"), (newcomer, "a dull plot")):
+        assert row.result().token_ids == generate_reference(
+            tiny_backbone, prompt=None, text=text, max_new_tokens=30
+        )
