@@ -72,7 +72,7 @@ def test_a_client_that_goes_away_stops_its_work(settings, api_key, tiny_backbone
         return slow
 
     monkeypatch.setattr(engine, "decode_step", slowly(decode_batch.decode_step))
-    monkeypatch.setattr(engine, "prefill", slowly(decode_batch.prefill))
+    monkeypatch.setattr(engine, "start_prefill", slowly(decode_batch.start_prefill))
     monkeypatch.setattr(inference, "target_log_probs", slowly(layout.target_log_probs))
     settings.engine_chunk_tokens = 8  # classification: many small chunks, each one slowed
     app = create_app(settings)
