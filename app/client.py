@@ -39,6 +39,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 120.0
 # How long follow_job keeps trying to reopen a lost event stream (an API restart takes seconds).
 RECONNECT_FOR_S = 60.0
+PAGE = 100  # items per page when a list is followed to its end (the server's largest page)
 RECONNECT_PAUSE_S = 1.0
 # The server writes an evaluation's progress at most once a second: polling faster shows nothing new.
 EVALUATION_POLL_S = 1.0
@@ -212,9 +213,27 @@ class Client:
 
     # -- prompts ------------------------------------------------------------------------------------------
 
-    def list_tasks(self, *, limit: int = 100) -> list[TaskPublic]:
-        page = self._call("GET", "/v1/prompts", params={"limit": limit}).json()
-        return [TaskPublic.model_validate(t) for t in page["data"]]
+    def list_tasks(self, *, limit: int | None = None) -> list[TaskPublic]:
+        """Your tasks, newest first: all of them, a page at a time, or the first ``limit``."""
+        tasks: list[TaskPublic] = []
+        params: dict[str, int] = {"limit": PAGE}
+        while True:
+            page = self._call("GET", "/v1/prompts", params=params).json()
+            tasks += [TaskPublic.model_validate(t) for t in page["data"]]
+            if not page["has_more"] or (limit is not None and len(tasks) >= limit):
+                return tasks[:limit]
+            params["after"] = tasks[-1].id
+
+    def list_versions(self, task: str) -> list[VersionPublic]:
+        """Every version of ``task``, newest first, a page at a time."""
+        versions: list[VersionPublic] = []
+        params: dict[str, int] = {"limit": PAGE}
+        while True:
+            page = self._call("GET", f"/v1/prompts/{task}/versions", params=params).json()
+            versions += [VersionPublic.model_validate(v) for v in page["data"]]
+            if not page["has_more"]:
+                return versions
+            params["after"] = versions[-1].version
 
     def get_task(self, task: str) -> TaskPublic:
         return TaskPublic.model_validate(self._call("GET", f"/v1/prompts/{task}").json())

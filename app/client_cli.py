@@ -393,9 +393,19 @@ def prompts_list(url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
 
 @prompts_cli.command("show")
 def prompts_show(task: str, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
-    """A task and its versions as JSON."""
+    """A task and its newest versions as JSON."""
     with _client(url, key) as client:
         _json(client.get_task(task))
+
+
+@prompts_cli.command("versions")
+def prompts_versions(task: str, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
+    """Every version of a task, newest first: version, method, created, validation accuracy."""
+    with _client(url, key) as client:
+        for v in client.list_versions(task):
+            accuracy = v.metrics.get("val_accuracy")
+            shown = accuracy if accuracy is not None else "-"
+            typer.echo(f"{v.version}\t{v.method.value}\t{v.created_at:%Y-%m-%d %H:%M}\t{shown}")
 
 
 def generate(

@@ -387,19 +387,30 @@ class VersionPublic(BaseModel):
         )
 
 
+# A task shows at most this many of its versions, the newest: a task may have thousands.
+TASK_VERSIONS_SHOWN = 20
+
+
 class TaskPublic(BaseModel):
+    id: int = Field(description="The cursor of GET /v1/prompts: pass the last one as `after`.")
     name: str
     latest_version: int | None
-    versions: list[VersionPublic]
+    versions: list[VersionPublic] = Field(
+        description=f"The newest {TASK_VERSIONS_SHOWN} versions at most, oldest first; "
+        "GET /v1/prompts/{task}/versions pages through them all."
+    )
+    version_count: int = Field(description="How many versions the task has in all.")
     created_at: datetime
 
     @classmethod
-    def of(cls, row: Task) -> TaskPublic:
-        versions = [VersionPublic.of(v, row.name) for v in row.versions]
+    def of(cls, row: Task, versions: list[PromptVersion], count: int) -> TaskPublic:
+        shown = [VersionPublic.of(v, row.name) for v in versions]
         return cls(
+            id=row.id,
             name=row.name,
-            latest_version=versions[-1].version if versions else None,
-            versions=versions,
+            latest_version=shown[-1].version if shown else None,
+            versions=shown,
+            version_count=count,
             created_at=row.created_at,
         )
 

@@ -144,6 +144,41 @@ def list_tasks(session: Session, *, tenant_id: int, limit: int, after: int | Non
     return paginate(session, query, id_column=Task.id, limit=limit, after=after)
 
 
+def newest_versions(session: Session, *, task: Task, limit: int) -> tuple[list[PromptVersion], int]:
+    """A task's newest ``limit`` versions, oldest of them first, and how many it has in all: what a task
+    shows of its versions, bounded however many it has."""
+    newest = session.scalars(
+        select(PromptVersion)
+        .where(PromptVersion.task_id == task.id)
+        .order_by(PromptVersion.version.desc())
+        .limit(limit)
+    ).all()
+    count = session.scalar(select(func.count()).where(PromptVersion.task_id == task.id))
+    return list(reversed(newest)), int(count or 0)
+
+
+def list_task_versions(
+    session: Session, *, tenant_id: int, name: str, limit: int, after: int | None
+) -> tuple[list[PromptVersion], bool]:
+    """A page of a task's versions, newest first; ``after`` is the last version number of the page before."""
+    task = get_task(session, tenant_id=tenant_id, name=name)
+    query = select(PromptVersion).where(PromptVersion.task_id == task.id)
+    if after is not None:
+        query = query.where(PromptVersion.version < after)
+    rows = list(session.scalars(query.order_by(PromptVersion.version.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def list_versions(
+    session: Session, *, tenant_id: int, limit: int, after: PromptVersion | None
+) -> tuple[list[PromptVersion], bool]:
+    """A page of the tenant's versions of every task, newest first; ``after``: the page before's last."""
+    query = select(PromptVersion).join(Task).where(Task.tenant_id == tenant_id)
+    return paginate(
+        session, query, id_column=PromptVersion.id, limit=limit, after=None if after is None else after.id
+    )
+
+
 def get_task(session: Session, *, tenant_id: int, name: str) -> Task:
     """Names are looked up among the tenant's own tasks: another tenant's is simply not there."""
     task = session.scalars(select(Task).where(Task.tenant_id == tenant_id, Task.name == name)).first()

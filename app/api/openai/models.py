@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
 
 from app.api.auth import CallerDep
@@ -17,7 +19,8 @@ from app.services.tenants import Caller
 
 router = APIRouter(prefix="/v1/models", tags=["OpenAI-compatible"])
 BACKBONE_OWNER = "softprompt"
-TASK_PAGE = 100
+MODELS_PAGE = 100
+MODELS_PAGE_MAX = 1000
 
 
 def _version_of(session: Session, caller: Caller, model: str, backbones: set[str]):
@@ -34,28 +37,44 @@ def _version_of(session: Session, caller: Caller, model: str, backbones: set[str
     return found
 
 
-@router.get("", response_model=ListOf, responses=errors(401))
-def list_models(caller: CallerDep, session: SessionDep, settings: SettingsDep) -> ListOf:
-    """The base backbones, then every version of your tasks as ft:<backbone>:<task>:<version>. A task's
-    plain name ('sst2') is accepted as a model too and means its newest version."""
-    data = [ModelObject(id=name, created=0, owned_by=BACKBONE_OWNER) for name in sorted(settings.backbones)]
-    after = None
-    while True:
-        tasks, has_more = prompts.list_tasks(
-            session, tenant_id=caller.tenant_id, limit=TASK_PAGE, after=after
+@router.get("", response_model=ListOf, responses=errors(401, 404, 422))
+def list_models(
+    caller: CallerDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=MODELS_PAGE_MAX, description="Page size.")] = MODELS_PAGE,
+    after: Annotated[
+        str | None, Query(max_length=300, description="The last model id of the previous page.")
+    ] = None,
+) -> ListOf:
+    """The base backbones, then your tasks' versions as ft:<backbone>:<task>:<version>, newest first, a page
+    at a time (``has_more``; the next page starts ``after`` this page's last id). A task's plain name
+    ('sst2') is accepted as a model too and means its newest version."""
+    backbones = sorted(settings.backbones)
+    data: list[ModelObject] = []
+    last = None
+    if after is None or after in backbones:
+        start = 0 if after is None else backbones.index(after) + 1
+        shown = backbones[start : start + limit]
+        data = [ModelObject(id=name, created=0, owned_by=BACKBONE_OWNER) for name in shown]
+    else:
+        last = _version_of(session, caller, after, set(backbones))
+        if last is None:  # a task's plain name is no place in the list
+            raise missing(after)
+    versions, has_more = (
+        prompts.list_versions(session, tenant_id=caller.tenant_id, limit=limit - len(data), after=last)
+        if len(data) < limit
+        else ([], True)
+    )
+    data += [
+        ModelObject(
+            id=fine_tuned_model(v.base_model, v.task.name, v.version),
+            created=ids.unix(v.created_at),
+            owned_by=caller.tenant,
         )
-        for task in tasks:
-            data += [
-                ModelObject(
-                    id=fine_tuned_model(v.base_model, task.name, v.version),
-                    created=ids.unix(v.created_at),
-                    owned_by=caller.tenant,
-                )
-                for v in task.versions
-            ]
-        if not has_more:
-            return ListOf(data=data)
-        after = tasks[-1].id
+        for v in versions
+    ]
+    return ListOf(data=data, has_more=has_more)
 
 
 @router.get("/{model}", response_model=ModelObject, responses=errors(401, 404))

@@ -7,7 +7,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from app.api.auth import CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, MetricsDep, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
-from app.api.schemas import Page, TaskPublic, VersionPublic
+from app.api.schemas import TASK_VERSIONS_SHOWN, Page, TaskPublic, VersionPublic
 from app.errors import InvalidRequest
 from app.input_text import check_json, load_json
 from app.services import adapters, evaluations
@@ -20,15 +20,31 @@ router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"])
 def list_tasks(
     caller: CallerDep, session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None
 ) -> Page[TaskPublic]:
-    """List your tasks with their versions, newest task first."""
+    """List your tasks with their newest versions, newest task first."""
     rows, has_more = service.list_tasks(session, tenant_id=caller.tenant_id, limit=limit, after=after)
-    return Page[TaskPublic](data=[TaskPublic.of(r) for r in rows], has_more=has_more)
+    return Page[TaskPublic](data=[_task(session, row) for row in rows], has_more=has_more)
 
 
 @router.get("/{task}", response_model=TaskPublic, responses=errors(401, 404))
 def get_task(task: str, caller: CallerDep, session: SessionDep) -> TaskPublic:
-    """Get a task and all its versions."""
-    return TaskPublic.of(service.get_task(session, tenant_id=caller.tenant_id, name=task))
+    """Get a task and its newest versions."""
+    return _task(session, service.get_task(session, tenant_id=caller.tenant_id, name=task))
+
+
+def _task(session, row) -> TaskPublic:
+    versions, count = service.newest_versions(session, task=row, limit=TASK_VERSIONS_SHOWN)
+    return TaskPublic.of(row, versions, count)
+
+
+@router.get("/{task}/versions", response_model=Page[VersionPublic], responses=errors(401, 404, 422))
+def list_versions(
+    task: str, caller: CallerDep, session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None
+) -> Page[VersionPublic]:
+    """A task's versions, newest first; ``after`` is the last version number of the previous page."""
+    rows, has_more = service.list_task_versions(
+        session, tenant_id=caller.tenant_id, name=task, limit=limit, after=after
+    )
+    return Page[VersionPublic](data=[VersionPublic.of(r, task) for r in rows], has_more=has_more)
 
 
 @router.get("/{task}/versions/{version}", response_model=VersionPublic, responses=errors(401, 404))
