@@ -34,7 +34,7 @@ from app.errors import Overloaded, PromptCorrupt, Unavailable
 from app.ml.backbone import Backbone
 from app.ml.decode_batch import DecodeBatch, Prefill, decode_step, start_prefill
 from app.ml.memory import release_freed_memory
-from app.ml.prompt_kv import PromptKV, PromptKVCache, compute_prompt_kv
+from app.ml.prompt_kv import CacheObserver, PromptKV, PromptKVCache, compute_prompt_kv
 from app.ml.row import UNDECODABLE, GenerationRequest, Row, choose_tokens
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 RELEASE_AFTER_EVICTED_BYTES = 16 << 20
 
 
-class Observer(Protocol):
+class Observer(CacheObserver, Protocol):
     """What the engine reports as it works (the API turns it into metrics); called on the engine thread."""
 
     def admitted(self, waited_seconds: list[float]) -> None: ...
@@ -395,7 +395,7 @@ class Engine:
         self.max_batch_rows = max_batch_rows
         self.max_queued_rows = max_queued_rows
         self.max_tenant_rows = max_tenant_rows
-        self.prompt_kv_cache = PromptKVCache(backbone, prompt_kv_cache_bytes)
+        self.prompt_kv_cache = PromptKVCache(backbone, prompt_kv_cache_bytes, observer)
         self.scheduler = Scheduler(
             backbone,
             max_batch_rows=max_batch_rows,

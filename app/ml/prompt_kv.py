@@ -8,15 +8,32 @@ share."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
 from app.ml.backbone import Backbone
 from app.ml.soft_prompt import is_prefix
+
+
+class CacheObserver(Protocol):
+    """What a cache of versions reports (the API turns it into metrics), by tier: "names" (a task's name to
+    its version), "prompts" (decoded soft prompts), "keys_values" (this module's PromptKV). Events are
+    "hit", "miss", "load" and "eviction"."""
+
+    def cache_counted(self, tier: str, event: str, count: int = 1) -> None: ...
+
+    def cache_loaded(self, tier: str, seconds: float) -> None: ...
+
+    def cache_holds(self, tier: str, nbytes: int) -> None: ...
+
+
+KEYS_VALUES = "keys_values"
 
 
 @dataclass(frozen=True)
@@ -55,9 +72,10 @@ class PromptKVCache:
     """LRU of PromptKV bounded by bytes. Keys must name immutable content (a version's id and checksum),
     so an entry never goes stale; a new version is a new key."""
 
-    def __init__(self, backbone: Backbone, max_bytes: int):
+    def __init__(self, backbone: Backbone, max_bytes: int, observer: CacheObserver | None = None):
         self.backbone = backbone
         self.max_bytes = max_bytes
+        self.observer = observer
         self._entries: OrderedDict[Hashable, PromptKV] = OrderedDict()
         self._bytes = 0
         self._evicted = 0  # bytes dropped since take_evicted_bytes() last asked
@@ -72,8 +90,13 @@ class PromptKVCache:
             found = self._entries.get(key)
             if found is not None:
                 self._entries.move_to_end(key)
-                return found
+        if found is not None:
+            self._count("hit")
+            return found
+        self._count("miss")
+        started = time.perf_counter()
         kv = compute_prompt_kv(self.backbone, prompt)
+        evictions = 0
         with self._lock:
             if key not in self._entries:
                 self._entries[key] = kv
@@ -83,7 +106,19 @@ class PromptKVCache:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
                 self._evicted += evicted.nbytes
+                evictions += 1
+            held = self._bytes
+        if self.observer is not None:
+            self.observer.cache_counted(KEYS_VALUES, "load")
+            self.observer.cache_loaded(KEYS_VALUES, time.perf_counter() - started)
+            if evictions:
+                self.observer.cache_counted(KEYS_VALUES, "eviction", evictions)
+            self.observer.cache_holds(KEYS_VALUES, held)
         return kv
+
+    def _count(self, event: str) -> None:
+        if self.observer is not None:
+            self.observer.cache_counted(KEYS_VALUES, event)
 
     def take_evicted_bytes(self) -> int:
         """Bytes evicted since the last call: memory the process freed, which it may not have returned."""

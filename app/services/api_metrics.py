@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Seconds: from a quick classification to a long generation on a busy CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Seconds to load a version into a tier: a decode or a cached name is under a millisecond, a database read
+# a few, the keys and values of a long prompt tens.
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 # The task label of the series past a process's cap of (tenant, task) pairs.
@@ -69,6 +72,38 @@ class Metrics:
             ["tenant", "task"],
             registry=self.registry,
         )
+
+        # The tiers a version goes through (app/services/version_cache.py).
+        self.cache_events = Counter(
+            "softprompt_version_cache_events",
+            "Lookups and changes of the version tiers (names, prompts, keys_values), by event: hit, miss, "
+            "load (one per miss that read or computed, shared by the requests that waited on it), eviction.",
+            ["tier", "event"],
+            registry=self.registry,
+        )
+        self.cache_bytes = Gauge(
+            "softprompt_version_cache_bytes",
+            "Bytes a tier holds (prompts: decoded soft prompts; keys_values: their keys and values).",
+            ["tier"],
+            registry=self.registry,
+        )
+        self.cache_load_time = Histogram(
+            "softprompt_version_cache_load_seconds",
+            "Time to load a version into a tier.",
+            ["tier"],
+            buckets=LOAD_BUCKETS,
+            registry=self.registry,
+        )
+
+    # The version tiers' CacheObserver: called from worker threads and the engine thread.
+    def cache_counted(self, tier: str, event: str, count: int = 1) -> None:
+        self.cache_events.labels(tier, event).inc(count)
+
+    def cache_loaded(self, tier: str, seconds: float) -> None:
+        self.cache_load_time.labels(tier).observe(seconds)
+
+    def cache_holds(self, tier: str, nbytes: int) -> None:
+        self.cache_bytes.labels(tier).set(nbytes)
 
     # The engine's Observer: called on the engine thread.
     def admitted(self, waited_seconds: list[float]) -> None:

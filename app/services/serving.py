@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from app.ml.text import render
 from app.services import prompts as prompts_service
 from app.services.labels import LabelLimits, check_labels
 from app.services.model_names import missing, task_ref_of_model
+from app.services.version_cache import NAMES, PromptTensors, SingleFlight
 
 
 @dataclass(frozen=True)
@@ -48,45 +48,13 @@ RESOLVED_REFS = 4096
 BARE = ResolvedTask(task=None, version=None, template="{input}", labels=None, soft_prompt=None, key=None)
 
 
-class PromptTensors:
-    """Decoded prompt tensors by (version id, checksum), least recently used first out, bounded by bytes."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def get(self, key: tuple[int, str]) -> torch.Tensor | None:
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-            return found
-
-    def put(self, key: tuple[int, str], prompt: torch.Tensor) -> None:
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = prompt
-            self._bytes += prompt.nbytes
-            while self._bytes > self.max_bytes and len(self._entries) > 1:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.nbytes
-
-
 class Serving:
     def __init__(self, settings: Settings, backbone: Backbone | None, observer: Observer | None = None):
         self.settings = settings
         self.backbone = backbone
-        self.prompts = PromptTensors(settings.prompt_cache_bytes)
+        self.observer = observer
+        self.prompts = PromptTensors(settings.prompt_cache_bytes, observer)
+        self._loads = SingleFlight()
         # (tenant id, ref) -> (resolved, when): a task without a version follows new versions within the
         # TTL. The tenant is part of the key: a name resolved for one tenant means nothing for another.
         self._refs: OrderedDict[tuple[int, str], tuple[ResolvedTask, float]] = OrderedDict()
@@ -141,13 +109,28 @@ class Serving:
             self._require_engine()
             return BARE
         cached = self._refs.get((tenant_id, ref))
-        if cached is not None and time.monotonic() - cached[1] < self.settings.task_resolve_ttl_s:
+        fresh = cached is not None and time.monotonic() - cached[1] < self.settings.task_resolve_ttl_s
+        if self.observer is not None:
+            self.observer.cache_counted(NAMES, "hit" if fresh else "miss")
+        if fresh:
             return cached[0]
+        return self._loads.run((tenant_id, ref), lambda: self._load(tenant_id=tenant_id, ref=ref))
+
+    def _load(self, *, tenant_id: int, ref: str) -> ResolvedTask:
+        """``ref`` read from the registry (one load for every request that waits on it meanwhile)."""
+        started = time.perf_counter()
         with session_scope(self.settings.registry_url) as session:
             resolved = self._read(session, tenant_id=tenant_id, ref=ref)
         self._refs[(tenant_id, ref)] = (resolved, time.monotonic())
+        evicted = 0
         while len(self._refs) > RESOLVED_REFS:
             self._refs.popitem(last=False)  # the oldest resolution; it costs one query to redo
+            evicted += 1
+        if self.observer is not None:
+            self.observer.cache_counted(NAMES, "load")
+            self.observer.cache_loaded(NAMES, time.perf_counter() - started)
+            if evicted:
+                self.observer.cache_counted(NAMES, "eviction", evicted)
         return resolved
 
     def _read(self, session: Session, *, tenant_id: int, ref: str) -> ResolvedTask:
@@ -163,9 +146,10 @@ class Serving:
         key = (row.id, row.sha256)
         prompt = self.prompts.get(key)
         if prompt is None:
+            started = time.perf_counter()
             shape = stored_shape(engine.backbone, Method(row.method))
             prompt = self._decode(session, row_id=row.id, shape=shape, ref=ref)
-            self.prompts.put(key, prompt)
+            self.prompts.put(key, prompt, load_seconds=time.perf_counter() - started)
         return ResolvedTask(
             task=prompts_service.parse_task_ref(ref)[0],
             version=row.version,
