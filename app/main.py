@@ -21,7 +21,7 @@ from app.api.request_id import RequestId
 from app.api.routes import datasets, evaluations, health, inference, jobs, prompts
 from app.config import Settings, get_settings
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone
-from app.services import leases
+from app.services import leases, uploads
 from app.services.api_metrics import Metrics
 from app.services.quotas import InferenceRateLimiter
 from app.services.serving import Serving
@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if reaper is not None:
             reaper.cancel()
         app.state.serving.close()  # finish the rows already accepted, then stop the engine thread
+        uploads.close_parsers()
 
     app = FastAPI(
         title="softprompt",

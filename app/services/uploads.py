@@ -10,9 +10,12 @@ one bytes object of encoded records: this process never holds the file, or its r
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import multiprocessing
 import os
+import signal
+import sys
 import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +30,7 @@ from app.services.dataset_parsing import ParsedUpload, parse_upload
 OWN_PROCESS_BYTES = 1 << 20
 READ_CHUNK = 1 << 20
 PARSER_NICENESS = 10
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
 @dataclass
@@ -117,11 +121,27 @@ def _parser_processes() -> ProcessPoolExecutor:
             _parsers = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
-                # Background work: on a busy machine the API's own threads get the processor first.
-                initializer=os.nice,
-                initargs=(PARSER_NICENESS,),
+                initializer=_parser_started,
             )
         return _parsers
+
+
+def _parser_started() -> None:
+    """In the parsing process, first: background work, on a busy machine the API's own threads get the
+    processor first; and it ends with the API process however that ends (killed, or by a signal its
+    handlers re-raise), instead of living on."""
+    os.nice(PARSER_NICENESS)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def close_parsers() -> None:
+    """Stop the parsing process, if one was started (the API's shutdown)."""
+    global _parsers
+    with _parsers_lock:
+        pool, _parsers = _parsers, None
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _forget(pool: ProcessPoolExecutor) -> None:
