@@ -219,6 +219,13 @@ class Scheduler:
         return sequence
 
     def _admit(self, joining: list[Row]) -> None:
+        if self.prompt_kv_cache is not None:  # the group's cold prompts in one pass
+            keyed = [
+                r.request
+                for r in joining
+                if r.request.prompt is not None and r.request.prompt_key is not None
+            ]
+            self.prompt_kv_cache.warm([(r.prompt_key, r.prompt) for r in keyed])
         pending = start_prefill(self.backbone, joining, self._prompt_kv)
         columns = self._chunk_columns(len(joining))
         if columns is None or pending.columns <= columns:

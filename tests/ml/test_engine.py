@@ -14,7 +14,7 @@ from app.errors import Overloaded, PromptCorrupt
 from app.ml.engine import Abandoned, Engine, Scheduler, batch_tokens, generate_all
 from app.ml.inference import classify, classify_steps, generate_reference, generation_requests
 from app.ml.prefix import init_prefix
-from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv
+from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv, compute_prompt_kvs
 from app.ml.row import Generation, Row
 from tests.ml.rows import input_text, random_prompt
 
@@ -511,4 +511,22 @@ def test_running_rows_and_short_newcomers_take_turns_with_the_chunks_of_a_long_p
     for row, text in ((running, "fun"), (newcomer, "a dull plot")):
         assert row.result().token_ids == generate_reference(
             tiny_backbone, prompt=None, text=text, max_new_tokens=30
+        )
+
+
+def test_cold_prompts_computed_together_equal_those_computed_one_by_one(tiny_backbone):
+    prompts = [random_prompt(3, seed=i) for i in range(4)] + [random_prompt(5, seed=9)]
+    prompts.append(init_prefix(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=1))
+    passes = []
+    decoder = tiny_backbone.model.get_decoder()
+    hook = decoder.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        together = compute_prompt_kvs(tiny_backbone, prompts)
+    finally:
+        hook.remove()
+    assert len(passes) == 2  # the four of length 3 in one pass, the one of length 5 in another
+    for prompt, kv in zip(prompts, together, strict=True):
+        alone = compute_prompt_kv(tiny_backbone, prompt)
+        assert torch.allclose(kv.keys, alone.keys, atol=1e-5) and torch.allclose(
+            kv.values, alone.values, atol=1e-5
         )
