@@ -145,7 +145,11 @@ def test_cancel_a_running_job(service):
     dataset = service.api.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
     job = service.api.post(
         "/v1/tuning/jobs",
-        json={"task": "long", "training_dataset": dataset["id"], "hyperparameters": {"steps": 100000}},
+        json={
+            "task": "long",
+            "training_dataset": dataset["id"],
+            "hyperparameters": {"steps": 100000, "batch_size": 2},
+        },
     ).json()
     wait_for_job(service.api, job["id"], ("running",))
     asked = time.monotonic()
