@@ -343,7 +343,8 @@ def test_a_job_that_kills_its_worker_every_attempt_fails_and_the_other_jobs_fini
         dataset = client.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
 
         def submit(task: str, steps: int) -> int:
-            body = {"task": task, "training_dataset": dataset["id"], "hyperparameters": {"steps": steps}}
+            hyperparameters = {"steps": steps, "batch_size": 2}  # the poison job within the work cap
+            body = {"task": task, "training_dataset": dataset["id"], "hyperparameters": hyperparameters}
             return client.post("/v1/tuning/jobs", json=body).json()["id"]
 
         poison = submit("poison", 100_000)
