@@ -228,7 +228,9 @@ class Scheduler:
             self.prompt_kv_cache.warm([(r.prompt_key, r.prompt) for r in keyed])
         pending = start_prefill(self.backbone, joining, self._prompt_kv)
         columns = self._chunk_columns(len(joining))
-        if columns is None or pending.columns <= columns:
+        # Beside a chunked prefill, newcomers hold at most a chunk's tokens (_may_join) and go in one piece:
+        # one prefill is chunked at a time.
+        if columns is None or pending.columns <= columns or self.prefilling is not None:
             self._join(pending.batch(), pending.run(self.backbone))
         else:
             self.prefilling = pending

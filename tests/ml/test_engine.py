@@ -530,3 +530,31 @@ def test_cold_prompts_computed_together_equal_those_computed_one_by_one(tiny_bac
         assert torch.allclose(kv.keys, alone.keys, atol=1e-5) and torch.allclose(
             kv.values, alone.values, atol=1e-5
         )
+
+
+def test_newcomers_beside_a_chunked_prefill_never_displace_it(tiny_backbone):
+    """Two newcomers within a chunk's tokens, but padded wider than a chunk's columns for two rows, join in
+    one piece: the long prefill under way keeps its rows, and every row finishes exactly."""
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=None, prefill_chunk_tokens=8)
+    long_text = "the story of a long film with a great cast " * 6
+    texts = [long_text, "a dull plot", "fun"]
+    requests = generation_requests(tiny_backbone, prompts=[None] * 3, texts=texts, max_new_tokens=4)
+    long_row = Row(request=dataclasses.replace(requests[0], tenant="large"))
+    # Two tenants with no row running: both join in one admission.
+    short_rows = [
+        Row(request=dataclasses.replace(r, tenant=f"small-{i}")) for i, r in enumerate(requests[1:])
+    ]
+    lengths = [len(r.request.context) for r in short_rows]
+    assert sum(lengths) <= 8 and max(lengths) > 8 // 2  # within a chunk, wider than half of one
+    scheduler.add(long_row, lambda *_: None)
+    scheduler.step()  # the long row's first chunk
+    for row in short_rows:
+        scheduler.add(row, lambda *_: None)
+    scheduler.step()
+    assert all(row in scheduler.running.sequences for row in short_rows)  # together, in one piece
+    while not scheduler.idle:
+        scheduler.step()
+    for row, text in zip([long_row, *short_rows], texts, strict=True):
+        assert row.result().token_ids == generate_reference(
+            tiny_backbone, prompt=None, text=text, max_new_tokens=4
+        )
