@@ -135,8 +135,8 @@ class Settings(BaseSettings):
     # pauses every running row. As many as one input may hold, so grouping short inputs never makes a
     # pause longer than one long input makes anyway (about 2 s on 2 cores).
     engine_prefill_tokens: int = 1024
-    # A prefill longer than this many tokens runs a chunk of this size at a time (0: in one piece); after
-    # each chunk the running rows' steps and other tenants' short admissions get as much engine time as
+    # A prefill with an input longer than this many tokens runs a chunk of this size at a time (0: never);
+    # after each chunk the running rows' steps and other tenants' short admissions get as much engine time as
     # the chunk took. Chosen by measurement (docs/benchmarks.md, "Chunked prefill"): about 0.5 s of the
     # default backbone on 2 cores.
     engine_prefill_chunk_tokens: int = Field(default=128, ge=0)

@@ -8,10 +8,11 @@ only its share of the queue, so one tenant's flood neither delays another's rows
 
 No piece of work is larger than it must be, and large work takes turns with small. Newcomers are prefilled
 in groups of at most ``prefill_tokens`` tokens, and a tenant with no row running is admitted at once. A
-group longer than ``prefill_chunk_tokens`` is prefilled a chunk at a time (chunked prefill), each chunk
-taking turns with a decoder step of the running rows or the admission of other newcomers no longer than a
-chunk: a long input no longer pauses everyone for its whole prefill. The running rows' keys and values
-are bounded by ``max_batch_tokens`` positions, a quarter of them kept for tenants with no row running.
+group with an input longer than ``prefill_chunk_tokens`` is prefilled a chunk at a time (chunked
+prefill), each chunk taking turns with a decoder step of the running rows or the admission of other
+newcomers no longer than a chunk: a long input no longer pauses everyone for its whole prefill. The
+running rows' keys and values are bounded by ``max_batch_tokens`` positions, a quarter of them kept for
+tenants with no row running.
 Calls (classification) run in chunks (app/ml/inference.py), one chunk per turn, the calls taking turns;
 the engine's time is shared evenly between calls and decoder steps: after a chunk, steps run until they
 have had as much time. So a small generation waits for at most the rest of one chunk, however large the
@@ -227,10 +228,13 @@ class Scheduler:
             ]
             self.prompt_kv_cache.warm([(r.prompt_key, r.prompt) for r in keyed])
         pending = start_prefill(self.backbone, joining, self._prompt_kv)
-        columns = self._chunk_columns(len(joining))
-        # Beside a chunked prefill, newcomers hold at most a chunk's tokens (_may_join) and go in one piece:
-        # one prefill is chunked at a time.
-        if columns is None or pending.columns <= columns or self.prefilling is not None:
+        # Only a group with an input longer than a chunk is chunked: a group of short inputs costs no more
+        # in one piece than the prefill_tokens budget lets it, and cut into chunks of a few columns each it
+        # would pay a whole pass over the weights per chunk (25 % of the throughput of many short
+        # requests, docs/benchmarks.md). Beside a chunked prefill, newcomers hold at most a chunk's tokens
+        # (_may_join) and go in one piece: one prefill is chunked at a time.
+        chunk = self.prefill_chunk_tokens
+        if chunk is None or pending.columns <= chunk or self.prefilling is not None:
             self._join(pending.batch(), pending.run(self.backbone))
         else:
             self.prefilling = pending
