@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, contains_eager, undefer
+from sqlalchemy.orm import Session, joinedload, undefer
 
 from app.db.models import PromptVersion, Task, TuningJob, utcnow
 from app.errors import InvalidRequest, NotFound
@@ -172,17 +172,22 @@ def list_task_versions(
 def list_versions(
     session: Session, *, tenant_id: int, limit: int, after: PromptVersion | None
 ) -> tuple[list[PromptVersion], bool]:
-    """A page of the tenant's versions of every task, newest first; ``after``: the page before's last."""
-    # With each version's task in the same query: a page of 1,000 must not be 1,000 more queries.
-    query = (
+    """A page of the tenant's versions of every task, newest first; ``after``: the page before's last.
+
+    The page's ids first, then its rows: sorting whole rows read every version's columns, and on SQLite
+    each row's columns past its vectors sit behind the vectors' overflow pages (1.2 s for a page of 100
+    out of 10,000 versions; the ids alone are a few milliseconds)."""
+    query = select(PromptVersion.id).join(Task).where(Task.tenant_id == tenant_id)
+    if after is not None:
+        query = query.where(PromptVersion.id < after.id)
+    ids = list(session.scalars(query.order_by(PromptVersion.id.desc()).limit(limit + 1)))
+    rows = session.scalars(
         select(PromptVersion)
-        .join(Task)
-        .where(Task.tenant_id == tenant_id)
-        .options(contains_eager(PromptVersion.task))
+        .where(PromptVersion.id.in_(ids[:limit]))
+        .options(joinedload(PromptVersion.task))
+        .order_by(PromptVersion.id.desc())
     )
-    return paginate(
-        session, query, id_column=PromptVersion.id, limit=limit, after=None if after is None else after.id
-    )
+    return list(rows), len(ids) > limit
 
 
 def get_task(session: Session, *, tenant_id: int, name: str) -> Task:
