@@ -36,6 +36,21 @@ class CacheObserver(Protocol):
 KEYS_VALUES = "keys_values"
 
 
+def report_load(
+    observer: CacheObserver | None, tier: str, *, seconds: float, evictions: int, held: int | None
+) -> None:
+    """What one load into a tier changed: the load and its time, the entries it pushed out, the bytes
+    the tier holds now (None: a tier not bounded in bytes)."""
+    if observer is None:
+        return
+    observer.cache_counted(tier, "load")
+    observer.cache_loaded(tier, seconds)
+    if evictions:
+        observer.cache_counted(tier, "eviction", evictions)
+    if held is not None:
+        observer.cache_holds(tier, held)
+
+
 @dataclass(frozen=True)
 class PromptKV:
     keys: torch.Tensor  # [L, H_kv, k, Dh] backbone dtype, rotary embedding already applied
@@ -150,12 +165,7 @@ class PromptKVCache:
                 self._evicted += evicted.nbytes
                 evictions += 1
             held = self._bytes
-        if self.observer is not None:
-            self.observer.cache_counted(KEYS_VALUES, "load")
-            self.observer.cache_loaded(KEYS_VALUES, seconds)
-            if evictions:
-                self.observer.cache_counted(KEYS_VALUES, "eviction", evictions)
-            self.observer.cache_holds(KEYS_VALUES, held)
+        report_load(self.observer, KEYS_VALUES, seconds=seconds, evictions=evictions, held=held)
 
     def _count(self, event: str) -> None:
         if self.observer is not None:

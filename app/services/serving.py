@@ -22,6 +22,7 @@ from app.ml.backbone import Backbone
 from app.ml.engine import Call, Engine, Observer
 from app.ml.method import Method
 from app.ml.prompt_check import prompt_fault
+from app.ml.prompt_kv import report_load
 from app.ml.row import Generation, GenerationRequest, Row
 from app.ml.soft_prompt import prompt_from_bytes, stored_shape, virtual_tokens
 from app.ml.text import render
@@ -126,11 +127,8 @@ class Serving:
         while len(self._refs) > RESOLVED_REFS:
             self._refs.popitem(last=False)  # the oldest resolution; it costs one query to redo
             evicted += 1
-        if self.observer is not None:
-            self.observer.cache_counted(NAMES, "load")
-            self.observer.cache_loaded(NAMES, time.perf_counter() - started)
-            if evicted:
-                self.observer.cache_counted(NAMES, "eviction", evicted)
+        seconds = time.perf_counter() - started
+        report_load(self.observer, NAMES, seconds=seconds, evictions=evicted, held=None)
         return resolved
 
     def _read(self, session: Session, *, tenant_id: int, ref: str) -> ResolvedTask:

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import torch
 
-from app.ml.prompt_kv import CacheObserver
+from app.ml.prompt_kv import CacheObserver, report_load
 
 T = TypeVar("T")
 
@@ -66,12 +66,7 @@ class PromptTensors:
                 self._bytes -= evicted.nbytes
                 evictions += 1
             held = self._bytes
-        if self.observer is not None:
-            self.observer.cache_counted(PROMPTS, "load")
-            self.observer.cache_loaded(PROMPTS, load_seconds)
-            if evictions:
-                self.observer.cache_counted(PROMPTS, "eviction", evictions)
-            self.observer.cache_holds(PROMPTS, held)
+        report_load(self.observer, PROMPTS, seconds=load_seconds, evictions=evictions, held=held)
 
 
 class SingleFlight:
