@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import connect_sse
+from pydantic import BaseModel
 
 from app.api.schemas import (
     ClassifyResponse,
@@ -39,6 +40,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 120.0
 # How long follow_job keeps trying to reopen a lost event stream (an API restart takes seconds).
 RECONNECT_FOR_S = 60.0
+T = TypeVar("T", bound=BaseModel)
 PAGE = 100  # items per page when a list is followed to its end (the server's largest page)
 RECONNECT_PAUSE_S = 1.0
 # The server writes an evaluation's progress at most once a second: polling faster shows nothing new.
@@ -215,25 +217,24 @@ class Client:
 
     def list_tasks(self, *, limit: int | None = None) -> list[TaskPublic]:
         """Your tasks, newest first: all of them, a page at a time, or the first ``limit``."""
-        tasks: list[TaskPublic] = []
-        params: dict[str, int] = {"limit": PAGE}
-        while True:
-            page = self._call("GET", "/v1/prompts", params=params).json()
-            tasks += [TaskPublic.model_validate(t) for t in page["data"]]
-            if not page["has_more"] or (limit is not None and len(tasks) >= limit):
-                return tasks[:limit]
-            params["after"] = tasks[-1].id
+        return self._follow("/v1/prompts", TaskPublic, cursor=lambda t: t.id, limit=limit)
 
     def list_versions(self, task: str) -> list[VersionPublic]:
         """Every version of ``task``, newest first, a page at a time."""
-        versions: list[VersionPublic] = []
+        return self._follow(f"/v1/prompts/{task}/versions", VersionPublic, cursor=lambda v: v.version)
+
+    def _follow(
+        self, path: str, model: type[T], *, cursor: Callable[[T], int], limit: int | None = None
+    ) -> list[T]:
+        """A list route's items, page after page (``after`` the last one's ``cursor``), up to ``limit``."""
+        items: list[T] = []
         params: dict[str, int] = {"limit": PAGE}
         while True:
-            page = self._call("GET", f"/v1/prompts/{task}/versions", params=params).json()
-            versions += [VersionPublic.model_validate(v) for v in page["data"]]
-            if not page["has_more"]:
-                return versions
-            params["after"] = versions[-1].version
+            page = self._call("GET", path, params=params).json()
+            items += [model.model_validate(item) for item in page["data"]]
+            if not page["has_more"] or (limit is not None and len(items) >= limit):
+                return items[:limit]
+            params["after"] = cursor(items[-1])
 
     def get_task(self, task: str) -> TaskPublic:
         return TaskPublic.model_validate(self._call("GET", f"/v1/prompts/{task}").json())
