@@ -9,7 +9,6 @@ import json
 import struct
 import time
 import zipfile
-import zlib
 from collections import Counter
 from functools import cache
 
@@ -39,53 +38,26 @@ def adapter_zip(
 def bzip2_bomb() -> bytes:
     """The hardening issue's bomb: an adapter_config.json that is a bzip2 member inflating to 1 GiB, whose
     headers claim 100 bytes (a reader that trusts them counts 100)."""
-    buffer = io.BytesIO()
-    member = zipfile.ZipInfo("adapter_config.json")
-    member.compress_type = zipfile.ZIP_BZIP2
-    with zipfile.ZipFile(buffer, "w") as archive, archive.open(member, "w") as inflated:
-        zeros = b"\0" * (1 << 24)
-        for _ in range(GIB // len(zeros)):
-            inflated.write(zeros)
-    return _claim_size(buffer.getvalue(), 100)
+    return _claim_size(_zeros_member("adapter_config.json", zipfile.ZIP_BZIP2), 100)
 
 
 @cache
 def deflate_bomb(claimed: int = GIB) -> bytes:
     """A deflate member (a method the import reads) of 1 GiB of zeros, about 1 MB on the wire, whose
     headers claim ``claimed`` bytes."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
-    zeros = b"\0" * (1 << 24)
-    body = b"".join(compressor.compress(zeros) for _ in range(GIB // len(zeros))) + compressor.flush()
-    crc = 0
-    for _ in range(GIB // len(zeros)):
-        crc = zlib.crc32(zeros, crc)
-    name = b"adapter_model.safetensors"
-    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(body), GIB, len(name), 0)
-    central = struct.pack(
-        "<4sHHHHHHIIIHHHHHII",
-        b"PK\x01\x02",
-        20,
-        20,
-        0,
-        8,
-        0,
-        0,
-        crc,
-        len(body),
-        GIB,
-        len(name),
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    )
-    directory = central + name
-    end = struct.pack(
-        "<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(directory), len(local) + len(name) + len(body), 0
-    )
-    return _claim_size(local + name + body + directory + end, claimed)
+    return _claim_size(_zeros_member("adapter_model.safetensors", zipfile.ZIP_DEFLATED), claimed)
+
+
+def _zeros_member(name: str, method: int) -> bytes:
+    """A zip of one member, 1 GiB of zeros compressed with ``method``, written a piece at a time."""
+    buffer = io.BytesIO()
+    member = zipfile.ZipInfo(name)
+    member.compress_type = method
+    with zipfile.ZipFile(buffer, "w") as archive, archive.open(member, "w") as inflated:
+        zeros = b"\0" * (1 << 24)
+        for _ in range(GIB // len(zeros)):
+            inflated.write(zeros)
+    return buffer.getvalue()
 
 
 def _claim_size(archive: bytes, claimed: int) -> bytes:
