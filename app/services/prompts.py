@@ -216,6 +216,16 @@ def get_version(
     return found
 
 
+def registry_mark(session: Session) -> tuple[int, int, int]:
+    """A value that changes whenever any tenant's set of versions does, read in one small query: a new
+    version raises a task's ``last_version`` (it never falls), a deleted one lowers the count of versions.
+    Tasks are never deleted. A server that caches what names resolve to keeps them while this is unchanged."""
+    tasks = select(func.count(), func.coalesce(func.sum(Task.last_version), 0)).select_from(Task)
+    task_count, numbered = session.execute(tasks).one()
+    versions = session.scalar(select(func.count()).select_from(PromptVersion)) or 0
+    return int(task_count), int(numbered), int(versions)
+
+
 def find_version(session: Session, *, tenant_id: int, ref: str, with_vectors: bool = True) -> PromptVersion:
     name, version = parse_task_ref(ref)
     return get_version(session, tenant_id=tenant_id, name=name, version=version, with_vectors=with_vectors)

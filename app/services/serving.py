@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from app.ml.text import render
 from app.services import prompts as prompts_service
 from app.services.labels import LabelLimits, check_labels
 from app.services.model_names import missing, task_ref_of_model
-from app.services.version_cache import NAMES, PromptTensors, SingleFlight
+from app.services.version_cache import NAMES, PromptTensors, RegistryMark, SingleFlight
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,12 @@ class Serving:
         self.observer = observer
         self.prompts = PromptTensors(settings.prompt_cache_bytes, observer)
         self._loads = SingleFlight()
-        # (tenant id, ref) -> (resolved, when): a task without a version follows new versions within the
-        # TTL. The tenant is part of the key: a name resolved for one tenant means nothing for another.
-        self._refs: OrderedDict[tuple[int, str], tuple[ResolvedTask, float]] = OrderedDict()
+        # (tenant id, ref) -> (resolved, the registry's mark then), least recently used first: valid while
+        # the mark is current, so a task without a version follows new versions within the mark's TTL. The
+        # tenant is part of the key: a name resolved for one tenant means nothing for another.
+        self._refs: OrderedDict[tuple[int, str], tuple[ResolvedTask, Hashable]] = OrderedDict()
+        self._refs_lock = threading.Lock()
+        self._mark = RegistryMark(self._read_mark, settings.task_resolve_ttl_s)
         self.engine: Engine | None = None
         if backbone is not None:
             self.engine = Engine(
@@ -109,24 +113,34 @@ class Serving:
         if ref is None:
             self._require_engine()
             return BARE
-        cached = self._refs.get((tenant_id, ref))
-        fresh = cached is not None and time.monotonic() - cached[1] < self.settings.task_resolve_ttl_s
+        mark, key = self._mark.current(), (tenant_id, ref)
+        with self._refs_lock:
+            cached = self._refs.get(key)
+            fresh = cached is not None and cached[1] == mark
+            if fresh:
+                self._refs.move_to_end(key)
         if self.observer is not None:
             self.observer.cache_counted(NAMES, "hit" if fresh else "miss")
         if fresh:
             return cached[0]
-        return self._loads.run((tenant_id, ref), lambda: self._load(tenant_id=tenant_id, ref=ref))
+        return self._loads.run(key, lambda: self._load(tenant_id=tenant_id, ref=ref, mark=mark))
 
-    def _load(self, *, tenant_id: int, ref: str) -> ResolvedTask:
-        """``ref`` read from the registry (one load for every request that waits on it meanwhile)."""
+    def _read_mark(self) -> Hashable:
+        with session_scope(self.settings.registry_url) as session:
+            return prompts_service.registry_mark(session)
+
+    def _load(self, *, tenant_id: int, ref: str, mark: Hashable) -> ResolvedTask:
+        """``ref`` read from the registry (one load for every request that waits on it meanwhile), kept
+        under the registry's ``mark`` it was read at."""
         started = time.perf_counter()
         with session_scope(self.settings.registry_url) as session:
             resolved = self._read(session, tenant_id=tenant_id, ref=ref)
-        self._refs[(tenant_id, ref)] = (resolved, time.monotonic())
         evicted = 0
-        while len(self._refs) > RESOLVED_REFS:
-            self._refs.popitem(last=False)  # the oldest resolution; it costs one query to redo
-            evicted += 1
+        with self._refs_lock:
+            self._refs[(tenant_id, ref)] = (resolved, mark)
+            while len(self._refs) > RESOLVED_REFS:
+                self._refs.popitem(last=False)  # the least recently used; it costs one query to redo
+                evicted += 1
         seconds = time.perf_counter() - started
         report_load(self.observer, NAMES, seconds=seconds, evictions=evicted, held=None)
         return resolved

@@ -1,7 +1,8 @@
 """The path of a version from the registry to the engine, in tiers, each bounded and counted:
 
     the registry (the database)
-      -> names: a task's name ("sst2") to its newest version, kept task_resolve_ttl_s (entries bounded)
+      -> names: a task's name ("sst2") to its newest version (entries bounded), kept while the registry's
+         mark is unchanged; the mark is read at most once per task_resolve_ttl_s, whatever the load
       -> prompts: decoded soft prompts on the CPU (PromptTensors, bounded in bytes)
       -> keys_values: the keys and values the engine attends to (app/ml/prompt_kv.py, bounded in bytes)
 
@@ -13,6 +14,7 @@ CacheObserver (the API's /metrics)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
@@ -96,3 +98,24 @@ class SingleFlight:
         finally:
             with self._lock:
                 del self._loading[key]
+
+
+class RegistryMark:
+    """The registry's change mark (``read``, one small query), read again at most once per ``ttl_s``: what a
+    name resolved to stays valid while the mark it was resolved under is current. So resolving names costs
+    one query per ``ttl_s`` for the whole server, not one per name, and a new version is seen within
+    ``ttl_s``."""
+
+    def __init__(self, read: Callable[[], Hashable], ttl_s: float):
+        self._read = read
+        self._ttl_s = ttl_s
+        self._mark: Hashable | None = None
+        self._read_at = -float("inf")
+        self._lock = threading.Lock()
+
+    def current(self) -> Hashable:
+        with self._lock:  # one reader at a time; the others wait for its mark rather than read their own
+            now = time.monotonic()
+            if now - self._read_at >= self._ttl_s:
+                self._mark, self._read_at = self._read(), now
+            return self._mark

@@ -73,3 +73,36 @@ def test_many_concurrent_requests_of_a_cold_version_read_the_registry_once(setti
 def _tenant_id(client) -> int:
     with session_scope(client.app.state.settings.registry_url) as session:
         return session.query(Tenant).filter_by(name="acme").one().id
+
+
+def test_names_stay_resolved_past_their_ttl_until_the_registry_changes(settings, api_key, monkeypatch):
+    quick = settings.model_copy(update={"task_resolve_ttl_s": 0.05})
+    with TestClient(create_app(quick), headers=bearer(api_key)) as client:
+
+        def import_version(task: str) -> None:
+            files = {"file": ("a.zip", adapter_zip())}
+            imported = client.post(f"/v1/prompts/{task}/versions", files=files, data={"template": "{input}"})
+            assert imported.status_code == 201, imported.text
+
+        for task in ("alpha", "beta", "gamma"):
+            import_version(task)
+        serving, tenant_id = client.app.state.serving, _tenant_id(client)
+        reads, find_version = [], serving_module.prompts_service.find_version
+
+        def counted(*args, **kwargs):
+            reads.append(kwargs["ref"])
+            return find_version(*args, **kwargs)
+
+        monkeypatch.setattr(serving_module.prompts_service, "find_version", counted)
+        for _ in range(3):
+            for task in ("alpha", "beta", "gamma"):
+                assert serving.resolve_task(tenant_id=tenant_id, ref=task).version == 1
+            time.sleep(0.1)  # past the TTL: the mark is read again, and has not changed
+        assert sorted(reads) == ["alpha", "beta", "gamma"]
+
+        import_version("alpha")
+        time.sleep(0.1)
+        assert serving.resolve_task(tenant_id=tenant_id, ref="alpha").version == 2
+        assert client.delete("/v1/prompts/beta/versions/1").status_code in (200, 204)
+        time.sleep(0.1)
+        assert client.post("/v1/generate", json={"task": "beta@1", "input": "x"}).status_code == 404
