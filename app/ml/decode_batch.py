@@ -5,14 +5,19 @@ Layout of row i in the cache, left-padded so every row's newest entry is the las
 
     [padding][prompt i's k_i entries][padding][input i's n_i tokens][generated tokens]
 
+A prompt-tuned row whose prompt's keys and values no cache holds yet runs its k_i virtual tokens as the
+first columns of its own input instead (InlinePrompt): [padding][prompt i's k_i vectors, input i's n_i
+tokens][generated tokens]. Its keys and values come out of that prefill, with no pass of their own.
+
 Padding may sit in the middle: the attention mask hides it, and positions count only real entries (the
 prompt at 0..k_i-1, the input from k_i on), so a row computes exactly what it would alone and unpadded.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -81,6 +86,13 @@ def _cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> Dynamic
     return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True)))
 
 
+@dataclass(frozen=True)
+class InlinePrompt:
+    """A prompt-tuned row's virtual tokens ([k, d]), run in the row's prefill before its input."""
+
+    embeds: torch.Tensor
+
+
 @dataclass
 class Prefill:
     """New rows' inputs being run on top of their prompts' shared keys and values, all at once or a few
@@ -94,7 +106,10 @@ class Prefill:
     positions: torch.Tensor  # [B, N] long: position id of each input column
     ids: torch.Tensor  # [B, N] long: the inputs, left-padded
     prompt_columns: int  # K: the longest prompt's entries, the cache's first columns
+    # row -> (its first prompt column among the input columns, the prompt's vectors [k, d] backbone dtype)
+    inline: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
     done: int = 0  # input columns run so far
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def columns(self) -> int:
@@ -110,7 +125,7 @@ class Prefill:
         causal = torch.ones(end - start, k + end, dtype=torch.bool, device=self.mask.device).tril(k + start)
         allowed = self.mask[:, : k + end].bool()[:, None, None] & causal  # [B, 1, q, K + end]
         hidden = model.get_decoder()(
-            inputs_embeds=model.get_input_embeddings()(self.ids[:, start:end]),  # [B, q, d]
+            inputs_embeds=self._embeds(model, start, end),  # [B, q, d]
             attention_mask=additive_mask(allowed, backbone.dtype),
             position_ids=self.positions[:, start:end],
             cache=self.cache,
@@ -118,6 +133,28 @@ class Prefill:
         ).last_hidden_state  # [B, q, d]
         self.done = end
         return backbone.logits(hidden[:, -1]) if end == self.columns else None  # [B, V]
+
+    def _embeds(self, model, start: int, end: int) -> torch.Tensor:
+        """Input columns start..end-1 embedded, with the inline prompts' vectors in their columns."""
+        embeds = model.get_input_embeddings()(self.ids[:, start:end])  # [B, q, d]
+        for row, (first, vectors) in self.inline.items():
+            lo, hi = max(start, first), min(end, first + len(vectors))
+            if lo < hi:
+                embeds[row, lo - start : hi - start] = vectors[lo - first : hi - first]
+        return embeds
+
+    def inline_prompt_kvs(self) -> dict[int, PromptKV]:
+        """Once every column has run: the keys and values the inline prompts left in the cache, by row,
+        copied out so they outlive the batch."""
+        found = {}
+        for row, (first, vectors) in self.inline.items():
+            columns = slice(self.prompt_columns + first, self.prompt_columns + first + len(vectors))
+            keys = torch.stack(
+                [layer.keys[row, :, columns] for layer in self.cache.layers]
+            )  # [L, H_kv, k, Dh]
+            values = torch.stack([layer.values[row, :, columns] for layer in self.cache.layers])
+            found[row] = PromptKV(keys, values)
+        return found
 
     def batch(self) -> DecodeBatch:
         """The rows, ready to decode, once every column has run."""
@@ -133,15 +170,19 @@ class Prefill:
 def start_prefill(
     backbone: Backbone,
     sequences: list[Row],
-    prompt_kv: Callable[[GenerationRequest], PromptKV | None],
+    prompt_kv: Callable[[GenerationRequest], PromptKV | InlinePrompt | None],
 ) -> Prefill:
-    """The new rows laid out on top of their prompts' keys and values, no input column run yet."""
+    """The new rows laid out on top of their prompts' keys and values (or their inline prompts ahead of
+    their inputs), no input column run yet."""
     device, dtype = backbone.device, backbone.dtype
-    kvs = [prompt_kv(seq.request) for seq in sequences]
+    found = [prompt_kv(seq.request) for seq in sequences]
+    kvs = [kv if isinstance(kv, PromptKV) else None for kv in found]
+    inlined = [len(kv.embeds) if isinstance(kv, InlinePrompt) else 0 for kv in found]
     contexts = [seq.request.context for seq in sequences]
     batch_size = len(sequences)
     k_max = max((kv.length for kv in kvs if kv is not None), default=0)
-    n_max = max(len(c) for c in contexts)
+    n_max = max(len(c) + k for c, k in zip(contexts, inlined, strict=True))
+    inline = {}
 
     mask = torch.zeros(batch_size, k_max + n_max, dtype=torch.long, device=device)  # [B, K + N]
     positions = torch.zeros(batch_size, n_max, dtype=torch.long, device=device)  # [B, N]
@@ -151,26 +192,38 @@ def start_prefill(
         layers, heads, _, head_dim = next(kv.keys.shape for kv in kvs if kv is not None)
         prefix_keys = torch.zeros(layers, batch_size, heads, k_max, head_dim, dtype=dtype, device=device)
         prefix_values = torch.zeros_like(prefix_keys)  # [L, B, H_kv, K, Dh]
-    for row, (kv, context) in enumerate(zip(kvs, contexts, strict=True)):
+    for row, (kv, context, k_inline) in enumerate(zip(kvs, contexts, inlined, strict=True)):
         k, n = (0 if kv is None else kv.length), len(context)
         if k:
             prefix_keys[:, row, :, k_max - k :] = kv.keys
             prefix_values[:, row, :, k_max - k :] = kv.values
             mask[row, k_max - k : k_max] = 1
+        if k_inline:  # the prompt's vectors as the row's first input columns, at positions 0..k-1
+            first = n_max - n - k_inline
+            inline[row] = (first, found[row].embeds.to(device, dtype))
+            mask[row, k_max + first : k_max + n_max - n] = 1
+            positions[row, first : n_max - n] = torch.arange(k_inline, device=device)
+            k = k_inline
         mask[row, k_max + n_max - n :] = 1
         positions[row, n_max - n :] = torch.arange(k, k + n, device=device)
         ids[row, n_max - n :] = torch.tensor(context, dtype=torch.long, device=device)
     if k_max:
         cache = _cache_from(list(prefix_keys.unbind(0)), list(prefix_values.unbind(0)))
     return Prefill(
-        sequences=list(sequences), cache=cache, mask=mask, positions=positions, ids=ids, prompt_columns=k_max
+        sequences=list(sequences),
+        cache=cache,
+        mask=mask,
+        positions=positions,
+        ids=ids,
+        prompt_columns=k_max,
+        inline=inline,
     )
 
 
 def prefill(
     backbone: Backbone,
     sequences: list[Row],
-    prompt_kv: Callable[[GenerationRequest], PromptKV | None],
+    prompt_kv: Callable[[GenerationRequest], PromptKV | InlinePrompt | None],
 ) -> tuple[DecodeBatch, torch.Tensor]:
     """Run the new rows' inputs on top of their prompts' shared keys and values, in one piece.
 

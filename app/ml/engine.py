@@ -33,10 +33,11 @@ import torch
 
 from app.errors import Overloaded, PromptCorrupt, Unavailable
 from app.ml.backbone import Backbone
-from app.ml.decode_batch import DecodeBatch, Prefill, decode_step, start_prefill
+from app.ml.decode_batch import DecodeBatch, InlinePrompt, Prefill, decode_step, start_prefill
 from app.ml.memory import release_freed_memory
 from app.ml.prompt_kv import CacheObserver, PromptKV, PromptKVCache, compute_prompt_kv
 from app.ml.row import UNDECODABLE, GenerationRequest, Row, choose_tokens
+from app.ml.soft_prompt import is_prefix
 
 log = logging.getLogger(__name__)
 # Prompt keys and values evicted before the idle engine hands freed memory back: about 18 prompts of the
@@ -220,13 +221,6 @@ class Scheduler:
         return sequence
 
     def _admit(self, joining: list[Row]) -> None:
-        if self.prompt_kv_cache is not None:  # the group's cold prompts in one pass
-            keyed = [
-                r.request
-                for r in joining
-                if r.request.prompt is not None and r.request.prompt_key is not None
-            ]
-            self.prompt_kv_cache.warm([(r.prompt_key, r.prompt) for r in keyed])
         pending = start_prefill(self.backbone, joining, self._prompt_kv)
         # Only a group with an input longer than a chunk is chunked: a group of short inputs costs no more
         # in one piece than the prefill_tokens budget lets it, and cut into chunks of a few columns each it
@@ -235,7 +229,9 @@ class Scheduler:
         # (_may_join) and go in one piece: one prefill is chunked at a time.
         chunk = self.prefill_chunk_tokens
         if chunk is None or pending.columns <= chunk or self.prefilling is not None:
-            self._join(pending.batch(), pending.run(self.backbone))
+            logits = pending.run(self.backbone)
+            self._keep_inline_prompts(pending)
+            self._join(pending.batch(), logits)
         else:
             self.prefilling = pending
             self._continue_prefill()
@@ -247,6 +243,7 @@ class Scheduler:
         if logits is None:
             self.prefilling = pending
         else:
+            self._keep_inline_prompts(pending)
             self._join(pending.batch(), logits)
 
     def _chunk_columns(self, rows: int) -> int | None:
@@ -302,12 +299,35 @@ class Scheduler:
                 keep = [i for i, s in enumerate(self.running.sequences) if id(s) not in failed]
                 self.running = self.running.filter(keep)
 
-    def _prompt_kv(self, request: GenerationRequest) -> PromptKV | None:
+    def _prompt_kv(self, request: GenerationRequest) -> PromptKV | InlinePrompt | None:
+        """The row's prompt as cached keys and values, or, for a prompt-tuned one no cache holds, its
+        vectors to run inline in the prefill (cheaper than a pass of its own: docs/benchmarks.md)."""
         if request.prompt is None:
             return None
-        if request.prompt_key is None or self.prompt_kv_cache is None:
-            return compute_prompt_kv(self.backbone, request.prompt)
-        return self.prompt_kv_cache.get(request.prompt_key, request.prompt)
+        cache, key = self.prompt_kv_cache, request.prompt_key
+        keyed = cache is not None and key is not None
+        found = cache.lookup(key) if keyed else None
+        if found is not None:
+            return found
+        if not is_prefix(request.prompt):
+            return InlinePrompt(request.prompt)
+        started = time.perf_counter()
+        kv = compute_prompt_kv(self.backbone, request.prompt)  # a prefix already is keys and values
+        if keyed:
+            cache.keep(key, kv, time.perf_counter() - started)
+        return kv
+
+    def _keep_inline_prompts(self, pending: Prefill) -> None:
+        """Keep the keys and values the group's inline prompts left, each once. Their load time is the
+        prefill's, shared by its rows in proportion to their columns: an estimate, as they ran together."""
+        if self.prompt_kv_cache is None or not pending.inline:
+            return
+        seconds = time.perf_counter() - pending.started
+        columns = int(pending.mask[:, pending.prompt_columns :].sum())
+        for row, kv in pending.inline_prompt_kvs().items():
+            key = pending.sequences[row].request.prompt_key
+            if key is not None:
+                self.prompt_kv_cache.keep(key, kv, seconds * kv.length / max(1, columns))
 
 
 def batch_tokens(request: GenerationRequest) -> int:

@@ -83,31 +83,6 @@ def compute_prompt_kv(backbone: Backbone, prompt: torch.Tensor) -> PromptKV:
     return PromptKV(keys, values)
 
 
-def compute_prompt_kvs(backbone: Backbone, prompts: list[torch.Tensor]) -> list[PromptKV]:
-    """``compute_prompt_kv`` for several prompts, those of one length in one pass: a pass reads every weight
-    of the backbone whatever its rows, so eight cold prompts cost about one pass, not eight."""
-    found: list[PromptKV | None] = [None] * len(prompts)
-    lengths: dict[int, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        if is_prefix(prompt) or len(prompt) == 0:
-            found[i] = compute_prompt_kv(backbone, prompt)
-        else:
-            lengths.setdefault(len(prompt), []).append(i)
-    for k, members in lengths.items():
-        embeds = torch.stack([prompts[i] for i in members]).to(backbone.device, backbone.dtype)  # [B, k, d]
-        positions = torch.arange(k, device=backbone.device)[None].expand(len(members), k)  # [B, k]
-        cache = DynamicCache()
-        with torch.inference_mode():
-            backbone.model.get_decoder()(
-                inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True
-            )
-        for row, i in enumerate(members):
-            keys = torch.stack([layer.keys[row] for layer in cache.layers])  # [L, H_kv, k, Dh]
-            values = torch.stack([layer.values[row] for layer in cache.layers])
-            found[i] = PromptKV(keys, values)
-    return found
-
-
 class PromptKVCache:
     """LRU of PromptKV bounded by bytes. Keys must name immutable content (a version's id and checksum),
     so an entry never goes stale; a new version is a new key."""
@@ -125,34 +100,28 @@ class PromptKVCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def get(self, key: Hashable, prompt: torch.Tensor) -> PromptKV:
+    def lookup(self, key: Hashable) -> PromptKV | None:
+        """The entry for ``key``, counted as a hit or a miss; None when not held."""
         with self._lock:
             found = self._entries.get(key)
             if found is not None:
                 self._entries.move_to_end(key)
+        self._count("miss" if found is None else "hit")
+        return found
+
+    def get(self, key: Hashable, prompt: torch.Tensor) -> PromptKV:
+        """The entry for ``key``, computed from ``prompt`` in a pass of its own and kept when not held."""
+        found = self.lookup(key)
         if found is not None:
-            self._count("hit")
             return found
-        self._count("miss")
         started = time.perf_counter()
         kv = compute_prompt_kv(self.backbone, prompt)
-        self._keep(key, kv, time.perf_counter() - started)
+        self.keep(key, kv, time.perf_counter() - started)
         return kv
 
-    def warm(self, items: list[tuple[Hashable, torch.Tensor]]) -> None:
-        """Compute and keep the keys and values of those of ``items`` (key, prompt) not held yet, together
-        (compute_prompt_kvs): a prefill's cold prompts cost one pass, not one each."""
-        with self._lock:
-            cold = {key: prompt for key, prompt in items if key not in self._entries}
-        if len(cold) < 2:
-            return  # get() computes a single one as cheaply
-        started = time.perf_counter()
-        computed = compute_prompt_kvs(self.backbone, list(cold.values()))
-        seconds = (time.perf_counter() - started) / len(cold)
-        for key, kv in zip(cold, computed, strict=True):
-            self._keep(key, kv, seconds)
-
-    def _keep(self, key: Hashable, kv: PromptKV, seconds: float) -> None:
+    def keep(self, key: Hashable, kv: PromptKV, seconds: float) -> None:
+        """Hold ``kv`` for ``key`` (``seconds``: what computing it cost), the least recently used out past
+        the bound."""
         evictions = 0
         with self._lock:
             if key not in self._entries:

@@ -14,7 +14,7 @@ from app.errors import Overloaded, PromptCorrupt
 from app.ml.engine import Abandoned, Engine, Scheduler, batch_tokens, generate_all
 from app.ml.inference import classify, classify_steps, generate_reference, generation_requests
 from app.ml.prefix import init_prefix
-from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv, compute_prompt_kvs
+from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv
 from app.ml.row import Generation, Row
 from tests.ml.rows import input_text, random_prompt
 
@@ -96,6 +96,8 @@ def test_streamed_pieces_add_up_to_the_text_and_never_contain_the_stop_string(ti
 
 
 def test_a_prompt_shared_by_many_rows_has_its_keys_and_values_computed_once(tiny_backbone):
+    """Six rows of one cold prompt: its keys and values come out of the rows' own prefill (one decoder
+    pass, no pass of their own), are kept once, and equal those of the prompt run alone."""
     prompt = random_prompt(6, 3)
     cache = PromptKVCache(tiny_backbone, max_bytes=1 << 20)
     scheduler = Scheduler(tiny_backbone, max_batch_rows=8, prompt_kv_cache=cache)
@@ -106,15 +108,28 @@ def test_a_prompt_shared_by_many_rows_has_its_keys_and_values_computed_once(tiny
         max_new_tokens=4,
         prompt_keys=["t"] * 6,
     )
-    for request in requests:
-        scheduler.add(Row(request=request), lambda *_: None)
+    rows = [Row(request=request) for request in requests]
+    for row in rows:
+        scheduler.add(row, lambda *_: None)
+    passes = []
+    hook = tiny_backbone.model.get_decoder().register_forward_hook(lambda *_: passes.append(1))
+    try:
+        scheduler.step()  # the admission: one prefill
+    finally:
+        hook.remove()
+    assert len(passes) == 1
     while not scheduler.idle:
         scheduler.step()
     assert len(cache._entries) == 1
-    kv = cache.get("t", prompt)
+    kv = cache.lookup("t")
     direct = compute_prompt_kv(tiny_backbone, prompt)
     assert kv.length == 6
-    assert torch.equal(kv.keys, direct.keys) and torch.equal(kv.values, direct.values)
+    assert torch.allclose(kv.keys, direct.keys, atol=1e-5) and torch.allclose(
+        kv.values, direct.values, atol=1e-5
+    )
+    for i, row in enumerate(rows):
+        expected = generate_reference(tiny_backbone, prompt=prompt, text=input_text(i), max_new_tokens=4)
+        assert row.result().token_ids == expected
 
 
 def test_the_prompt_kv_cache_stays_within_its_byte_bound(tiny_backbone):
@@ -511,24 +526,6 @@ def test_running_rows_and_short_newcomers_take_turns_with_the_chunks_of_a_long_p
     for row, text in ((running, "fun"), (newcomer, "a dull plot")):
         assert row.result().token_ids == generate_reference(
             tiny_backbone, prompt=None, text=text, max_new_tokens=30
-        )
-
-
-def test_cold_prompts_computed_together_equal_those_computed_one_by_one(tiny_backbone):
-    prompts = [random_prompt(3, seed=i) for i in range(4)] + [random_prompt(5, seed=9)]
-    prompts.append(init_prefix(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=1))
-    passes = []
-    decoder = tiny_backbone.model.get_decoder()
-    hook = decoder.register_forward_hook(lambda *_: passes.append(1))
-    try:
-        together = compute_prompt_kvs(tiny_backbone, prompts)
-    finally:
-        hook.remove()
-    assert len(passes) == 2  # the four of length 3 in one pass, the one of length 5 in another
-    for prompt, kv in zip(prompts, together, strict=True):
-        alone = compute_prompt_kv(tiny_backbone, prompt)
-        assert torch.allclose(kv.keys, alone.keys, atol=1e-5) and torch.allclose(
-            kv.values, alone.values, atol=1e-5
         )
 
 
