@@ -6,7 +6,9 @@ by a Zipf law over all of them, through HTTP, on the real backbone.
 The registry is seeded through the services (one task per version, as one task per customer would be):
 prompts and prefixes of the default backbone's real shapes, each distinct (real token embeddings, or the
 keys and values real tokens leave, moved by a little noise). Then `softprompt api` serves them and
---clients closed-loop clients send generations of --new-tokens tokens for --seconds per phase. Printed:
+--clients closed-loop clients send generations of --new-tokens tokens for --seconds per phase; the two
+phases take turns --rounds times (this machine's speed drifts by 20-30 % over minutes, which one phase
+after the other would read as a ratio), and each phase's figures sum its rounds. Printed:
 tokens per second of each phase and their ratio (target: Zipf >= 0.9x hot), p50 and p99 latency, a cold
 version's first request against a warm one (target: at most 50 ms more at p50), the API's resident
 memory against its cache settings, `GET /v1/models` (one page; target under 100 ms), and the version
@@ -147,7 +149,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--versions", type=int, default=10_000)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--seconds", type=float, default=60, help="per phase, all its rounds together")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--cold", type=int, default=20, help="versions whose first request is timed")
     parser.add_argument("--port", type=int, default=8768)
@@ -188,13 +191,22 @@ def main() -> int:
                 f"a cold version's first request: p50 {statistics.median(cold) * 1000:.0f} ms against "
                 f"{statistics.median(warm) * 1000:.0f} ms warm: +{extra * 1000:.0f} ms (target <= 50 ms)"
             )
-            rows = {}
-            for label, draw in (("hot", lambda: rng.choice(names[:HOT])), ("zipf", zipf_draw(names, rng))):
-                rate, latencies = asyncio.run(phase(url, draw, args.clients, args.seconds, args.new_tokens))
-                rows[label] = rate
+            draws = {"hot": lambda: rng.choice(names[:HOT]), "zipf": zipf_draw(names, rng)}
+            rates: dict[str, list[float]] = {label: [] for label in draws}
+            latencies: dict[str, list[float]] = {label: [] for label in draws}
+            for round_ in range(args.rounds):
+                for label, draw in draws.items():
+                    seconds = args.seconds / args.rounds
+                    rate, seen = asyncio.run(phase(url, draw, args.clients, seconds, args.new_tokens))
+                    rates[label].append(rate)
+                    latencies[label] += seen
+                    log(f"round {round_ + 1}, {label}: {rate:.1f} tokens/s, {len(seen)} requests")
+            rows = {label: statistics.mean(rates[label]) for label in draws}
+            for label, rate in rows.items():
+                seen = latencies[label]
                 log(
-                    f"{label}: {rate:.1f} tokens/s, {len(latencies)} requests, p50 "
-                    f"{percentile(latencies, 0.5):.2f} s, p99 {percentile(latencies, 0.99):.2f} s"
+                    f"{label}: {rate:.1f} tokens/s, {len(seen)} requests, p50 "
+                    f"{percentile(seen, 0.5):.2f} s, p99 {percentile(seen, 0.99):.2f} s"
                 )
             log(f"zipf / hot = {rows['zipf'] / rows['hot']:.2f} (target >= 0.9)")
             grown = rss_bytes(server.pid) - before
