@@ -24,7 +24,8 @@ import httpx
 from httpx_sse import connect_sse
 from pydantic import BaseModel
 
-from app.api.schemas import (
+from app.contract.kinds import FINISHED_STATUSES
+from app.contract.schemas import (
     ClassifyResponse,
     DatasetPublic,
     EvaluationPublic,
@@ -34,7 +35,6 @@ from app.api.schemas import (
     TaskPublic,
     VersionPublic,
 )
-from app.db.models import FINISHED_STATUSES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 120.0

@@ -18,10 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from app.api.schemas import EvaluationPublic
 from app.client import DEFAULT_URL, ApiError, Client
-from app.db.models import FINISHED_STATUSES, JobStatus
-from app.ml.method import Method
+from app.contract.kinds import FINISHED_STATUSES, JobStatus, Method
+from app.contract.schemas import EvaluationPublic
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="SOFTPROMPT_URL", help="The service's address.")]
 KeyOption = Annotated[

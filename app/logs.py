@@ -1,5 +1,5 @@
 """One JSON object per log line, the same in the API and the worker, carrying the ids of what the line is
-about: the HTTP request, the job, the task. Both processes call configure_logging() at start."""
+about: the HTTP request, the job or evaluation, the task. Both processes call configure_logging() at start."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from contextvars import ContextVar
 
 from pythonjsonlogger.json import JsonFormatter
 
-# Set by the API for each request (app/api/request_id.py) and by the worker for each job (workers/tasks.py).
+# Set by the API for each request (app/api/request_id.py) and by the worker for each job or evaluation
+# (workers/tasks.py).
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 job_id: ContextVar[int | None] = ContextVar("job_id", default=None)
+evaluation_id: ContextVar[int | None] = ContextVar("evaluation_id", default=None)
 task: ContextVar[str | None] = ContextVar("task", default=None)
+RUN_IDS = {"job": job_id, "evaluation": evaluation_id}  # by the kind of run's noun (app/services/leases.py)
 
 FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 RENAMED = {"asctime": "time", "levelname": "level", "name": "logger"}
@@ -21,7 +24,13 @@ class _Ids(logging.Filter):
     """Puts the ids of the current request or job on every record, where there are any."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for name, var in (("request_id", request_id), ("job_id", job_id), ("task", task)):
+        ids = (
+            ("request_id", request_id),
+            ("job_id", job_id),
+            ("evaluation_id", evaluation_id),
+            ("task", task),
+        )
+        for name, var in ids:
             value = var.get()
             if value is not None and not hasattr(record, name):
                 setattr(record, name, value)

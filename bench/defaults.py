@@ -22,11 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.ml.method import INITS, Method  # noqa: E402
+from app.contract.hyperparameters import METHOD_DEFAULTS, Loss  # noqa: E402
+from app.contract.kinds import INITS, Method  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.trainer import train_prompt  # noqa: E402
-from app.services.hyperparameters import METHOD_DEFAULTS, Loss  # noqa: E402
 from bench.tuning import LABELS, TEMPLATE, accuracy, config, load, log, rows  # noqa: E402
 
 

@@ -32,12 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.contract.hyperparameters import Hyperparameters, default_steps  # noqa: E402
 from app.ml.generation_scores import generation_report  # noqa: E402
 from app.ml.inference import generate  # noqa: E402
 from app.ml.text import render  # noqa: E402
 from app.ml.trainer import BatchOrder, Example, TrainConfig, lr_factor  # noqa: E402
 from app.services.evaluating import CHUNK_ROWS as EVALUATION_CHUNK  # noqa: E402
-from app.services.hyperparameters import Hyperparameters, default_steps  # noqa: E402
 from app.services.training import split_holdout  # noqa: E402
 from bench.in_process import Registry  # noqa: E402
 from bench.tuning import load, log, peft_batch  # noqa: E402

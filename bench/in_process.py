@@ -12,16 +12,16 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
+from app.contract.hyperparameters import Hyperparameters
+from app.contract.kinds import Method
 from app.db.migrate import upgrade
 from app.db.models import Evaluation, TuningJob
 from app.db.session import session_scope
 from app.ml.backbone import Backbone
-from app.ml.method import Method
 from app.ml.soft_prompt import stored_shape
 from app.services.datasets import store_upload
 from app.services.evaluating import run_evaluation
 from app.services.evaluations import EvaluationRequest, create_evaluation
-from app.services.hyperparameters import Hyperparameters
 from app.services.jobs import JobRequest, create_job
 from app.services.prompts import find_version
 from app.services.serving import decode_version

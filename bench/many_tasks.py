@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
+from app.contract.kinds import Method  # noqa: E402
 from app.db.migrate import upgrade  # noqa: E402
 from app.db.models import DEFAULT_TENANT, Tenant  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
-from app.ml.method import Method  # noqa: E402
 from app.ml.soft_prompt import prompt_to_bytes, virtual_tokens  # noqa: E402
 from app.services import prompts as prompts_service  # noqa: E402
 from bench.fairness import log  # noqa: E402

@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 from scipy.stats import binomtest  # noqa: E402
 
-from app.ml.method import Method  # noqa: E402
+from app.contract.hyperparameters import METHOD_DEFAULTS, Hyperparameters  # noqa: E402
+from app.contract.kinds import Method  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
-from app.ml.trainer import Example, evaluate, train_prompt  # noqa: E402
+from app.ml.trainer import Example, TrainConfig, evaluate, train_prompt  # noqa: E402
 from app.ml.versus_bare import REFUSE_BELOW_P as CHOSEN  # noqa: E402
-from app.services.hyperparameters import METHOD_DEFAULTS, Hyperparameters  # noqa: E402
 from app.services.training import split_holdout  # noqa: E402
 from bench.tuning import load, log  # noqa: E402
 
@@ -100,7 +100,7 @@ def run(backbone, task: str, size: int, seed: int, bare_test: float, args: argpa
         validation=validation,
         template=template,
         labels=labels,
-        config=hp.train_config(classification=True),
+        config=TrainConfig.of(hp, classification=True),
         on_progress=lambda _: None,
         should_stop=lambda: False,
     )

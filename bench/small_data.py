@@ -24,11 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.ml.method import Method  # noqa: E402
+from app.contract.hyperparameters import METHOD_DEFAULTS, Hyperparameters  # noqa: E402
+from app.contract.kinds import Method  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
-from app.ml.trainer import train_prompt  # noqa: E402
-from app.services.hyperparameters import METHOD_DEFAULTS, Hyperparameters  # noqa: E402
+from app.ml.trainer import TrainConfig, train_prompt  # noqa: E402
 from app.services.training import split_holdout  # noqa: E402
 from bench.tuning import LABELS, TEMPLATE, accuracy, load, log, rows  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> int:
                 validation=held,
                 template=TEMPLATE,
                 labels=LABELS,
-                config=hp.train_config(classification=True),
+                config=TrainConfig.of(hp, classification=True),
                 on_progress=lambda _: None,
                 should_stop=lambda: False,
             )

@@ -20,7 +20,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.db.models import ACTIVE_STATUSES, JobStatus  # noqa: E402
+from app.contract.kinds import ACTIVE_STATUSES, JobStatus  # noqa: E402
 
 SST2 = ROOT.parent / "shared/data/sst2"
 TEMPLATE = "Review: {input}\nSentiment:"

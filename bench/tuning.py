@@ -38,14 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
+from app.contract.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters  # noqa: E402
+from app.contract.kinds import Method  # noqa: E402
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone  # noqa: E402
 from app.ml.inference import classify  # noqa: E402
-from app.ml.method import Method  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.text import render  # noqa: E402
 from app.ml.trainer import BatchOrder, Example, TrainConfig, lr_factor, train_prompt  # noqa: E402
-from app.services.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters  # noqa: E402
 from app.services.training import split_holdout  # noqa: E402
 
 SST2 = ROOT.parent / "shared/data/sst2"
@@ -104,7 +104,7 @@ def config(
     resolved = Hyperparameters(**given).resolve(
         steps * batch_size, max_steps=steps, method=method, classification=True
     )
-    return resolved.train_config(classification=True)
+    return TrainConfig.of(resolved, classification=True)
 
 
 def run_ours(
@@ -277,7 +277,7 @@ def run_full_job(method: Method) -> dict:
         validation=held,
         template=TEMPLATE,
         labels=LABELS,
-        config=hp.train_config(classification=True),
+        config=TrainConfig.of(hp, classification=True),
         on_progress=lambda _: None,
         should_stop=lambda: False,
     )

@@ -20,10 +20,10 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.contract.kinds import Method
 from app.db.models import PromptVersion
 from app.db.session import session_scope
 from app.main import create_app
-from app.ml.method import Method
 from app.ml.soft_prompt import loose_shape, prompt_from_bytes, prompt_to_bytes
 from app.services.api_keys import create_key
 from app.services.training import run_job

@@ -1,4 +1,5 @@
-"""Thin Celery tasks: they carry a job's (or an evaluation's) id and hand it to its service."""
+"""Thin Celery tasks: they carry a job's (or an evaluation's) id and hand it to its service, both through
+one wrapper (log ids, turns, backbone, refusal, the worker's metrics)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,18 @@ from collections.abc import Callable
 
 from celery import signals
 from celery.exceptions import Reject
-from prometheus_client import start_http_server
+from prometheus_client import Counter, start_http_server
 
 from app import logs
-from app.config import get_settings
-from app.db.models import Evaluation, TuningJob
+from app.config import Settings, get_settings
 from app.db.session import session_scope
 from app.errors import UnsupportedBackbone
+from app.ml.backbone import Backbone
 from app.services import leases, turns, worker_metrics
-from app.services.evaluating import refuse_evaluation, run_evaluation
+from app.services.evaluating import run_evaluation
 from app.services.queue import EVALUATE_TASK, TRAIN_TASK
-from app.services.training import HANDBACK, RunOutcome, refuse_job, run_job
+from app.services.runs import HANDBACK, RunOutcome, refuse
+from app.services.training import run_job
 from workers.backbones import get_backbone
 from workers.celery_app import celery
 
@@ -45,82 +47,72 @@ def _hand_back_the_running_job(**_: object) -> None:
 
 @celery.task(name=TRAIN_TASK)
 def run_tuning_job(job_id: int) -> RunOutcome:
-    if HANDBACK.is_set():
-        # Shutting down: a message fetched now goes back to the broker for another worker, untouched.
-        raise Reject("worker shutting down", requeue=True)
-    # Every line logged about this job carries its id and task; the worker's own lines between jobs do not.
-    job_token = logs.job_id.set(job_id)
-    task_token = logs.task.set(None)
-    try:
-        return _take_turns(job_id, kind=leases.JOBS, run=_train)
-    finally:
-        logs.job_id.reset(job_token)
-        logs.task.reset(task_token)
-
-
-# A message whose chosen run another worker claimed first chooses again, this many times in all.
-CHOICES = 3
-
-
-def _take_turns(preferred: int, *, kind: leases.Leased, run: Callable[[int], RunOutcome]) -> RunOutcome:
-    """Runs the queued row whose tenant is owed a turn (app/services/turns.py), which may not be the
-    message's own; the message's row is then run by another message, or sent again by the reaper."""
-    db_url = get_settings().registry_url
-    outcome = RunOutcome.SKIPPED
-    for _ in range(CHOICES):
-        chosen = turns.next_run(db_url=db_url, kind=kind, preferred=preferred)
-        outcome = run(chosen)
-        if outcome != RunOutcome.SKIPPED or chosen == preferred:
-            return outcome
-    return outcome
-
-
-def _train(job_id: int) -> RunOutcome:
-    settings = get_settings()
-    with session_scope(settings.registry_url) as session:
-        job = session.get(TuningJob, job_id)
-        base_model = job.base_model if job else None
-        logs.task.set(job.task if job else None)
-    if base_model is None:
-        return RunOutcome.MISSING
-    logs.job_id.set(job_id)  # the row chosen, which may not be the message's
-    try:
-        backbone = get_backbone(base_model)
-    except UnsupportedBackbone as error:  # no worker can run it: the job says why instead of waiting
-        outcome = refuse_job(db_url=settings.registry_url, job_id=job_id, error=error)
-    else:
-        outcome = run_job(
-            db_url=settings.registry_url,
-            job_id=job_id,
-            backbone=backbone,
-            checkpoint_every=settings.checkpoint_every_steps,
-            lease_s=settings.job_lease_s,
-            time_slice_s=settings.run_time_slice_s,
-        )
-    worker_metrics.JOBS.labels(outcome).inc()
-    return outcome
+    return _run(leases.JOBS, job_id, start=_train, counted=worker_metrics.JOBS)
 
 
 @celery.task(name=EVALUATE_TASK)
 def run_evaluation_task(evaluation_id: int) -> RunOutcome:
+    return _run(leases.EVALUATIONS, evaluation_id, start=_evaluate, counted=worker_metrics.EVALUATIONS)
+
+
+# A message whose chosen run another worker claimed first chooses again, this many times in all.
+CHOICES = 3
+Start = Callable[[Settings, int, Backbone], RunOutcome]
+
+
+def _run(kind: leases.Leased, preferred: int, *, start: Start, counted: Counter) -> RunOutcome:
+    """One message: the queued row whose tenant is owed a turn (app/services/turns.py), which may not be
+    the message's own; the message's row is then run by another message, or sent again by the reaper."""
     if HANDBACK.is_set():
+        # Shutting down: a message fetched now goes back to the broker for another worker, untouched.
         raise Reject("worker shutting down", requeue=True)
-    outcome = _take_turns(evaluation_id, kind=leases.EVALUATIONS, run=_evaluate)
-    worker_metrics.EVALUATIONS.labels(outcome).inc()
+    db_url = get_settings().registry_url
+    outcome = RunOutcome.SKIPPED
+    for _ in range(CHOICES):
+        chosen = turns.next_run(db_url=db_url, kind=kind, preferred=preferred)
+        outcome = _run_one(kind, chosen, start)
+        counted.labels(outcome).inc()
+        if outcome != RunOutcome.SKIPPED or chosen == preferred:
+            break
     return outcome
 
 
-def _evaluate(evaluation_id: int) -> RunOutcome:
+def _run_one(kind: leases.Leased, row_id: int, start: Start) -> RunOutcome:
+    """The row run on its backbone, every line logged meanwhile carrying its id and task; or failed, saying
+    why, when no worker can load its backbone."""
     settings = get_settings()
     with session_scope(settings.registry_url) as session:
-        evaluation = session.get(Evaluation, evaluation_id)
-        base_model = evaluation.base_model if evaluation else None
+        row = session.get(kind.table, row_id)
+        base_model = row.base_model if row is not None else None
+        task = getattr(row, "task", None)
     if base_model is None:
         return RunOutcome.MISSING
+    id_token, task_token = logs.RUN_IDS[kind.noun].set(row_id), logs.task.set(task)
     try:
         backbone = get_backbone(base_model)
-    except UnsupportedBackbone as error:
-        return refuse_evaluation(db_url=settings.registry_url, evaluation_id=evaluation_id, error=error)
+    except UnsupportedBackbone as error:  # no worker can run it: the row says why instead of waiting
+        return refuse(
+            kind, db_url=settings.registry_url, row_id=row_id, error=error, lease_s=settings.job_lease_s
+        )
+    else:
+        return start(settings, row_id, backbone)
+    finally:
+        logs.RUN_IDS[kind.noun].reset(id_token)
+        logs.task.reset(task_token)
+
+
+def _train(settings: Settings, job_id: int, backbone: Backbone) -> RunOutcome:
+    return run_job(
+        db_url=settings.registry_url,
+        job_id=job_id,
+        backbone=backbone,
+        checkpoint_every=settings.checkpoint_every_steps,
+        lease_s=settings.job_lease_s,
+        time_slice_s=settings.run_time_slice_s,
+    )
+
+
+def _evaluate(settings: Settings, evaluation_id: int, backbone: Backbone) -> RunOutcome:
     return run_evaluation(
         db_url=settings.registry_url,
         evaluation_id=evaluation_id,

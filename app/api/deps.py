@@ -9,7 +9,7 @@ from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import MAX_ID
+from app.contract.kinds import MAX_ID
 from app.db.session import session_scope
 from app.services.api_metrics import Metrics
 from app.services.serving import Serving

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.api.schemas import ErrorResponse
+from app.contract.schemas import ErrorResponse
 
 DESCRIPTIONS = {
     400: "Malformed request.",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -21,20 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-
-class JobStatus(StrEnum):
-    """A tuning job's or an evaluation's status, as its row stores it (a string column: a new status needs
-    no migration)."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)  # work that may still run
-FINISHED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)  # work that never will
+from app.contract.kinds import JobStatus
 
 
 def utcnow() -> datetime:
@@ -56,8 +42,6 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-# Ids and version numbers are 32-bit INTEGER columns in PostgreSQL: the API refuses larger ones up front.
-MAX_ID = 2**31 - 1
 # A dataset's file name and its name, which falls back to the file name: what the columns hold, and what
 # the API accepts.
 NAME_CHARS = 255

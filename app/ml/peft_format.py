@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 
+from app.contract.kinds import Method
 from app.errors import InvalidRequest
 from app.input_text import JsonFault, parse_json
 from app.ml.backbone import Backbone
-from app.ml.method import Method
 from app.ml.soft_prompt import PROMPT_KEY, is_prefix, prompt_to_bytes, stored_shape, virtual_tokens
 
 CONFIG_FILE = "adapter_config.json"

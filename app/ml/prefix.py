@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from app.contract.kinds import INITS, InitStrategy, Method
 from app.errors import InvalidRequest
 from app.ml.backbone import Backbone
-from app.ml.method import PREFIX_INITS as STRATEGIES
 from app.ml.prompt_kv import compute_prompt_kv
 from app.ml.soft_prompt import init_prompt
 
@@ -31,20 +31,20 @@ def init_prefix(
     From text (``text``, ``labels``, ``vocab``) it is exactly the keys and values those k tokens leave at
     positions 0..k-1: the model starts where prompt tuning with the same init starts, and the prefix's
     extra freedom (every layer on its own) is all gained in training."""
-    if strategy not in STRATEGIES:
+    if strategy not in INITS[Method.PREFIX]:
         raise InvalidRequest(
-            f"unknown init strategy {strategy!r}; one of {', '.join(STRATEGIES)}", param="init"
+            f"unknown init strategy {strategy!r}; one of {', '.join(INITS[Method.PREFIX])}", param="init"
         )
-    from_text = "vocab" if strategy in ("zero", "random") else strategy
+    from_text = InitStrategy.VOCAB if strategy in (InitStrategy.ZERO, InitStrategy.RANDOM) else strategy
     k = num_virtual_tokens
     embeddings = init_prompt(
         backbone, num_virtual_tokens=k, strategy=from_text, text=text, labels=labels, seed=seed
     )  # [k, d]
     kv = compute_prompt_kv(backbone, embeddings)
     prefix = torch.stack([kv.keys, kv.values]).float().cpu()  # [2, L, H_kv, k, Dh]
-    if strategy == "zero":
+    if strategy == InitStrategy.ZERO:
         return torch.zeros_like(prefix)
-    if strategy == "random":
+    if strategy == InitStrategy.RANDOM:
         generator = torch.Generator().manual_seed(seed)
         # Each layer's keys and values have their own scale (rotary keys grow with depth); match it.
         scale = prefix.std(dim=(2, 3, 4), keepdim=True)  # [2, L, 1, 1, 1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from app.contract.kinds import InitStrategy
 from app.ml.backbone import Backbone
 from app.ml.layout import context_ids, target_ids, target_logits
 from app.ml.prefix import init_prefix
@@ -55,7 +56,9 @@ def backbone_scale(backbone: Backbone, *, prefix: bool) -> float:
     if key not in _scales:
         if prefix:
             tokens = len(context_ids(backbone, PROBE_TEXT))
-            reference = init_prefix(backbone, num_virtual_tokens=tokens, strategy="text", text=PROBE_TEXT)
+            reference = init_prefix(
+                backbone, num_virtual_tokens=tokens, strategy=InitStrategy.TEXT, text=PROBE_TEXT
+            )
         else:
             reference = backbone.model.get_input_embeddings().weight.detach()
         _scales[key] = float(reference.float().abs().max())

@@ -18,15 +18,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from app.contract.kinds import PROMPT_INITS, InitStrategy, Method
 from app.errors import InvalidRequest, PromptCorrupt
 from app.ml.backbone import Backbone, encode
-from app.ml.method import PROMPT_INITS, Method
 from app.ml.text import continuation
 
 PROMPT_KEY = "prompt_embeddings"
 
 
-STRATEGIES = PROMPT_INITS
 # Lester et al. initialise from the 5,000 most frequent tokens; BPE vocabularies are built merge by merge,
 # so low ids are a cheap stand-in for frequency.
 FREQUENT_VOCAB = 5000
@@ -47,25 +46,25 @@ def init_prompt(
         raise InvalidRequest("num_virtual_tokens must be at least 1", param="num_virtual_tokens")
     table = backbone.model.get_input_embeddings().weight.detach()  # [V, d]
     generator = torch.Generator().manual_seed(seed)
-    if strategy == "text":
+    if strategy == InitStrategy.TEXT:
         if not text or not text.strip():
             raise InvalidRequest("the text strategy needs a non-empty init text", param="init")
         ids = _cycle(encode(backbone, text), k)
-    elif strategy == "labels":
+    elif strategy == InitStrategy.LABELS:
         # Labels are scored as they follow an input (" positive"), so start from those tokens.
         ids = [i for label in labels or [] if label for i in encode(backbone, continuation(".", label))]
         if not ids:
             raise InvalidRequest("the labels strategy needs a dataset with labels", param="init")
         ids = _cycle(ids, k)
-    elif strategy == "vocab":
+    elif strategy == InitStrategy.VOCAB:
         high = min(FREQUENT_VOCAB, table.shape[0])
         ids = torch.randint(0, high, (k,), generator=generator).tolist()
-    elif strategy == "random":
+    elif strategy == InitStrategy.RANDOM:
         std = table.float().std().item()
         return torch.randn(k, table.shape[1], generator=generator) * std  # [k, d]
     else:
         raise InvalidRequest(
-            f"unknown init strategy {strategy!r}; one of {', '.join(STRATEGIES)}", param="init"
+            f"unknown init strategy {strategy!r}; one of {', '.join(PROMPT_INITS)}", param="init"
         )
     return table[torch.tensor(ids, device=table.device)].float().cpu().clone()  # [k, d]
 

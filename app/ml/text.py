@@ -3,8 +3,7 @@ so there is exactly one definition of how an input is wrapped and how an output 
 
 from __future__ import annotations
 
-INPUT_PLACEHOLDER = "{input}"
-DEFAULT_TEMPLATE = INPUT_PLACEHOLDER
+from app.contract.templates import INPUT_PLACEHOLDER
 
 
 def render(template: str, text: str) -> str:

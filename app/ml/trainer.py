@@ -11,20 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
+from app.contract.hyperparameters import HOLDOUT_DECODE_TOKENS, Hyperparameters, Loss
+from app.contract.kinds import EvalMetric, default_metric
 from app.ml.backbone import Backbone
 from app.ml.checkpoint import Checkpoint
 from app.ml.generation_scores import generation_report, sentence_score
 from app.ml.inference import generate, label_log_likelihoods
 from app.ml.layout import context_ids, fit_context, target_ids, target_log_probs, target_logits
 from app.ml.scores import classification_report
-from app.ml.selection import (
-    DECODED_METRICS,
-    EvalMetric,
-    bare_key,
-    default_metric,
-    rank,
-    tuned_key,
-)
+from app.ml.selection import DECODED_METRICS, bare_key, rank, tuned_key
 from app.ml.soft_prompt import virtual_tokens
 from app.ml.text import continuation, render
 from app.ml.versus_bare import Comparison, compare
@@ -42,7 +37,7 @@ class Example:
 
 @dataclass
 class TrainConfig:
-    """The trainer's settings. The product's defaults for them are in app/services/hyperparameters.py;
+    """The trainer's settings. The product's defaults for them are in app/contract/hyperparameters.py;
     here only the switches that are off unless asked for have defaults."""
 
     steps: int
@@ -72,6 +67,29 @@ class TrainConfig:
     # Generation: decode the hold-out greedily, up to its longest output plus DECODE_MARGIN tokens but at
     # most this many, to score it with exact match, F1, BLEU, chrF and ROUGE-L. 0: the loss alone.
     decode_tokens: int = 0
+
+    @classmethod
+    def of(cls, hp: Hyperparameters, *, classification: bool, checkpoint_every: int = 0) -> TrainConfig:
+        """The trainer's settings for a job's resolved hyperparameters (Hyperparameters.resolve)."""
+        if hp.steps is None or hp.warmup_steps is None or hp.learning_rate is None:
+            raise ValueError("TrainConfig.of() needs resolved hyperparameters; call resolve() first")
+        return cls(
+            steps=hp.steps,
+            batch_size=hp.batch_size,
+            learning_rate=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            warmup_steps=hp.warmup_steps,
+            max_grad_norm=hp.max_grad_norm,
+            seed=hp.seed,
+            eval_every=hp.eval_every,
+            patience=hp.patience,
+            optimizer=hp.optimizer.value,
+            append_eos=not classification,
+            label_loss=hp.loss is Loss.LABELS,
+            eval_metric=hp.eval_metric,
+            decode_tokens=0 if classification else HOLDOUT_DECODE_TOKENS,
+            checkpoint_every=checkpoint_every,
+        )
 
     def metric(self, *, classification: bool) -> EvalMetric:
         chosen = self.eval_metric or default_metric(classification=classification)

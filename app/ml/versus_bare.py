@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from scipy.stats import binomtest
 
-from app.ml.selection import EvalMetric
+from app.contract.kinds import EvalMetric
 
 # One-sided: a job refuses when the bare template's lead on the hold-out would come by chance less often
 # than this. Not the customary 0.05: on hold-outs of 20 and 40 rows that refused 1 run of 20, and

@@ -10,11 +10,11 @@ import torch
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.contract.kinds import DatasetKind, Method
 from app.db.models import PromptVersion
 from app.errors import InvalidRequest, PromptCorrupt
 from app.input_text import check_text, text_fault
 from app.ml.backbone import Backbone
-from app.ml.method import Method
 from app.ml.peft_format import export_zip, import_zip
 from app.ml.soft_prompt import PROMPT_KEY, loose_shape, prompt_from_bytes, prompt_to_bytes, virtual_tokens
 from app.services import prompts, quotas
@@ -112,7 +112,7 @@ def import_version(
         embedding_dim=backbone.embedding_dim,
         template=template,
         labels=labels,
-        kind="classification" if labels else "generation",
+        kind=DatasetKind.CLASSIFICATION if labels else DatasetKind.GENERATION,
         metrics={
             "imported_from": "peft",
             "base_model_name_or_path": _plain(adapter.config.get("base_model_name_or_path")),

@@ -10,7 +10,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app.db.models import JobCheckpoint, JobStatus, TuningJob, utcnow
+from app.contract.kinds import JobStatus
+from app.db.models import JobCheckpoint, TuningJob, utcnow
 from app.db.session import session_scope
 from app.ml.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from app.contract.kinds import DatasetKind
 from app.errors import DatasetInvalid, PayloadTooLarge, UnsupportedMediaType
 from app.input_text import JsonFault, check_text, parse_json
 
@@ -79,7 +80,6 @@ _WIDE_BOMS: tuple[tuple[bytes, str], ...] = (
 
 # (input, output): the output is a label, a target text, or (kind "references") a list of reference texts.
 Record = tuple[str, str | list[str]]
-REFERENCES = "references"  # the kind of a dataset of {"input", "references"} records
 
 
 def outputs_of(record: Record) -> list[str]:
@@ -91,7 +91,7 @@ def outputs_of(record: Record) -> list[str]:
 @dataclass(frozen=True)
 class ParsedDataset:
     format: str  # "jsonl" | "csv"
-    kind: str  # "classification" | "generation"
+    kind: DatasetKind
     records: list[Record]  # normalised (input, output) pairs, in file order
     labels: list[str] | None  # sorted distinct labels for classification, else None
     sha256: str  # of the raw uploaded bytes
@@ -113,10 +113,10 @@ class _Shape:
 
 # Order matters: a record carrying the fields of several shapes takes the first.
 _SHAPES: tuple[_Shape, ...] = (
-    _Shape("classification", "text", "label"),
-    _Shape("generation", "input", "output"),
-    _Shape("generation", "prompt", "completion"),
-    _Shape(REFERENCES, "input", "references"),
+    _Shape(DatasetKind.CLASSIFICATION, "text", "label"),
+    _Shape(DatasetKind.GENERATION, "input", "output"),
+    _Shape(DatasetKind.GENERATION, "prompt", "completion"),
+    _Shape(DatasetKind.REFERENCES, "input", "references"),
 )
 _SHAPES_TEXT = ", ".join(shape.describe() for shape in _SHAPES)
 
@@ -147,7 +147,7 @@ def parse_dataset(
     else:
         shape, rows = _csv_rows(text, max_chars)
     shape, records = _collect(rows, shape, limits)
-    labels = _check_labels(records) if shape.kind == "classification" else None
+    labels = _check_labels(records) if shape.kind == DatasetKind.CLASSIFICATION else None
     return ParsedDataset(
         format=fmt, kind=shape.kind, records=records, labels=labels, sha256=hashlib.sha256(data).hexdigest()
     )
@@ -299,7 +299,7 @@ def _raise_csv_error(exc: csv.Error, line: int, max_chars: int) -> NoReturn:
 def _csv_shape(cells: list[str], line: int) -> tuple[_Shape, tuple[int, int]]:
     names = [cell.strip().lower() for cell in cells]
     for shape in _SHAPES:
-        if shape.kind == REFERENCES and all(field in names for field in shape.fields):
+        if shape.kind == DatasetKind.REFERENCES and all(field in names for field in shape.fields):
             raise DatasetInvalid(
                 f'The header on line {line} names a "references" column, but a CSV cell holds one text, '
                 'not a list: upload {"input", "references": [...]} records as a .jsonl file.',
@@ -424,9 +424,9 @@ def _extract(obj: dict[str, Any], line: int, shape: _Shape, limits: _Limits) -> 
     max_chars = limits.max_chars
     source = _text_field(obj[shape.input_field], shape.input_field, line, max_chars)
     output = obj[shape.output_field]
-    if shape.kind == "classification":
+    if shape.kind == DatasetKind.CLASSIFICATION:
         return source, _label_field(output, shape.output_field, line, max_chars)
-    if shape.kind == REFERENCES:
+    if shape.kind == DatasetKind.REFERENCES:
         return source, _references_field(output, shape.output_field, line, limits)
     return source, _text_field(output, shape.output_field, line, max_chars)
 
@@ -583,7 +583,9 @@ def dataset_stats(parsed: ParsedDataset, count_tokens: Callable[[str], int] | No
     outputs = [text for record in parsed.records for text in outputs_of(record)]
     stats: dict[str, Any] = {
         "num_examples": len(parsed.records),
-        "label_counts": dict(sorted(Counter(outputs).items())) if parsed.kind == "classification" else None,
+        "label_counts": dict(sorted(Counter(outputs).items()))
+        if parsed.kind == DatasetKind.CLASSIFICATION
+        else None,
         "input_chars": _summary([len(s) for s in inputs]),
         "output_chars": _summary([len(s) for s in outputs]),
         "input_tokens": None,

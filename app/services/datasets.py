@@ -9,7 +9,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import ACTIVE_STATUSES, NAME_CHARS, Dataset, Evaluation, Tenant, TuningJob
+from app.contract.kinds import ACTIVE_STATUSES
+from app.db.models import NAME_CHARS, Dataset, Evaluation, Tenant, TuningJob
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import idempotency, quotas, uploads
 from app.services.dataset_parsing import Record, decode_records, token_stats

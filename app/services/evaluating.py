@@ -11,28 +11,25 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from sqlalchemy.exc import OperationalError
 
-from app.db.models import Dataset, Evaluation, JobStatus, PromptVersion, utcnow
+from app.contract.kinds import DatasetKind, JobStatus, Method
+from app.db.models import Dataset, Evaluation, PromptVersion, utcnow
 from app.db.session import session_scope
 from app.errors import DomainError, InvalidRequest
 from app.ml.backbone import Backbone
 from app.ml.generation_scores import example_scores, generation_report
 from app.ml.inference import classify, generate
 from app.ml.layout import context_ids, fit_context
-from app.ml.method import Method
 from app.ml.scores import classification_report
 from app.ml.soft_prompt import stored_shape, virtual_tokens
 from app.ml.text import render
 from app.services import leases
 from app.services.dataset_parsing import Record, decode_records, outputs_of
+from app.services.runs import HANDBACK, RunOutcome, RunOwner, RunWatch, requeue, retrying, run_leased
 from app.services.serving import decode_version
-from app.services.training import HANDBACK, RunOutcome, retrying, worker_name
 from app.services.turns import TimeSlice
 
 log = logging.getLogger(__name__)
@@ -40,7 +37,6 @@ log = logging.getLogger(__name__)
 # Rows decoded (or scored) in one batch of the engine's scheduler, by default (the worker passes the
 # setting `evaluation_batch_rows`); between batches the run writes its progress and looks for a cancel.
 CHUNK_ROWS = 64
-PROGRESS_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -72,40 +68,24 @@ def run_evaluation(
 ) -> RunOutcome:
     """Runs the evaluation if this call wins the claim; returns how the run ended. After ``time_slice_s``
     (0: never) it yields its worker to another tenant's waiting run (app/services/turns.py)."""
-    worker = worker_name()
-    kind = leases.EVALUATIONS
-    if not leases.claim(db_url=db_url, job_id=evaluation_id, worker=worker, lease_s=lease_s, kind=kind):
-        return RunOutcome.SKIPPED
-    owner = _Owner(db_url=db_url, evaluation_id=evaluation_id, worker=worker)
-    heartbeat = leases.Heartbeat(
-        db_url=db_url, job_id=evaluation_id, worker=worker, lease_s=lease_s, kind=kind
-    )
-    with heartbeat:
-        try:
-            inputs = retrying(lambda: _load(db_url, evaluation_id, backbone))
-            turn = TimeSlice(db_url=db_url, tenant_id=inputs.tenant_id, seconds=time_slice_s)
-            watch = _Watch(db_url=db_url, evaluation_id=evaluation_id, lost=heartbeat.lost, turn=turn)
-            outputs, finished = _predict(backbone, inputs, watch=watch, chunk_rows=chunk_rows)
-            if not finished:
-                return retrying(lambda: owner.stopped(outputs, yielded=turn.yielded))
-            results, lines = _score(inputs, outputs)
-            return retrying(lambda: owner.succeed(results, lines))
-        except DomainError as error:
-            return owner.fail(code=error.code, message=error.message)
-        except Exception as error:  # a failed evaluation must say why, whatever broke
-            log.exception("evaluation %s failed", evaluation_id)
-            return owner.fail(code="evaluation_error", message=f"{type(error).__name__}: {error}")
 
+    def body(owner: RunOwner, lost: threading.Event) -> RunOutcome:
+        inputs = retrying(lambda: _load(db_url, evaluation_id, backbone))
+        turn = TimeSlice(db_url=db_url, tenant_id=inputs.tenant_id, seconds=time_slice_s)
+        watch = RunWatch(owner, lost=lost, turn=turn)
+        outputs, finished = _predict(backbone, inputs, watch=watch, chunk_rows=chunk_rows)
+        if not finished:
+            return retrying(lambda: owner.end(lambda _, row: _stopped(row, outputs, yielded=turn.yielded)))
+        results, lines = _score(inputs, outputs)
+        return retrying(lambda: owner.end(lambda _, row: _succeeded(row, results, lines)))
 
-def refuse_evaluation(*, db_url: str, evaluation_id: int, error: DomainError) -> RunOutcome:
-    """Fail a queued evaluation that no worker can run (its backbone cannot be loaded), saying why."""
-    worker = worker_name()
-    if not leases.claim(
-        db_url=db_url, job_id=evaluation_id, worker=worker, lease_s=60.0, kind=leases.EVALUATIONS
-    ):
-        return RunOutcome.SKIPPED
-    return _Owner(db_url=db_url, evaluation_id=evaluation_id, worker=worker).fail(
-        code=error.code, message=error.message
+    return run_leased(
+        leases.EVALUATIONS,
+        db_url=db_url,
+        row_id=evaluation_id,
+        lease_s=lease_s,
+        body=body,
+        error_code="evaluation_error",
     )
 
 
@@ -141,13 +121,13 @@ def _model(session, entry, evaluation: Evaluation, dataset: Dataset, backbone: B
 
 
 def _predict(
-    backbone: Backbone, inputs: _Inputs, *, watch: _Watch, chunk_rows: int
+    backbone: Backbone, inputs: _Inputs, *, watch: RunWatch, chunk_rows: int
 ) -> tuple[list[list], bool]:
     """Each model's output for every row (a label, or a generated text), going on from the answers an
     earlier attempt saved, and True; or the answers so far and False if the run must stop."""
     rows, total = len(inputs.records), len(inputs.records) * len(inputs.models)
     outputs: list[list] = [list(saved) for saved in inputs.answers]
-    watch.progress(sum(map(len, outputs)), total)  # an attempt after a lost one says where it starts
+    _progress(watch, sum(map(len, outputs)), total)  # an attempt after a lost one says where it starts
     for index, model in enumerate(inputs.models):
         if index == len(outputs):
             outputs.append([])
@@ -158,14 +138,14 @@ def _predict(
             chunk = inputs.records[start : start + chunk_rows]
             texts = [render(model.template, source) for source, _ in chunk]
             answers += _answer(backbone, model, texts, inputs, first_row=start)
-            watch.progress(index * rows + len(answers), total)
+            _progress(watch, index * rows + len(answers), total)
     return outputs, True
 
 
 def _answer(backbone: Backbone, model: _Model, texts: list[str], inputs: _Inputs, *, first_row: int) -> list:
     prompts = [model.prompt] * len(texts)
     try:
-        if inputs.kind == "classification":
+        if inputs.kind == DatasetKind.CLASSIFICATION:
             scored = classify(backbone, labels=model.labels, prompts=prompts, texts=texts)
             return [max(row, key=row.get) for row in scored]
         options = {"max_new_tokens": inputs.max_new_tokens, "temperature": 0.0}
@@ -188,7 +168,7 @@ def _answer(backbone: Backbone, model: _Model, texts: list[str], inputs: _Inputs
 def _score(inputs: _Inputs, outputs: list[list]) -> tuple[list[dict], bytes]:
     """Each model's metrics, and the predictions file: one JSON line per row."""
     expected = [record[1] for record in inputs.records]
-    if inputs.kind == "classification":
+    if inputs.kind == DatasetKind.CLASSIFICATION:
         results = [
             classification_report(expected, answers, labels=model.labels)
             for model, answers in zip(inputs.models, outputs, strict=True)
@@ -215,91 +195,32 @@ def _score(inputs: _Inputs, outputs: list[list]) -> tuple[list[dict], bytes]:
     return results, "\n".join(lines).encode()
 
 
-class _Watch:
-    """Throttled progress writes and cancel checks; while the database is unreachable the run goes on."""
-
-    def __init__(self, *, db_url: str, evaluation_id: int, lost: threading.Event, turn: TimeSlice):
-        self.db_url, self.evaluation_id, self.lost, self.turn = db_url, evaluation_id, lost, turn
-        self._last_progress = 0.0
-        self._last_cancel_check = 0.0
-        self._cancelled = False
-
-    def progress(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self.lost.is_set() or (now - self._last_progress < PROGRESS_INTERVAL_S and done < total):
-            return
-        self._last_progress = now
-        self._write(lambda row: setattr(row, "progress", {"done": done, "total": total}))
-
-    def should_stop(self) -> bool:
-        if self.lost.is_set() or HANDBACK.is_set() or self.turn.spent():
-            return True
-        now = time.monotonic()
-        if not self._cancelled and now - self._last_cancel_check >= PROGRESS_INTERVAL_S:
-            self._last_cancel_check = now
-            self._write(lambda row: setattr(self, "_cancelled", bool(row.cancel_requested)))
-        return self._cancelled
-
-    def _write(self, change: Callable[[Evaluation], None]) -> None:
-        try:
-            with session_scope(self.db_url) as session:
-                change(session.get(Evaluation, self.evaluation_id))
-        except OperationalError as error:
-            log.warning("evaluation %s: registry unreachable: %s", self.evaluation_id, error)
+def _progress(watch: RunWatch, done: int, total: int) -> None:
+    if watch.progress_due(last=done >= total):
+        watch.write(lambda _, row: setattr(row, "progress", {"done": done, "total": total}))
 
 
-@dataclass
-class _Owner:
-    """This worker's hold on an evaluation: every write that ends it first checks the row still names it."""
+def _succeeded(row: Evaluation, results: list[dict], predictions: bytes) -> RunOutcome:
+    """Every model's metrics and the predictions, in the owner's transaction (cancelled if asked)."""
+    if row.cancel_requested:
+        return _cancelled(row)
+    for model, metrics in zip(row.models, results, strict=True):
+        model.metrics = metrics
+    row.predictions, row.status, row.finished_at = predictions, JobStatus.SUCCEEDED, utcnow()
+    row.partial_answers = None
+    row.progress = {**row.progress, "done": row.progress.get("total", 0)}
+    return RunOutcome.SUCCEEDED
 
-    db_url: str
-    evaluation_id: int
-    worker: str
 
-    def row(self, session) -> Evaluation | None:
-        row = session.get(Evaluation, self.evaluation_id, with_for_update=True)
-        held = row is not None and row.status == JobStatus.RUNNING and row.worker == self.worker
-        return row if held else None
+def _stopped(row: Evaluation, answers: list[list], *, yielded: bool) -> RunOutcome:
+    """Cancelled by its owner, or back to the queue with the answers so far, not counted as an attempt,
+    because this worker is shutting down or the run ``yielded`` its turn."""
+    if (HANDBACK.is_set() or yielded) and not row.cancel_requested:
+        row.partial_answers = json.dumps(answers).encode()
+        return requeue(row, yielded=not HANDBACK.is_set())
+    return _cancelled(row)
 
-    def succeed(self, results: list[dict], predictions: bytes) -> RunOutcome:
-        with session_scope(self.db_url) as session:
-            row = self.row(session)
-            if row is None:
-                return RunOutcome.LOST
-            if row.cancel_requested:
-                return self._cancelled(row)
-            for model, metrics in zip(row.models, results, strict=True):
-                model.metrics = metrics
-            row.predictions, row.status, row.finished_at = predictions, JobStatus.SUCCEEDED, utcnow()
-            row.partial_answers = None
-            row.progress = {**row.progress, "done": row.progress.get("total", 0)}
-            return RunOutcome.SUCCEEDED
 
-    def stopped(self, answers: list[list], *, yielded: bool) -> RunOutcome:
-        """Cancelled by its owner, or back to the queue with the answers so far (not counted as an
-        attempt) because this worker is shutting down or the run ``yielded`` its turn; the reaper sends it
-        at its next pass."""
-        with session_scope(self.db_url) as session:
-            row = self.row(session)
-            if row is None:
-                return RunOutcome.LOST
-            if (HANDBACK.is_set() or yielded) and not row.cancel_requested:
-                row.status, row.worker, row.attempts = JobStatus.QUEUED, None, row.attempts - 1
-                row.lease_expires_at = utcnow()
-                row.partial_answers = json.dumps(answers).encode()
-                return RunOutcome.HANDED_BACK if HANDBACK.is_set() else RunOutcome.YIELDED
-            return self._cancelled(row)
-
-    @staticmethod
-    def _cancelled(row: Evaluation) -> RunOutcome:
-        row.status, row.finished_at, row.partial_answers = JobStatus.CANCELLED, utcnow(), None
-        return RunOutcome.CANCELLED
-
-    def fail(self, *, code: str, message: str) -> RunOutcome:
-        with session_scope(self.db_url) as session:
-            row = self.row(session)
-            if row is None:
-                return RunOutcome.LOST
-            row.status, row.finished_at, row.partial_answers = JobStatus.FAILED, utcnow(), None
-            row.error_code, row.error_message = code, message
-            return RunOutcome.FAILED
+def _cancelled(row: Evaluation) -> RunOutcome:
+    row.status, row.finished_at, row.partial_answers = JobStatus.CANCELLED, utcnow(), None
+    return RunOutcome.CANCELLED

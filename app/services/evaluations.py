@@ -12,18 +12,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import (
-    FINISHED_STATUSES,
-    Dataset,
-    Evaluation,
-    EvaluationModel,
-    JobStatus,
-    PromptVersion,
-    utcnow,
-)
+from app.contract.kinds import FINISHED_STATUSES, DatasetKind, JobStatus
+from app.db.models import Dataset, Evaluation, EvaluationModel, PromptVersion, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import idempotency, quotas
-from app.services.dataset_parsing import REFERENCES
 from app.services.datasets import get_dataset, load_records, lock_datasets
 from app.services.pagination import paginate
 from app.services.prompts import check_template, find_version
@@ -35,7 +27,10 @@ log = logging.getLogger(__name__)
 # Greedy decoding of a generation evaluation stops at the end of the answer or after this many tokens.
 DEFAULT_MAX_NEW_TOKENS = 64
 # The dataset kinds a version of each kind can be scored on.
-FITTING_KINDS = {"classification": ("classification",), "generation": ("generation", REFERENCES)}
+FITTING_KINDS = {
+    DatasetKind.CLASSIFICATION: (DatasetKind.CLASSIFICATION,),
+    DatasetKind.GENERATION: (DatasetKind.GENERATION, DatasetKind.REFERENCES),
+}
 
 
 @dataclass(frozen=True)
@@ -130,7 +125,7 @@ def _check_work(
     """An evaluation's work, counted before it is accepted: rows x models x the new tokens each row may
     decode (generation) or the labels each row ranks (classification)."""
     per_row, unit = max_new_tokens, "new tokens"
-    if dataset.kind == "classification":
+    if dataset.kind == DatasetKind.CLASSIFICATION:
         per_row, unit = (
             max(len(v.labels or []) if v else len(dataset.labels or []) for v in versions),
             "labels",

@@ -13,13 +13,20 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import FINISHED_STATUSES, Dataset, JobEvent, JobStatus, TuningJob, utcnow
+from app.contract.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
+from app.contract.kinds import (
+    FINISHED_STATUSES,
+    DatasetKind,
+    InitStrategy,
+    JobStatus,
+    Method,
+    check_init,
+    default_init,
+)
+from app.db.models import Dataset, JobEvent, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.ml.method import INITS, Method
 from app.services import checkpoints, idempotency, quotas
-from app.services.dataset_parsing import REFERENCES
 from app.services.datasets import get_dataset, lock_datasets
-from app.services.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
 from app.services.pagination import paginate
 from app.services.prompts import check_template
 from app.services.queue import enqueue_training, send_committed
@@ -144,7 +151,7 @@ def _validated_fields(
         training.num_examples - holdout,
         max_steps=settings.max_steps,
         method=request.method,
-        classification=training.kind == "classification",
+        classification=training.kind == DatasetKind.CLASSIFICATION,
     )
     _check_work(training, hyperparameters, virtual_tokens=virtual_tokens, settings=settings)
     return {
@@ -190,7 +197,7 @@ def example_tokens(dataset: Dataset) -> int:
 
 
 def _check_trainable(dataset: Dataset, *, param: str) -> None:
-    if dataset.kind == REFERENCES:
+    if dataset.kind == DatasetKind.REFERENCES:
         raise InvalidRequest(
             f"Dataset {dataset.id} holds input and references records, a test set for evaluations; a job "
             'trains on {"text", "label"} or {"input", "output"} records.',
@@ -205,24 +212,11 @@ def holdout_size(num_examples: int) -> int:
     return min(HOLDOUT_MAX, max(1, int(num_examples * HOLDOUT_FRACTION)))
 
 
-def _validated_init(init: dict[str, Any] | None, *, kind: str, method: Method) -> dict[str, Any]:
+def _validated_init(init: dict[str, Any] | None, *, kind: DatasetKind, method: Method) -> dict[str, Any]:
     if not init:
-        return {"strategy": "labels" if kind == "classification" else "vocab"}
-    strategy = init.get("strategy")
-    strategies = INITS[method]
-    if strategy not in strategies:
-        raise InvalidRequest(
-            f"init.strategy must be one of {', '.join(strategies)} for method {method!r}; got {strategy!r}.",
-            param="init.strategy",
-        )
-    if strategy == "text" and not (init.get("text") or "").strip():
-        raise InvalidRequest("init.strategy 'text' needs a non-empty init.text.", param="init.text")
-    if strategy == "labels" and kind != "classification":
-        raise InvalidRequest(
-            "init.strategy 'labels' needs a classification dataset (records with 'text' and 'label').",
-            param="init.strategy",
-        )
-    return {"strategy": strategy, **({"text": init["text"]} if strategy == "text" else {})}
+        return {"strategy": default_init(kind)}
+    strategy = check_init(method, init.get("strategy"), kind=kind, text=init.get("text"))
+    return {"strategy": strategy, **({"text": init["text"]} if strategy == InitStrategy.TEXT else {})}
 
 
 def get_job(session: Session, *, tenant_id: int, job_id: int) -> TuningJob:

@@ -18,7 +18,8 @@ from enum import StrEnum
 from sqlalchemy import select, update
 
 from app.config import Settings
-from app.db.models import ACTIVE_STATUSES, Evaluation, JobStatus, TuningJob, utcnow
+from app.contract.kinds import ACTIVE_STATUSES, JobStatus
+from app.db.models import Evaluation, TuningJob, utcnow
 from app.db.session import session_scope
 from app.services import checkpoints
 from app.services import jobs as jobs_service
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Leased:
     """A kind of row that workers lease: its table, what it is called in messages, how its message is
-    sent, and what a status change writes beside the row (a job's event log) or removes when it ends (a
-    job's checkpoint)."""
+    sent, and what a status change writes beside the row (a job's event log) or removes when it ends (what
+    a run keeps between attempts: a job's checkpoint, an evaluation's answers so far)."""
 
     table: type[TuningJob] | type[Evaluation]
     noun: str
@@ -47,7 +48,12 @@ JOBS = Leased(
     record=lambda session, row, **event: jobs_service.add_event(session, job=row, **event),
     discard=lambda session, row_id: checkpoints.discard(session, job_id=row_id),
 )
-EVALUATIONS = Leased(Evaluation, "evaluation", enqueue_evaluation)
+EVALUATIONS = Leased(
+    Evaluation,
+    "evaluation",
+    enqueue_evaluation,
+    discard=lambda session, row_id: setattr(session.get(Evaluation, row_id), "partial_answers", None),
+)
 
 
 def claim(*, db_url: str, job_id: int, worker: str, lease_s: float, kind: Leased = JOBS) -> bool:

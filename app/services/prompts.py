@@ -11,10 +11,10 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, joinedload, undefer
 
+from app.contract.kinds import Method
+from app.contract.templates import INPUT_PLACEHOLDER
 from app.db.models import PromptVersion, Task, TuningJob, utcnow
 from app.errors import InvalidRequest, NotFound
-from app.ml.method import Method
-from app.ml.text import INPUT_PLACEHOLDER
 from app.services.pagination import paginate
 
 # "sentiment" (newest version) or "sentiment@3" (pinned).

@@ -14,7 +14,8 @@ from sqlalchemy import func, select, union_all, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db.models import ACTIVE_STATUSES, Dataset, PromptVersion, Task, Tenant, TuningJob, utcnow
+from app.contract.kinds import ACTIVE_STATUSES
+from app.db.models import Dataset, PromptVersion, Task, Tenant, TuningJob, utcnow
 from app.errors import PayloadTooLarge, QuotaExceeded
 from app.services.tenants import Caller
 

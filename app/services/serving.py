@@ -15,13 +15,13 @@ import torch
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.contract.kinds import Method
 from app.db.models import PromptVersion
 from app.db.session import session_scope
 from app.errors import DomainError, InferenceFailed, InvalidRequest, NotFound, PromptCorrupt, Unavailable
 from app.ml import inference
 from app.ml.backbone import Backbone
 from app.ml.engine import Call, Engine, Observer
-from app.ml.method import Method
 from app.ml.prompt_check import prompt_fault
 from app.ml.prompt_kv import report_load
 from app.ml.row import Generation, GenerationRequest, Row

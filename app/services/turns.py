@@ -19,7 +19,8 @@ from datetime import datetime
 
 from sqlalchemy import case, func, select, union_all
 
-from app.db.models import Evaluation, JobStatus, TuningJob
+from app.contract.kinds import JobStatus
+from app.db.models import Evaluation, TuningJob
 from app.db.session import session_scope
 from app.services.leases import Leased
 

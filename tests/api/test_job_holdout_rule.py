@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from app.ml.selection import EvalMetric
+from app.contract.kinds import EvalMetric
 from app.ml.versus_bare import compare
 from app.services import training
 from app.services.training import run_job

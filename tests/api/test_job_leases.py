@@ -7,15 +7,19 @@ import threading
 import time
 from datetime import timedelta
 
+import pytest
 import torch
 from sqlalchemy import update
 
 from app.db.models import JobCheckpoint, TuningJob, utcnow
 from app.db.session import session_scope
 from app.ml.checkpoint import Checkpoint
-from app.services import checkpoints, leases, training
+from app.services import checkpoints, leases, runs, training
 from app.services.training import run_job
 from tests.helpers import sentiment_file, upload
+
+pytestmark = pytest.mark.servers  # leases: claims and lapses race on each database
+
 
 TEMPLATE = "Review: {input}\nSentiment:"
 
@@ -140,10 +144,10 @@ def test_a_worker_shutting_down_hands_its_job_back_and_the_next_run_continues_it
         while client.get(f"/v1/tuning/jobs/{job_id}").json()["progress"]["step"] < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        training.HANDBACK.set()  # what SIGTERM does in a worker process
+        runs.HANDBACK.set()  # what SIGTERM does in a worker process
         runner.join(timeout=30)
     finally:
-        training.HANDBACK.clear()
+        runs.HANDBACK.clear()
     assert outcome == ["handed_back"]
     job = client.get(f"/v1/tuning/jobs/{job_id}").json()
     assert job["status"] == "queued" and job["attempts"] == 0  # a hand-back is not a failed attempt

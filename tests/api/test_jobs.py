@@ -1,6 +1,9 @@
 from __future__ import annotations
 
-from app.services.hyperparameters import MAX_DEFAULT_STEPS, MIN_DEFAULT_STEPS, Hyperparameters, default_steps
+import pytest
+
+from app.contract.hyperparameters import MAX_DEFAULT_STEPS, MIN_DEFAULT_STEPS, Hyperparameters, default_steps
+from app.ml.trainer import TrainConfig
 from tests.helpers import sentiment_file, upload
 
 
@@ -8,6 +11,7 @@ def create(client, headers=None, **body):
     return client.post("/v1/tuning/jobs", json=body, headers=headers or {})
 
 
+@pytest.mark.servers
 def test_job_gets_defaults_and_is_queued(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
     response = create(
@@ -22,7 +26,7 @@ def test_job_gets_defaults_and_is_queued(client):
     assert job["hyperparameters"]["warmup_steps"] == 10  # 10 % of the steps unless given
     assert job["hyperparameters"]["loss"] == "tokens"
     stored = Hyperparameters.model_validate(job["hyperparameters"])
-    assert not stored.train_config(classification=True).label_loss
+    assert not TrainConfig.of(stored, classification=True).label_loss
     assert job["progress"] == {"step": 0, "total_steps": 100, "eta_seconds": None}
     assert job["result"] is None and job["error"] is None
     assert client.get(f"/v1/tuning/jobs/{job['id']}").json()["id"] == job["id"]
@@ -49,7 +53,9 @@ def test_the_label_loss_can_be_chosen(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
     job = create(client, task="t", training_dataset=dataset_id, hyperparameters={"loss": "labels"}).json()
     assert job["hyperparameters"]["loss"] == "labels"
-    assert Hyperparameters.model_validate(job["hyperparameters"]).train_config(classification=True).label_loss
+    assert TrainConfig.of(
+        Hyperparameters.model_validate(job["hyperparameters"]), classification=True
+    ).label_loss
 
 
 def test_epochs_become_steps(client):
@@ -98,6 +104,7 @@ def test_invalid_jobs_name_the_field(client):
     assert client.get("/v1/tuning/jobs").json()["data"] == []
 
 
+@pytest.mark.servers
 def test_idempotency_key(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
     key = {"Idempotency-Key": "abc-123"}
@@ -111,6 +118,7 @@ def test_idempotency_key(client):
     assert len(client.get("/v1/tuning/jobs").json()["data"]) == 1
 
 
+@pytest.mark.servers
 def test_cancel_queued_then_finished(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
     job_id = create(client, task="t", training_dataset=dataset_id).json()["id"]
@@ -121,6 +129,7 @@ def test_cancel_queued_then_finished(client):
     assert client.post("/v1/tuning/jobs/999/cancel").status_code == 404
 
 
+@pytest.mark.servers
 def test_events_stream_as_sse_until_the_job_ends(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
     job_id = create(client, task="t", training_dataset=dataset_id).json()["id"]

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.contract.kinds import Method
 from app.errors import InvalidRequest, UnsupportedBackbone
 from app.ml.backbone import load_backbone, materialize_backbone
 from app.ml.engine import Scheduler
 from app.ml.inference import classify, generate, generate_reference, generation_requests
-from app.ml.method import Method
 from app.ml.prefix import init_prefix
 from app.ml.prompt_kv import PromptKVCache
 from app.ml.row import Row

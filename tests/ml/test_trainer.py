@@ -5,13 +5,13 @@ import functools
 import pytest
 import torch
 
+from app.contract.kinds import EvalMetric
 from app.ml import layout, trainer, versus_bare
 from app.ml.checkpoint import Checkpoint, checkpoint_from_bytes, checkpoint_to_bytes
 from app.ml.generation_scores import generation_report
 from app.ml.inference import generate, label_log_likelihoods
 from app.ml.layout import context_ids, target_ids, target_log_probs
 from app.ml.prefix import init_prefix
-from app.ml.selection import EvalMetric
 from app.ml.soft_prompt import init_prompt
 from app.ml.text import render
 from app.ml.trainer import (

@@ -6,7 +6,7 @@ from math import comb
 
 import pytest
 
-from app.ml.selection import EvalMetric
+from app.contract.kinds import EvalMetric
 from app.ml.versus_bare import REFUSE_BELOW_P, compare
 
 

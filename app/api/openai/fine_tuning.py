@@ -23,11 +23,12 @@ from app.api.openai.schemas import (
     PromptTuning,
 )
 from app.api.responses import errors
-from app.db.models import JobEvent, JobStatus, TuningJob
+from app.contract.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
+from app.contract.kinds import JobStatus
+from app.contract.kinds import Method as TuningMethod
+from app.db.models import JobEvent, TuningJob
 from app.errors import InvalidRequest
-from app.ml.method import Method as TuningMethod
 from app.services import jobs as service
-from app.services.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
 from app.services.model_names import fine_tuned_model
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible"])

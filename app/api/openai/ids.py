@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from app.db.models import MAX_ID
+from app.contract.kinds import MAX_ID
 from app.errors import NotFound
 from app.services.model_names import NUMBER
 

@@ -8,10 +8,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from app.api.schemas import InitSpec
-from app.db.models import JobStatus
-from app.ml.text import DEFAULT_TEMPLATE
-from app.services.hyperparameters import Hyperparameters, per_method
+from app.contract.hyperparameters import Hyperparameters, per_method
+from app.contract.kinds import JobStatus
+from app.contract.schemas import InitSpec
+from app.contract.templates import DEFAULT_TEMPLATE
 
 
 class Strict(BaseModel):

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.auth import CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
-from app.api.schemas import DatasetPublic, Page
+from app.contract.schemas import DatasetPublic, Page
 from app.db.models import NAME_CHARS
 from app.services import datasets as service
 

@@ -12,7 +12,7 @@ from app.api.deps import MetricsDep, ServingDep
 from app.api.disconnect import unless_disconnected
 from app.api.errors import error_body
 from app.api.responses import errors
-from app.api.schemas import (
+from app.contract.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     ClassifyResult,

@@ -15,8 +15,8 @@ from app.api.auth import BearerDep, CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
 from app.api.errors import error_body
 from app.api.responses import errors
-from app.api.schemas import JobCreate, JobEventPublic, JobPublic, Page
-from app.db.models import FINISHED_STATUSES
+from app.contract.kinds import FINISHED_STATUSES
+from app.contract.schemas import JobCreate, JobEventPublic, JobPublic, Page
 from app.db.session import session_scope
 from app.errors import DomainError
 from app.services import jobs as service

@@ -7,7 +7,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from app.api.auth import CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, MetricsDep, ServingDep, SessionDep, SettingsDep
 from app.api.responses import errors
-from app.api.schemas import TASK_VERSIONS_SHOWN, Page, TaskPublic, VersionPublic
+from app.contract.schemas import TASK_VERSIONS_SHOWN, Page, TaskPublic, VersionPublic
 from app.errors import InvalidRequest
 from app.input_text import check_json, load_json
 from app.services import adapters, evaluations

@@ -1,24 +1,27 @@
 """A tuning job's hyperparameters, one typed model for all of their life: what a client sends (native or
 through the OpenAI-compatible route), what a job stores (``model_dump``), and what the trainer gets
-(``train_config``). The defaults were measured on SST-2 (docs/benchmarks.md): label-word init, AdamW with
-a linear warm-up over the first 10 % of the steps, then linear decay, batches of 32; the method, its
-learning rate and its length as METHOD_DEFAULTS says."""
+(``TrainConfig.of`` in app/ml/trainer.py). The defaults were measured on SST-2 (docs/benchmarks.md):
+label-word init, AdamW with a linear warm-up over the first 10 % of the steps, then linear decay, batches
+of 32; the method, its learning rate and its length as METHOD_DEFAULTS says."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.contract.kinds import (
+    CLASSIFICATION_METRICS,
+    GENERATION_METRICS,
+    DatasetKind,
+    EvalMetric,
+    Method,
+    default_metric,
+)
 from app.errors import InvalidRequest
-from app.ml.method import Method
-from app.ml.selection import CLASSIFICATION_METRICS, GENERATION_METRICS, EvalMetric, default_metric
-
-if TYPE_CHECKING:  # the trainer pulls in torch; the API client imports this module through the schemas
-    from app.ml.trainer import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -166,38 +169,14 @@ class Hyperparameters(BaseModel):
         metric = self.eval_metric or default_metric(classification=classification)
         fitting = CLASSIFICATION_METRICS if classification else GENERATION_METRICS
         if metric not in fitting:
+            kind = DatasetKind.CLASSIFICATION if classification else DatasetKind.GENERATION
             raise InvalidRequest(
-                f"eval_metric {metric.value} does not score a "
-                f"{'classification' if classification else 'generation'} dataset; use one of "
+                f"eval_metric {metric.value} does not score a {kind} dataset; use one of "
                 f"{', '.join(m.value for m in fitting)}.",
                 param="hyperparameters.eval_metric",
             )
         update = {"steps": steps, "warmup_steps": warmup, "learning_rate": rate, "eval_metric": metric}
         return self.model_copy(update=update)
-
-    def train_config(self, *, classification: bool, checkpoint_every: int = 0) -> TrainConfig:
-        """The trainer's settings for resolved hyperparameters."""
-        from app.ml.trainer import TrainConfig
-
-        if self.steps is None or self.warmup_steps is None or self.learning_rate is None:
-            raise ValueError("train_config() needs resolved hyperparameters; call resolve() first")
-        return TrainConfig(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup_steps,
-            max_grad_norm=self.max_grad_norm,
-            seed=self.seed,
-            eval_every=self.eval_every,
-            patience=self.patience,
-            optimizer=self.optimizer.value,
-            append_eos=not classification,
-            label_loss=self.loss is Loss.LABELS,
-            eval_metric=self.eval_metric,
-            decode_tokens=0 if classification else HOLDOUT_DECODE_TOKENS,
-            checkpoint_every=checkpoint_every,
-        )
 
 
 def default_steps(num_examples: int, batch_size: int) -> int:

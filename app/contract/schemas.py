@@ -1,17 +1,20 @@
-"""Request and response bodies. Response models are built from the ORM rows in one place each."""
+"""Request and response bodies. Response models are built from the ORM rows in one place each (``of``),
+which read the rows' attributes: the ORM classes are named for the type checker alone, so the client
+imports this without the database layer."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.db.models import MAX_ID, Dataset, Evaluation, JobStatus, PromptVersion, Task, TuningJob
-from app.ml.method import Method
-from app.ml.selection import EvalMetric
-from app.ml.text import DEFAULT_TEMPLATE
-from app.services.hyperparameters import DEFAULT_METHOD, Hyperparameters, per_method
+from app.contract.hyperparameters import DEFAULT_METHOD, Hyperparameters, per_method
+from app.contract.kinds import MAX_ID, DatasetKind, EvalMetric, InitStrategy, JobStatus, Method
+from app.contract.templates import DEFAULT_TEMPLATE
+
+if TYPE_CHECKING:
+    from app.db.models import Dataset, Evaluation, PromptVersion, Task, TuningJob
 
 
 class ErrorBody(BaseModel):
@@ -41,7 +44,7 @@ class DatasetPublic(BaseModel):
     name: str
     filename: str
     format: Literal["jsonl", "csv"]
-    kind: Literal["classification", "generation", "references"]
+    kind: DatasetKind
     num_examples: int
     labels: list[str] | None
     stats: dict[str, Any]
@@ -69,7 +72,7 @@ class DatasetPublic(BaseModel):
 
 class InitSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    strategy: Literal["labels", "text", "vocab", "random", "zero"] = Field(
+    strategy: InitStrategy = Field(
         description="labels, text, vocab: from those tokens (a prefix: the keys and values they leave); "
         "random; zero (prefix only)."
     )
