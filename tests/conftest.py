@@ -4,7 +4,7 @@ import pytest
 
 from app.ml.backbone import Backbone, load_backbone
 from tests.fixtures.tiny_backbone import write_tiny_backbone, write_tiny_family
-from tests.stacks import STACK_IDS
+from tests.stacks import STACK_IDS, MigratedTemplates
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,14 @@ def tiny_backbone_dir(tmp_path_factory):
 def unsupported_backbone_dir(tmp_path_factory):
     """A model directory a team might configure that cannot run soft prompts (BERT attends both ways)."""
     return write_tiny_family(tmp_path_factory.mktemp("bert_backbone"), "bert")
+
+
+@pytest.fixture(scope="session")
+def migrated_templates(tmp_path_factory):
+    """Registries at the newest revision, migrated once for the session (tests/stacks.py)."""
+    templates = MigratedTemplates(tmp_path_factory.mktemp("registry_templates"))
+    yield templates
+    templates.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,16 +4,24 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.db.migrate import upgrade
 from app.main import create_app
 from tests.helpers import bearer, new_key, running, tune_here
 from tests.stacks import STACK_PARAMS, make_stack
 
 
-@pytest.fixture(params=STACK_PARAMS)
-def stack(request, tmp_path):
-    with make_stack(request.param, tmp_path) as stack:
-        upgrade(stack.database_url)
+def pytest_generate_tests(metafunc):
+    """A service rule is tested once, on the embedded stack. Tests marked ``servers`` (concurrency,
+    locking, leases, the broker, migrations, one whole path per route family) also run on PostgreSQL and
+    Redis, where those differ."""
+    if "stack" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("servers") is not None
+        metafunc.parametrize("stack", STACK_PARAMS if both else STACK_PARAMS[:1], indirect=True)
+
+
+@pytest.fixture
+def stack(request, tmp_path, migrated_templates):
+    """A registry and broker of their own, migrated (a copy of the session's template)."""
+    with make_stack(request.param, tmp_path, migrated_templates) as stack:
         yield stack
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from sqlalchemy import text
 
 from app.db.session import get_engine, session_scope
@@ -17,6 +18,7 @@ def create(stack, tenant: str) -> str:
     return made.stdout.splitlines()[-1]  # the key alone on the last line, for scripts
 
 
+@pytest.mark.servers
 def test_a_key_is_shown_once_and_the_database_keeps_only_its_hash(stack):
     key = create(stack, "acme")
     assert key.startswith("sp_") and len(key) > 40

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.db.session import session_scope
@@ -19,6 +20,7 @@ def uncached(settings):
     return settings.model_copy(update={"auth_cache_ttl_s": 0.0})
 
 
+@pytest.mark.servers
 def test_missing_wrong_and_revoked_keys_get_401_with_a_challenge(settings, stack, caplog):
     key = new_key(stack, "acme")
     caplog.set_level(logging.DEBUG)
@@ -82,6 +84,7 @@ def test_the_openapi_page_declares_bearer_keys_on_every_v1_route(client):
                 assert "401" in operation["responses"], (method, path)
 
 
+@pytest.mark.servers
 def test_an_open_event_stream_ends_when_its_key_is_revoked(settings, stack):
     key = new_key(stack, "acme")
     with TestClient(create_app(uncached(settings)), headers=bearer(key)) as client:

@@ -14,6 +14,7 @@ from app.services import idempotency
 from tests.helpers import sentiment_file, upload
 
 
+@pytest.mark.servers
 def test_upload_returns_the_described_dataset(client):
     response = upload(client, sentiment_file(), name="reviews")
     assert response.status_code == 201, response.text
@@ -40,6 +41,7 @@ def test_a_retried_upload_with_its_idempotency_key_stores_one_dataset(client):
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
 
 
+@pytest.mark.servers
 def test_an_upload_that_loses_a_race_for_its_idempotency_key_returns_the_winners_dataset(client, settings):
     key = {"Idempotency-Key": "upload-reviews-race"}
     first = client.post("/v1/datasets", files={"file": ("train.jsonl", sentiment_file())}, headers=key).json()
@@ -128,6 +130,7 @@ def test_delete_and_unknown_ids(client):
     assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 404
 
 
+@pytest.mark.servers
 def test_delete_refused_while_a_job_uses_it(client):
     dataset_id = upload(client, sentiment_file()).json()["id"]
     job = client.post("/v1/tuning/jobs", json={"task": "s", "training_dataset": dataset_id}).json()
@@ -225,6 +228,7 @@ def test_once_the_body_is_in_waiting_for_a_disconnect_has_no_timeout():
     assert sent[0]["status"] == 200
 
 
+@pytest.mark.servers
 def test_a_dataset_deleted_while_a_run_on_it_is_created_is_never_both_deleted_and_used(client):
     """The delete's in-use check and the run's creation are serialised: one of them wins, the other is
     refused (409 in use, or 404 gone), never both succeeding and never a 5xx."""

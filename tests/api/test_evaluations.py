@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
 
 from app.db.models import Evaluation, utcnow
@@ -27,6 +28,7 @@ def evaluate(client, settings, backbone, **body) -> dict:
     return client.get(f"/v1/evaluations/{created.json()['id']}").json()
 
 
+@pytest.mark.servers
 def test_a_version_scores_what_classify_answers_row_by_row(client, settings, tiny_backbone, trained):
     test_set = upload(client, sentiment_file(), filename="test.jsonl").json()["id"]
     done = evaluate(client, settings, tiny_backbone, dataset=test_set, models=["sst2@1", "sst2", None])
@@ -129,6 +131,7 @@ def test_a_references_dataset_is_not_training_data(client):
     assert response.json()["error"]["param"] == "training_dataset"
 
 
+@pytest.mark.servers
 def test_cancel_queued_and_running(client, settings, tiny_backbone, trained, monkeypatch):
     reviews = upload(client, sentiment_file()).json()["id"]
     queued = client.post("/v1/evaluations", json={"dataset": reviews, "models": ["sst2"]}).json()
@@ -156,6 +159,7 @@ def test_cancel_queued_and_running(client, settings, tiny_backbone, trained, mon
     assert client.get(f"/v1/evaluations/{running['id']}/predictions").status_code == 409
 
 
+@pytest.mark.servers
 def test_a_lapsed_lease_is_run_again_from_the_start_and_counted_once(
     client, settings, tiny_backbone, trained
 ):

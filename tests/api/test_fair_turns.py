@@ -57,6 +57,7 @@ def test_an_evaluation_past_the_work_cap_is_refused_naming_the_field(client, set
     assert client.post("/v1/evaluations", json={"dataset": reviews, "models": ["sst2"]}).status_code == 201
 
 
+@pytest.mark.servers
 def test_a_free_worker_takes_the_run_of_the_tenant_served_least(client, settings, other_tenant):
     db_url = settings.registry_url
     first, second, third = (_job(client, steps=2) for _ in range(3))
@@ -71,6 +72,7 @@ def test_a_free_worker_takes_the_run_of_the_tenant_served_least(client, settings
     assert turns.next_run(db_url=db_url, kind=leases.JOBS, preferred=waiting) == second
 
 
+@pytest.mark.servers
 def test_a_long_job_yields_to_another_tenants_run_and_goes_on_from_its_checkpoint(
     client, settings, tiny_backbone, other_tenant, monkeypatch
 ):
@@ -118,6 +120,7 @@ def test_a_long_job_yields_to_another_tenants_run_and_goes_on_from_its_checkpoin
     assert client.get(f"/v1/tuning/jobs/{long_job}").json()["progress"]["step"] == steps
 
 
+@pytest.mark.servers
 def test_an_evaluation_yields_and_goes_on_from_the_rows_already_scored(
     client, settings, tiny_backbone, trained, other_tenant, monkeypatch
 ):

@@ -126,6 +126,7 @@ def test_a_task_or_dataset_with_too_many_labels_is_refused_and_nothing_is_stored
 # -- 3. the event loop -----------------------------------------------------------------------------------
 
 
+@pytest.mark.servers
 def test_healthz_answers_within_100_ms_while_a_50_mb_upload_is_parsed(settings, api_key, tmp_path):
     # Sentences of random words, so that the records the registry stores are no smaller, compressed, than a
     # real 50 MB file's (one sentence repeated would shrink 200-fold).

@@ -3,6 +3,8 @@ at a time, a task shows its newest versions only, and the client follows the pag
 
 from __future__ import annotations
 
+import pytest
+
 from app import client as client_module
 from app.client import Client
 from tests.helpers import adapter_zip
@@ -31,6 +33,7 @@ def _pages(client, path: str, limit: int, cursor) -> list[list]:
         params["after"] = cursor(page["data"][-1])
 
 
+@pytest.mark.servers
 def test_a_task_shows_its_newest_versions_and_pages_through_all_of_them(client):
     _import(client, "many", VERSIONS)
     task = client.get("/v1/prompts/many").json()
@@ -44,6 +47,7 @@ def test_a_task_shows_its_newest_versions_and_pages_through_all_of_them(client):
     assert client.get("/v1/prompts/none/versions").status_code == 404
 
 
+@pytest.mark.servers
 def test_models_come_a_page_at_a_time_backbones_first_then_newest_versions(client, settings):
     _import(client, "many", 12)
     _import(client, "other", 3)

@@ -3,6 +3,7 @@ inputs and tokens per tenant and task. `/metrics` is not public."""
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +21,7 @@ def scrape(client, token: str) -> dict[tuple[str, tuple], float]:
     }
 
 
+@pytest.mark.servers
 def test_requests_tasks_and_the_engine_are_measured(settings, api_key, trained):
     with TestClient(
         create_app(settings.model_copy(update={"metrics_token": "scrape-me"})), headers=bearer(api_key)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
@@ -8,9 +9,12 @@ from app.db.migrate import downgrade, upgrade
 from app.db.models import Base
 from app.db.session import get_engine
 
+pytestmark = pytest.mark.servers  # the revisions, on each database
+
 
 def test_the_migrations_build_exactly_the_models_tables(stack):
-    """`softprompt db upgrade` on an empty database (the fixture ran it) gives what the code expects."""
+    """`softprompt db upgrade` on an empty database (the session's template ran it) gives what the code
+    expects."""
     with get_engine(stack.database_url).connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
 

@@ -52,6 +52,7 @@ def tune(sdk: openai.OpenAI, settings, backbone, **extra) -> openai.types.fine_t
     return sdk.fine_tuning.jobs.retrieve(job.id)
 
 
+@pytest.mark.servers
 def test_upload_tune_and_complete_with_the_tuned_model(sdk, client, settings, tiny_backbone):
     job = tune(sdk, settings, tiny_backbone)
     assert job.status == "succeeded"

@@ -71,6 +71,7 @@ def test_an_exported_version_loads_in_peft_with_identical_logits(
     assert torch.allclose(peft_logits.float(), our_logits(tiny_backbone, ours, text), atol=1e-5)
 
 
+@pytest.mark.servers
 def test_an_adapter_made_by_peft_is_imported_and_served(client, tiny_backbone, tiny_backbone_dir, tmp_path):
     torch.manual_seed(0)
     config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5)

@@ -25,6 +25,7 @@ def test_finished_job_reports_its_version(client, trained):
     assert kinds[0] == "status" and "progress" in kinds and kinds[-1] == "status"
 
 
+@pytest.mark.servers
 def test_a_second_delivery_writes_nothing(client, settings, trained, tiny_backbone):
     assert run_job(db_url=settings.registry_url, job_id=trained["id"], backbone=tiny_backbone) == "skipped"
     assert [v["version"] for v in client.get("/v1/prompts/sst2").json()["versions"]] == [1]
@@ -40,6 +41,7 @@ def test_registry_describes_the_version(client, trained):
     assert client.get("/v1/prompts/nope").status_code == 404
 
 
+@pytest.mark.servers
 def test_a_new_version_is_served_without_a_restart(client, settings, trained, tiny_backbone):
     body = {"task": "sst2", "input": "a wonderful, moving film"}
     assert client.post("/v1/classify", json=body).json()["version"] == 1
@@ -61,6 +63,7 @@ def test_a_new_version_is_served_without_a_restart(client, settings, trained, ti
     assert client.post("/v1/classify", json={**body, "task": "sst2@1"}).json()["version"] == 1
 
 
+@pytest.mark.servers
 def test_classify_matches_the_model_with_the_stored_prompt(client, settings, trained, tiny_backbone):
     inputs = ["a wonderful, moving film", "dull and far too long", "ok"]
     response = client.post("/v1/classify", json={"task": "sst2", "input": inputs})
@@ -160,6 +163,7 @@ def test_corrupt_version_fails_only_its_own_requests(client, settings, trained):
     assert ok.status_code == 200
 
 
+@pytest.mark.servers
 def test_delete_version_keeps_numbers_unique(client, settings, trained, tiny_backbone):
     assert client.delete("/v1/prompts/sst2/versions/1").status_code == 204
     assert client.post("/v1/classify", json={"task": "sst2", "input": "x"}).status_code == 404
@@ -197,6 +201,7 @@ class _WorkerKilled(BaseException):
     """Stands for SIGKILL: nothing in the job's code catches it."""
 
 
+@pytest.mark.servers
 def test_a_job_whose_worker_died_resumes_from_its_checkpoint_and_ends_as_if_unbroken(
     client, settings, tiny_backbone, monkeypatch
 ):

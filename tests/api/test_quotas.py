@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.helpers import TEMPLATE, bearer, new_key, quota_client, sentiment_file, softprompt, upload
+
+pytestmark = pytest.mark.servers  # quotas are counted in Redis, shared across replicas
 
 
 def create_job(client, dataset_id: int, headers=None):

@@ -225,6 +225,7 @@ def test_another_tenants_objects_answer_exactly_like_missing_ones(
     print(f"cross-tenant: {len(routes)} routes, {len(cases)} cases")
 
 
+@pytest.mark.servers
 def test_lists_show_only_the_callers_objects(client, api_key, settings, stack, tiny_backbone):
     acme = make_objects(client, settings, tiny_backbone, api_key, "shared")
     globex = make_objects(client, settings, tiny_backbone, new_key(stack, "globex"), "shared")
@@ -254,6 +255,7 @@ def test_lists_show_only_the_callers_objects(client, api_key, settings, stack, t
     assert ours["source_job"] == acme.job and their["source_job"] == globex.job
 
 
+@pytest.mark.servers
 def test_an_idempotency_key_is_the_tenants_own(client, stack):
     other = new_key(stack, "globex")
     headers = {"Idempotency-Key": "upload-1"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.db.models import Tenant
@@ -14,6 +15,9 @@ from app.main import create_app
 from app.services import serving as serving_module
 from tests.api.test_metrics import scrape
 from tests.helpers import adapter_zip, bearer
+
+pytestmark = pytest.mark.servers  # single loads and the change mark, on each database
+
 
 CONCURRENT = 16
 
