@@ -30,14 +30,14 @@ from app.ml.row import GenerationRequest, Row
 
 @dataclass
 class DecodeBatch:
-    sequences: list[Row]
+    rows: list[Row]
     cache: DynamicCache  # per layer: keys and values [B, H_kv, T, Dh]
     attention_mask: torch.Tensor  # [B, T] long: 1 for prompt, input and generated entries, 0 for padding
     next_positions: torch.Tensor  # [B] long: position id of the token each row feeds next
     next_tokens: torch.Tensor  # [B] long: that token (the row's latest choice)
 
     def __len__(self) -> int:
-        return len(self.sequences)
+        return len(self.rows)
 
     def filter(self, keep: list[int]) -> DecodeBatch | None:
         """The batch with only rows ``keep``, and the leading columns that became all padding dropped."""
@@ -49,7 +49,7 @@ class DecodeBatch:
         keys = [layer.keys[index, :, first:] for layer in self.cache.layers]
         values = [layer.values[index, :, first:] for layer in self.cache.layers]
         return DecodeBatch(
-            sequences=[self.sequences[i] for i in keep],
+            rows=[self.rows[i] for i in keep],
             cache=_cache_from(keys, values),
             attention_mask=mask[:, first:],
             next_positions=self.next_positions[index],
@@ -74,7 +74,7 @@ class DecodeBatch:
             for la, lb in zip(a.cache.layers, b.cache.layers, strict=True)
         ]
         return DecodeBatch(
-            sequences=a.sequences + b.sequences,
+            rows=a.rows + b.rows,
             cache=_cache_from(keys, values),
             attention_mask=torch.cat([widen(a.attention_mask, 1), widen(b.attention_mask, 1)]),
             next_positions=torch.cat([a.next_positions, b.next_positions]),
@@ -100,7 +100,7 @@ class Prefill:
     running rows' decoder steps). A chunk's queries see the cache built so far plus themselves, so the keys,
     values and logits are those of one prefill of the whole input."""
 
-    sequences: list[Row]
+    rows: list[Row]
     cache: DynamicCache
     mask: torch.Tensor  # [B, K + N] long: 1 for prompt and input entries, 0 for padding
     positions: torch.Tensor  # [B, N] long: position id of each input column
@@ -159,27 +159,27 @@ class Prefill:
     def batch(self) -> DecodeBatch:
         """The rows, ready to decode, once every column has run."""
         return DecodeBatch(
-            sequences=list(self.sequences),
+            rows=list(self.rows),
             cache=self.cache,
             attention_mask=self.mask,
             next_positions=self.positions[:, -1] + 1,
-            next_tokens=torch.zeros(len(self.sequences), dtype=torch.long, device=self.mask.device),
+            next_tokens=torch.zeros(len(self.rows), dtype=torch.long, device=self.mask.device),
         )
 
 
 def start_prefill(
     backbone: Backbone,
-    sequences: list[Row],
+    rows: list[Row],
     prompt_kv: Callable[[GenerationRequest], PromptKV | InlinePrompt | None],
 ) -> Prefill:
     """The new rows laid out on top of their prompts' keys and values (or their inline prompts ahead of
     their inputs), no input column run yet."""
     device, dtype = backbone.device, backbone.dtype
-    found = [prompt_kv(seq.request) for seq in sequences]
+    found = [prompt_kv(r.request) for r in rows]
     kvs = [kv if isinstance(kv, PromptKV) else None for kv in found]
     inlined = [len(kv.embeds) if isinstance(kv, InlinePrompt) else 0 for kv in found]
-    contexts = [seq.request.context for seq in sequences]
-    batch_size = len(sequences)
+    contexts = [r.request.context for r in rows]
+    batch_size = len(rows)
     k_max = max((kv.length for kv in kvs if kv is not None), default=0)
     n_max = max(len(c) + k for c, k in zip(contexts, inlined, strict=True))
     inline = {}
@@ -210,7 +210,7 @@ def start_prefill(
     if k_max:
         cache = _cache_from(list(prefix_keys.unbind(0)), list(prefix_values.unbind(0)))
     return Prefill(
-        sequences=list(sequences),
+        rows=list(rows),
         cache=cache,
         mask=mask,
         positions=positions,
@@ -222,14 +222,14 @@ def start_prefill(
 
 def prefill(
     backbone: Backbone,
-    sequences: list[Row],
+    rows: list[Row],
     prompt_kv: Callable[[GenerationRequest], PromptKV | InlinePrompt | None],
 ) -> tuple[DecodeBatch, torch.Tensor]:
     """Run the new rows' inputs on top of their prompts' shared keys and values, in one piece.
 
     Returns the batch, ready to decode, and the logits for each row's first new token ([B, V] float32).
     """
-    pending = start_prefill(backbone, sequences, prompt_kv)
+    pending = start_prefill(backbone, rows, prompt_kv)
     logits = pending.run(backbone)
     return pending.batch(), logits
 

@@ -111,15 +111,15 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and self.running is None and self.prefilling is None
 
-    def add(self, sequence: Row, listener: Listener) -> None:
-        self._listeners[id(sequence)] = listener
-        tenant = sequence.request.tenant
+    def add(self, row: Row, listener: Listener) -> None:
+        self._listeners[id(row)] = listener
+        tenant = row.request.tenant
         if tenant not in self.waiting:
             self.waiting[tenant] = deque()
             # A tenant that starts waiting goes before the one served last, which has just had its turn.
             if self._served_last in self.waiting:
                 self.waiting[self._served_last] = self.waiting.pop(self._served_last)
-        self.waiting[tenant].append(sequence)
+        self.waiting[tenant].append(row)
 
     def step(self) -> None:
         """The prefilling group's next chunk, on its turn; else admit waiting rows (a prefill, or the first
@@ -142,7 +142,7 @@ class Scheduler:
         elif self.running is not None:
             self._steps_since_admission += 1
             running = self.running
-            self._guarded(running.sequences, lambda: self._advance(running))
+            self._guarded(running.rows, lambda: self._advance(running))
             if self.observer is not None:
                 self.observer.stepped(len(running), time.perf_counter() - started)
         elif self.prefilling is not None:
@@ -153,7 +153,7 @@ class Scheduler:
 
     def _chunk(self) -> None:
         started = time.perf_counter()
-        self._guarded(self.prefilling.sequences, self._continue_prefill)
+        self._guarded(self.prefilling.rows, self._continue_prefill)
         self._owed_to_others += time.perf_counter() - started
 
     def _joining(self) -> list[Row]:
@@ -165,9 +165,9 @@ class Scheduler:
         running: its rows join at once, so a small request does not wait for another tenant's cadence.
         Such a tenant may also use the last quarter of ``max_batch_tokens``, which tenants with rows
         running may not: one tenant's long rows cannot fill the batch against another's first one."""
-        rows = self.running.sequences if self.running is not None else []
+        rows = self.running.rows if self.running is not None else []
         if self.prefilling is not None:
-            rows = rows + self.prefilling.sequences
+            rows = rows + self.prefilling.rows
         busy = {s.request.tenant for s in rows}
         used = sum(batch_tokens(s.request) for s in rows)
         due = not rows or self._steps_since_admission >= self.admit_every_steps
@@ -185,13 +185,13 @@ class Scheduler:
             )
             if chosen is _NOBODY:
                 break
-            sequence = self._take(chosen)
-            if sequence.cancelled and self._notify(sequence):
+            row = self._take(chosen)
+            if row.cancelled and self._notify(row):
                 continue
-            joining.append(sequence)
+            joining.append(row)
             busy.add(chosen)
-            used += batch_tokens(sequence.request)
-            prefilled += len(sequence.request.context)
+            used += batch_tokens(row.request)
+            prefilled += len(row.request.context)
         return joining
 
     def _may_join(
@@ -215,11 +215,11 @@ class Scheduler:
     def _take(self, tenant: Hashable | None) -> Row:
         """``tenant``'s oldest waiting row; the tenant goes to the back of the turn order."""
         queue = self.waiting.pop(tenant)
-        sequence = queue.popleft()
+        row = queue.popleft()
         if queue:
             self.waiting[tenant] = queue
         self._served_last = tenant
-        return sequence
+        return row
 
     def _admit(self, joining: list[Row]) -> None:
         pending = start_prefill(self.backbone, joining, self._prompt_kv)
@@ -240,7 +240,7 @@ class Scheduler:
     def _continue_prefill(self) -> None:
         """The prefilling group's next chunk; the group joins the running rows after its last."""
         pending, self.prefilling = self.prefilling, None  # a chunk that fails fails its rows alone
-        logits = pending.run(self.backbone, self._chunk_columns(len(pending.sequences)))
+        logits = pending.run(self.backbone, self._chunk_columns(len(pending.rows)))
         if logits is None:
             self.prefilling = pending
         else:
@@ -260,44 +260,44 @@ class Scheduler:
         self.running = self._take_tokens(running, decode_step(self.backbone, running))
 
     def _take_tokens(self, batch: DecodeBatch, logits: torch.Tensor) -> DecodeBatch | None:
-        chosen = choose_tokens(logits, batch.sequences)
+        chosen = choose_tokens(logits, batch.rows)
         tokenizer, eos = self.backbone.tokenizer, self.backbone.eos_token_id
         keep = []
-        for row, (sequence, token) in enumerate(zip(batch.sequences, chosen, strict=True)):
+        for i, (row, token) in enumerate(zip(batch.rows, chosen, strict=True)):
             if token is None:
-                sequence.error = PromptCorrupt(UNDECODABLE)
-            elif not sequence.cancelled:
-                sequence.advance(tokenizer, token, eos)
-            if not self._notify(sequence):
-                keep.append(row)
+                row.error = PromptCorrupt(UNDECODABLE)
+            elif not row.cancelled:
+                row.advance(tokenizer, token, eos)
+            if not self._notify(row):
+                keep.append(i)
         tokens = [eos if token is None else token for token in chosen]  # a failed row leaves the batch below
         batch.next_tokens = torch.tensor(tokens, dtype=torch.long, device=batch.next_tokens.device)
         return batch if len(keep) == len(batch) else batch.filter(keep)
 
-    def _notify(self, sequence: Row) -> bool:
+    def _notify(self, row: Row) -> bool:
         """Tell the row's listener what changed; True when that was the row's last word."""
-        over = sequence.done or sequence.error is not None  # read once: cancel may land from any thread
-        delta = sequence.stream_delta()
-        listener = self._listeners.pop(id(sequence), None) if over else self._listeners.get(id(sequence))
+        over = row.done or row.error is not None  # read once: cancel may land from any thread
+        delta = row.stream_delta()
+        listener = self._listeners.pop(id(row), None) if over else self._listeners.get(id(row))
         if listener is None:  # already told it was over (a step failed after its last token)
             return True
         if delta or over:
-            listener(sequence, delta, over)
+            listener(row, delta, over)
         return over
 
-    def _guarded(self, sequences: list[Row], work: Callable[[], None]) -> None:
+    def _guarded(self, rows: list[Row], work: Callable[[], None]) -> None:
         """A failing step fails the rows it touched, not the engine: the others keep being served."""
         try:
             with torch.inference_mode():
                 work()
         except Exception as error:
-            log.exception("engine step failed for %d rows", len(sequences))
-            failed = {id(s) for s in sequences}
-            for sequence in sequences:
-                sequence.error = error
-                self._notify(sequence)
+            log.exception("engine step failed for %d rows", len(rows))
+            failed = {id(s) for s in rows}
+            for row in rows:
+                row.error = error
+                self._notify(row)
             if self.running is not None:
-                keep = [i for i, s in enumerate(self.running.sequences) if id(s) not in failed]
+                keep = [i for i, s in enumerate(self.running.rows) if id(s) not in failed]
                 self.running = self.running.filter(keep)
 
     def _prompt_kv(self, request: GenerationRequest) -> PromptKV | InlinePrompt | None:
@@ -325,8 +325,8 @@ class Scheduler:
             return
         seconds = time.perf_counter() - pending.started
         columns = int(pending.mask[:, pending.prompt_columns :].sum())
-        for row, kv in pending.inline_prompt_kvs().items():
-            key = pending.sequences[row].request.prompt_key
+        for i, kv in pending.inline_prompt_kvs().items():
+            key = pending.rows[i].request.prompt_key
             if key is not None:
                 self.prompt_kv_cache.keep(key, kv, seconds * kv.length / max(1, columns))
 
@@ -350,15 +350,15 @@ def generate_all(
         prompt_kv_cache=None,
         prefill_chunk_tokens=prefill_chunk_tokens,
     )
-    sequences = [Row(request=r) for r in requests]
-    for sequence in sequences:
-        scheduler.add(sequence, lambda *_: None)
+    rows = [Row(request=r) for r in requests]
+    for row in rows:
+        scheduler.add(row, lambda *_: None)
     while not scheduler.idle:
         scheduler.step()
-    for sequence in sequences:
-        if sequence.error is not None:
-            raise sequence.error
-    return sequences
+    for row in rows:
+        if row.error is not None:
+            raise row.error
+    return rows
 
 
 class Call(Future):
@@ -470,19 +470,19 @@ class Engine:
     def submit(self, requests: list[GenerationRequest], listener: Listener) -> list[Row]:
         """Queue the requests as rows; Overloaded at once when the queue, or the tenant's share of it, has
         no room for all of them. All rows of one submit are served for one tenant: the first request's."""
-        sequences = [Row(request=r) for r in requests]
+        rows = [Row(request=r) for r in requests]
         tenant = requests[0].tenant if requests else None
 
-        def releasing(sequence: Row, delta: str, over: bool) -> None:
+        def releasing(row: Row, delta: str, over: bool) -> None:
             if over:
                 self._release(1, tenant)
-            listener(sequence, delta, over)
+            listener(row, delta, over)
 
         with self._cv:
-            self._admit(len(sequences), tenant)
-            self._incoming.extend((s, releasing) for s in sequences)
+            self._admit(len(rows), tenant)
+            self._incoming.extend((s, releasing) for s in rows)
             self._cv.notify()
-        return sequences
+        return rows
 
     def call(self, work: Callable[[Backbone], object], *, rows: int, tenant: Hashable | None = None) -> Call:
         """Run ``work(backbone)`` on the engine thread. A generator function runs one chunk (up to its next

@@ -159,20 +159,20 @@ UNDECODABLE = (
 )
 
 
-def choose_tokens(logits: torch.Tensor, sequences: list[Row]) -> list[int | None]:
+def choose_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int | None]:
     """[B, V] float32 logits -> each row's next token under its own sampling parameters, or None for a row
     whose scores cannot be decoded: not finite (a soft prompt of extreme values overflows the backbone),
     or no distribution left to sample from. Such a row fails alone; the batch's other rows go on."""
     chosen: list[int | None] = logits.argmax(-1).tolist()
     finite = torch.isfinite(logits).all(-1).tolist()  # [B]
-    for row, seq in enumerate(sequences):
-        if not finite[row]:
-            chosen[row] = None
-        elif seq.request.temperature >= MIN_SAMPLING_TEMPERATURE:
+    for i, row in enumerate(rows):
+        if not finite[i]:
+            chosen[i] = None
+        elif row.request.temperature >= MIN_SAMPLING_TEMPERATURE:
             try:
-                chosen[row] = _sample(logits[row], seq.request.temperature, seq.request.top_p, seq.generator)
+                chosen[i] = _sample(logits[i], row.request.temperature, row.request.top_p, row.generator)
             except RuntimeError:  # torch.multinomial on probabilities that overflowed
-                chosen[row] = None
+                chosen[i] = None
     return chosen
 
 

@@ -292,35 +292,33 @@ class GenerationHandle:
     def __init__(self, engine: Engine, requests: list[GenerationRequest]):
         self._loop = asyncio.get_running_loop()
         self._updates: asyncio.Queue[tuple[Row, str, bool]] = asyncio.Queue()
-        self._sequences = engine.submit(requests, self._on_update)
-        self._index = {id(s): i for i, s in enumerate(self._sequences)}
-        self._open = len(self._sequences)
+        self._rows = engine.submit(requests, self._on_update)
+        self._index = {id(s): i for i, s in enumerate(self._rows)}
+        self._open = len(self._rows)
 
-    def _on_update(self, sequence: Row, delta: str, over: bool) -> None:
-        self._loop.call_soon_threadsafe(self._updates.put_nowait, (sequence, delta, over))
+    def _on_update(self, row: Row, delta: str, over: bool) -> None:
+        self._loop.call_soon_threadsafe(self._updates.put_nowait, (row, delta, over))
 
     def cancel(self) -> None:
-        for sequence in self._sequences:
-            sequence.cancelled = True
+        for row in self._rows:
+            row.cancelled = True
 
     async def updates(self) -> AsyncIterator[RowUpdate]:
         try:
             while self._open:
-                sequence, delta, over = await self._updates.get()
-                if isinstance(sequence.error, DomainError):
-                    raise sequence.error
-                if sequence.error is not None:
-                    raise InferenceFailed(
-                        f"Inference failed: {type(sequence.error).__name__}."
-                    ) from sequence.error
+                row, delta, over = await self._updates.get()
+                if isinstance(row.error, DomainError):
+                    raise row.error
+                if row.error is not None:
+                    raise InferenceFailed(f"Inference failed: {type(row.error).__name__}.") from row.error
                 self._open -= over
-                yield RowUpdate(self._index[id(sequence)], delta, sequence.result() if over else None)
+                yield RowUpdate(self._index[id(row)], delta, row.result() if over else None)
         finally:
             if self._open:
                 self.cancel()
 
     async def results(self) -> list[Generation]:
-        results: list[Generation | None] = [None] * len(self._sequences)
+        results: list[Generation | None] = [None] * len(self._rows)
         async for update in self.updates():
             if update.finished is not None:
                 results[update.index] = update.finished

@@ -185,8 +185,8 @@ def test_a_tenant_with_one_row_is_not_queued_behind_another_tenants_flood(tiny_b
     mine = Row(request=lone)
     scheduler.add(mine, lambda *_: None)
     scheduler.step()  # one admission: first in, first served would take two of b's rows
-    assert scheduler.running is not None and mine in scheduler.running.sequences
-    assert [s.request for s in scheduler.running.sequences] == [flood[0], lone]
+    assert scheduler.running is not None and mine in scheduler.running.rows
+    assert [s.request for s in scheduler.running.rows] == [flood[0], lone]
 
 
 def test_free_places_go_round_robin_between_tenants_in_each_tenants_order(tiny_backbone):
@@ -252,10 +252,10 @@ def test_a_failing_step_fails_its_rows_and_the_engine_keeps_serving(tiny_backbon
 
     real = engine_module.start_prefill
 
-    def exploding(backbone, sequences, prompt_kv):
-        if any(s.request is bad[0] for s in sequences):
+    def exploding(backbone, rows, prompt_kv):
+        if any(r.request is bad[0] for r in rows):
             raise RuntimeError("boom")
-        return real(backbone, sequences, prompt_kv)
+        return real(backbone, rows, prompt_kv)
 
     monkeypatch.setattr(engine_module, "start_prefill", exploding)
     collector = _Collector(1)
@@ -445,7 +445,7 @@ def test_a_tenant_with_no_row_running_joins_at_once_and_alone(tiny_backbone):
     row = Row(request=dataclasses.replace(newcomer, tenant="quiet"))
     scheduler.add(row, lambda *_: None)
     scheduler.step()
-    assert [s.request.tenant for s in scheduler.running.sequences] == ["busy", "quiet"]
+    assert [s.request.tenant for s in scheduler.running.rows] == ["busy", "quiet"]
     assert [s.request.tenant for queue in scheduler.waiting.values() for s in queue] == ["busy"]
 
 
@@ -465,8 +465,8 @@ def test_the_batch_holds_at_most_its_token_budget_and_keeps_a_quarter_for_newcom
     light = generation_requests(tiny_backbone, prompts=[None], texts=["fun"], max_new_tokens=2)[0]
     scheduler.add(Row(request=dataclasses.replace(light, tenant="light")), lambda *_: None)
     scheduler.step()  # heavy's fourth row does not fit; light's first row fits in the quarter kept for it
-    assert [s.request.tenant for s in scheduler.running.sequences] == ["heavy"] * 3 + ["light"]
-    assert sum(batch_tokens(s.request) for s in scheduler.running.sequences) <= budget
+    assert [s.request.tenant for s in scheduler.running.rows] == ["heavy"] * 3 + ["light"]
+    assert sum(batch_tokens(s.request) for s in scheduler.running.rows) <= budget
 
 
 def _long_mixed_requests(backbone, count: int):
@@ -517,7 +517,7 @@ def test_running_rows_and_short_newcomers_take_turns_with_the_chunks_of_a_long_p
     scheduler.add(newcomer, lambda *_: None)
     scheduler.step()
     scheduler.step()  # within two steps the newcomer joins, in one piece, while the long prefill goes on
-    assert newcomer in scheduler.running.sequences and scheduler.prefilling is not None
+    assert newcomer in scheduler.running.rows and scheduler.prefilling is not None
     while not scheduler.idle:
         scheduler.step()
     assert all(row.error is None for row in (running, newcomer, long_row))
@@ -548,7 +548,7 @@ def test_newcomers_beside_a_chunked_prefill_never_displace_it(tiny_backbone):
     for row in short_rows:
         scheduler.add(row, lambda *_: None)
     scheduler.step()
-    assert all(row in scheduler.running.sequences for row in short_rows)  # together, in one piece
+    assert all(row in scheduler.running.rows for row in short_rows)  # together, in one piece
     while not scheduler.idle:
         scheduler.step()
     for row, text in zip([long_row, *short_rows], texts, strict=True):
