@@ -37,7 +37,7 @@ class Generation:
     text: str
     finish_reason: str  # "stop" | "length"
     tokens: int  # completion tokens, the end-of-sequence token not counted
-    prompt_tokens: int  # input tokens, virtual tokens not counted
+    input_tokens: int  # the caller's tokens (usage's prompt_tokens), virtual tokens not counted
     token_ids: list[int] = field(default_factory=list)
 
 

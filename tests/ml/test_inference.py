@@ -36,7 +36,7 @@ def test_batched_greedy_equals_single_rows_and_uncached_reference(tiny_backbone)
         assert got.token_ids == alone.token_ids == reference
         assert got.text == alone.text
         assert got.tokens == len(reference)
-        assert got.prompt_tokens == len(context_ids(tiny_backbone, text))
+        assert got.input_tokens == len(context_ids(tiny_backbone, text))
 
 
 def test_a_prompt_changes_the_output(tiny_backbone):

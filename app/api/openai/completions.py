@@ -216,7 +216,7 @@ class _Answer:
 
 
 def _usage(generations: list[Generation]) -> CompletionUsage:
-    prompt = sum(g.prompt_tokens for g in generations)
+    prompt = sum(g.input_tokens for g in generations)
     completion = sum(g.tokens for g in generations)
     return CompletionUsage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion

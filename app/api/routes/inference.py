@@ -100,7 +100,7 @@ def _response(run: generation.GenerationRun) -> GenerateResponse:
             GenerationOut(text=g.text, finish_reason=g.finish_reason, tokens=g.tokens) for g in generations
         ],
         usage=Usage(
-            prompt_tokens=sum(g.prompt_tokens for g in generations),
+            prompt_tokens=sum(g.input_tokens for g in generations),
             completion_tokens=sum(g.tokens for g in generations),
         ),
     )
