@@ -17,13 +17,13 @@ from safetensors.torch import load, save
 @dataclass
 class Checkpoint:
     step: int  # steps done
-    prompt: torch.Tensor  # [k, d] float32
+    prompt: torch.Tensor  # [k, d] (prompt) or [2, L, H_kv, k, Dh] (prefix), float32
     optimizer: dict  # torch optimizer state_dict()
     batch_rng: torch.Tensor  # uint8: the batch order's generator state
     pending: list[int]  # example indices drawn for the next batches, not used yet
     losses: list[float]
     best_step: int = 0
-    best_prompt: torch.Tensor | None = None  # [k, d] float32
+    best_prompt: torch.Tensor | None = None  # as prompt
     best_metrics: dict = field(default_factory=dict)
     evaluations_since_best: int = 0
 

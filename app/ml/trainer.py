@@ -108,7 +108,7 @@ class Progress:
 
 @dataclass
 class TrainResult:
-    prompt: torch.Tensor  # [k, d] float32 CPU
+    prompt: torch.Tensor  # [k, d] (prompt) or [2, L, H_kv, k, Dh] (prefix), float32 CPU
     metrics: dict  # train_loss, val_loss, val_accuracy (None unless labels were given)
     steps_done: int
     stopped: bool
@@ -350,9 +350,9 @@ def train_prompt(
     resume: Checkpoint | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
 ) -> TrainResult:
-    """Tune ``prompt`` ([k, d]) on ``train``; the same seed and data give the same prompt, and so does a
-    run resumed from any of its checkpoints (handed to ``on_checkpoint`` every ``checkpoint_every``
-    steps)."""
+    """Tune ``prompt`` ([k, d] or a prefix [2, L, H_kv, k, Dh]) on ``train``; the same seed and data give
+    the same prompt, and so does a run resumed from any of its checkpoints (handed to ``on_checkpoint``
+    every ``checkpoint_every`` steps)."""
     encoded = _encode(
         backbone,
         train,
@@ -363,7 +363,7 @@ def train_prompt(
     )
     # The master copy stays float32 even on a bfloat16 backbone: the updates are small.
     start = prompt if resume is None else resume.prompt
-    param = torch.nn.Parameter(start.detach().to(backbone.device, torch.float32).clone())  # [k, d]
+    param = torch.nn.Parameter(start.detach().to(backbone.device, torch.float32).clone())  # as the prompt
     optimizer = make_optimizer(param, config)
     batches = BatchOrder(config.batch_size, len(encoded), config.seed)
 
@@ -461,7 +461,7 @@ def train_prompt(
                     versus_bare = compare(initial[ROWS_KEY], bare[ROWS_KEY], metric)
             metrics.update(_bare(bare), eval_metric=metric.value, zero_shot_test=versus_bare.as_metrics())
     metrics.pop(ROWS_KEY, None)
-    final = kept.float().cpu().clone()  # [k, d]
+    final = kept.float().cpu().clone()  # as the prompt
     window = losses[-LOSS_WINDOW:]
     metrics = {
         "train_loss": sum(window) / len(window) if window else None,
