@@ -352,7 +352,8 @@ def train_prompt(
 ) -> TrainResult:
     """Tune ``prompt`` ([k, d] or a prefix [2, L, H_kv, k, Dh]) on ``train``; the same seed and data give
     the same prompt, and so does a run resumed from any of its checkpoints (handed to ``on_checkpoint``
-    every ``checkpoint_every`` steps)."""
+    every ``checkpoint_every`` steps). Three parts: the run's state (started, or resumed), the steps, and
+    the final choice among the best prompt evaluated, the start and the bare template."""
     encoded = _encode(
         backbone,
         train,
@@ -361,12 +362,6 @@ def train_prompt(
         append_eos=config.append_eos,
         labels=labels if config.label_loss and not config.append_eos else None,
     )
-    # The master copy stays float32 even on a bfloat16 backbone: the updates are small.
-    start = prompt if resume is None else resume.prompt
-    param = torch.nn.Parameter(start.detach().to(backbone.device, torch.float32).clone())  # as the prompt
-    optimizer = make_optimizer(param, config)
-    batches = BatchOrder(config.batch_size, len(encoded), config.seed)
-
     metric = config.metric(classification=bool(labels))
 
     def run_eval(current: torch.Tensor | None) -> dict:
@@ -382,87 +377,24 @@ def train_prompt(
             rows_by=metric,
         )
 
-    best = _Best(metric)  # the trained candidates
-    losses: list[float] = []
-    if resume is not None:
-        optimizer.load_state_dict(resume.optimizer)
-        batches.generator.set_state(resume.batch_rng)
-        batches.pending = list(resume.pending)
-        losses = list(resume.losses)
-        best.restore(resume)
-    first = len(losses)
-
-    def snapshot() -> Checkpoint:
-        return Checkpoint(
-            step=len(losses),
-            prompt=param.detach().cpu().clone(),
-            optimizer=_detached(optimizer.state_dict()),
-            batch_rng=batches.generator.get_state(),
-            pending=list(batches.pending),
-            losses=list(losses),
-            **best.state(),
-        )
-
-    stopped = early = False
-    started = time.monotonic()
-    for step in range(first, config.steps):
-        if should_stop():
-            stopped = True
-            break
-        for group in optimizer.param_groups:  # set, not stepped: a resumed run needs no scheduler state
-            group["lr"] = config.learning_rate * lr_factor(step, config)
-        with _autocast(backbone):
-            loss = _loss(backbone, param, [encoded[i] for i in batches.next()])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([param], config.max_grad_norm)
-        optimizer.step()
-        losses.append(loss.item())
-        done = step + 1
-        elapsed = time.monotonic() - started
-        eta = elapsed / (done - first) * (config.steps - done)
-        on_progress(Progress(done, config.steps, losses[-1], eta))
-        if config.eval_every and done % config.eval_every == 0 and done < config.steps and validation:
-            metrics = run_eval(param.detach())
-            shown = {k: v for k, v in metrics.items() if k != ROWS_KEY}
-            log.info("step %d/%d: %s", done, config.steps, shown)
-            best.offer(done, param, metrics)
-            if config.patience and best.evaluations_since_best >= config.patience:
-                early = True
-                break
-        if (
-            on_checkpoint
-            and config.checkpoint_every
-            and done % config.checkpoint_every == 0
-            and done < config.steps
-        ):
-            on_checkpoint(snapshot())
-    metrics: dict = {}
-    versus_bare = None
-    kept = best.prompt if best.prompt is not None else param.detach()
+    state = _TuningState.begin(backbone, prompt, config, metric, resume, examples=len(encoded))
+    stopped, early = _run_steps(
+        state,
+        backbone,
+        encoded,
+        config,
+        run_eval=run_eval if validation else None,
+        on_progress=on_progress,
+        should_stop=should_stop,
+        on_checkpoint=on_checkpoint,
+    )
+    kept, metrics, versus_bare = state.best.prompt, {}, None
+    if kept is None:
+        kept = state.param.detach()
     if not stopped:
-        if not early:
-            best.offer(len(losses), param, run_eval(param.detach()))
-            kept = best.prompt if best.prompt is not None else param.detach()
-        if validation and ROWS_KEY not in best.metrics:  # resumed from a checkpoint without row scores
-            best.metrics = {**best.metrics, **run_eval(kept)}
-        metrics = {**best.metrics, "best_step": best.step, "stopped_early": early}
-        if validation:
-            bare = run_eval(None)
-            versus_bare = compare(best.metrics[ROWS_KEY], bare[ROWS_KEY], metric)
-            if versus_bare.worse:
-                # The start (``prompt``, also when the run resumed) is the fallback, scored only when the
-                # trained prompt would be refused: a generation hold-out takes minutes to decode. It is
-                # not a rival in every job: on a few dozen rows an untrained label-word prompt can win a
-                # one-row draw and then score far below both elsewhere (docs/benchmarks.md, "Small data").
-                initial = run_eval(prompt.detach())
-                if best.key(initial) > best.key(best.metrics):
-                    kept, metrics = prompt.detach(), {**initial, "best_step": 0, "stopped_early": early}
-                    versus_bare = compare(initial[ROWS_KEY], bare[ROWS_KEY], metric)
-            metrics.update(_bare(bare), eval_metric=metric.value, zero_shot_test=versus_bare.as_metrics())
+        kept, metrics, versus_bare = _final_choice(state, prompt, run_eval, bool(validation), early=early)
     metrics.pop(ROWS_KEY, None)
-    final = kept.float().cpu().clone()  # as the prompt
-    window = losses[-LOSS_WINDOW:]
+    window = state.losses[-LOSS_WINDOW:]
     metrics = {
         "train_loss": sum(window) / len(window) if window else None,
         "val_loss": None,
@@ -470,13 +402,136 @@ def train_prompt(
         **metrics,
     }
     return TrainResult(
-        prompt=final,
+        prompt=kept.float().cpu().clone(),  # as the prompt
         metrics=metrics,
-        steps_done=len(losses),
+        steps_done=len(state.losses),
         stopped=stopped,
-        state=snapshot() if stopped else None,
+        state=state.snapshot() if stopped else None,
         versus_bare=versus_bare,
     )
+
+
+@dataclass
+class _TuningState:
+    """What a run carries from step to step, all of which a checkpoint saves: the prompt being learned
+    (float32 even on a bfloat16 backbone: the updates are small), the optimiser, the batch order, the
+    losses so far and the best prompt evaluated."""
+
+    param: torch.nn.Parameter
+    optimizer: torch.optim.Optimizer
+    batches: BatchOrder
+    best: _Best
+    losses: list[float]
+
+    @classmethod
+    def begin(
+        cls,
+        backbone: Backbone,
+        prompt: torch.Tensor,
+        config: TrainConfig,
+        metric: EvalMetric,
+        resume: Checkpoint | None,
+        *,
+        examples: int,
+    ) -> _TuningState:
+        start = prompt if resume is None else resume.prompt
+        param = torch.nn.Parameter(start.detach().to(backbone.device, torch.float32).clone())  # as the prompt
+        batches = BatchOrder(config.batch_size, examples, config.seed)
+        state = cls(param, make_optimizer(param, config), batches, _Best(metric), [])
+        if resume is not None:
+            state.optimizer.load_state_dict(resume.optimizer)
+            state.batches.generator.set_state(resume.batch_rng)
+            state.batches.pending = list(resume.pending)
+            state.losses = list(resume.losses)
+            state.best.restore(resume)
+        return state
+
+    def snapshot(self) -> Checkpoint:
+        return Checkpoint(
+            step=len(self.losses),
+            prompt=self.param.detach().cpu().clone(),
+            optimizer=_detached(self.optimizer.state_dict()),
+            batch_rng=self.batches.generator.get_state(),
+            pending=list(self.batches.pending),
+            losses=list(self.losses),
+            **self.best.state(),
+        )
+
+
+def _run_steps(
+    state: _TuningState,
+    backbone: Backbone,
+    encoded: list,
+    config: TrainConfig,
+    *,
+    run_eval: Callable[[torch.Tensor | None], dict] | None,
+    on_progress: Callable[[Progress], None],
+    should_stop: Callable[[], bool],
+    on_checkpoint: Callable[[Checkpoint], None] | None,
+) -> tuple[bool, bool]:
+    """The optimiser's steps from where ``state`` is to config.steps, evaluating every eval_every steps
+    (``run_eval``: None without a hold-out). Returns (stopped by should_stop, stopped early: patience)."""
+    first, started = len(state.losses), time.monotonic()
+    for step in range(first, config.steps):
+        if should_stop():
+            return True, False
+        for group in state.optimizer.param_groups:  # set, not stepped: a resumed run needs no scheduler
+            group["lr"] = config.learning_rate * lr_factor(step, config)
+        with _autocast(backbone):
+            loss = _loss(backbone, state.param, [encoded[i] for i in state.batches.next()])
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([state.param], config.max_grad_norm)
+        state.optimizer.step()
+        state.losses.append(loss.item())
+        done = step + 1
+        eta = (time.monotonic() - started) / (done - first) * (config.steps - done)
+        on_progress(Progress(done, config.steps, state.losses[-1], eta))
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps and run_eval:
+            metrics = run_eval(state.param.detach())
+            shown = {k: v for k, v in metrics.items() if k != ROWS_KEY}
+            log.info("step %d/%d: %s", done, config.steps, shown)
+            state.best.offer(done, state.param, metrics)
+            if config.patience and state.best.evaluations_since_best >= config.patience:
+                return False, True
+        every = config.checkpoint_every
+        if on_checkpoint and every and done % every == 0 and done < config.steps:
+            on_checkpoint(state.snapshot())
+    return False, False
+
+
+def _final_choice(
+    state: _TuningState,
+    start: torch.Tensor,
+    run_eval: Callable[[torch.Tensor | None], dict],
+    validated: bool,
+    *,
+    early: bool,
+) -> tuple[torch.Tensor, dict, Comparison | None]:
+    """The prompt a finished run keeps (the best evaluated, the last one included unless it stopped
+    early), its metrics, and how it compares with the bare template on the hold-out (None without one)."""
+    best, param = state.best, state.param
+    if not early:
+        best.offer(len(state.losses), param, run_eval(param.detach()))
+    kept = best.prompt if best.prompt is not None else param.detach()
+    if validated and ROWS_KEY not in best.metrics:  # resumed from a checkpoint without row scores
+        best.metrics = {**best.metrics, **run_eval(kept)}
+    metrics = {**best.metrics, "best_step": best.step, "stopped_early": early}
+    if not validated:
+        return kept, metrics, None
+    bare = run_eval(None)
+    versus_bare = compare(best.metrics[ROWS_KEY], bare[ROWS_KEY], best.metric)
+    if versus_bare.worse:
+        # The start (also when the run resumed) is the fallback, scored only when the trained prompt would
+        # be refused: a generation hold-out takes minutes to decode. It is not a rival in every job: on a
+        # few dozen rows an untrained label-word prompt can win a one-row draw and then score far below
+        # both elsewhere (docs/benchmarks.md, "Small data").
+        initial = run_eval(start.detach())
+        if best.key(initial) > best.key(best.metrics):
+            kept, metrics = start.detach(), {**initial, "best_step": 0, "stopped_early": early}
+            versus_bare = compare(initial[ROWS_KEY], bare[ROWS_KEY], best.metric)
+    metrics.update(_bare(bare), eval_metric=best.metric.value, zero_shot_test=versus_bare.as_metrics())
+    return kept, metrics, versus_bare
 
 
 def _bare(zero_shot: dict) -> dict:
