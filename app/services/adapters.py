@@ -15,12 +15,11 @@ from app.db.models import PromptVersion
 from app.errors import InvalidRequest, PromptCorrupt
 from app.input_text import check_text, text_fault
 from app.ml.backbone import Backbone
-from app.ml.peft_format import export_zip, import_zip
+from app.ml.peft_format import ImportedAdapter, export_zip, import_zip
 from app.ml.soft_prompt import PROMPT_KEY, loose_shape, prompt_from_bytes, prompt_to_bytes, virtual_tokens
 from app.services import prompts, quotas
-from app.services.jobs import TASK_NAME
 from app.services.labels import LabelLimits, check_labels
-from app.services.prompts import check_template
+from app.services.prompts import check_task_name, check_template
 from app.services.tenants import Caller
 
 
@@ -67,12 +66,7 @@ def import_version(
     upload: it counts toward the tenant's hourly upload bytes and obeys the limits a job's version does.
     ``prompt_fault`` says what makes the adapter's soft prompt unsafe to serve beside other tenants' rows
     (app/ml/prompt_check.py). Everything is checked before anything is written."""
-    if not TASK_NAME.fullmatch(name):
-        raise InvalidRequest(
-            f"Task name {name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', starting with a "
-            "letter or digit.",
-            param="task",
-        )
+    check_task_name(name)
     quotas.check_upload(session, caller=caller, size=len(data))
     adapter = import_zip(data, backbone=backbone, max_unzipped_bytes=settings.max_adapter_unzipped_bytes)
     k = virtual_tokens(adapter.prompt)
@@ -82,18 +76,7 @@ def import_version(
             param="file",
             code="invalid_adapter",
         )
-    template = template if template is not None else adapter.about.get("template")
-    if not isinstance(template, str):
-        raise InvalidRequest(
-            "template is required: the text around each input, with {input} where it goes.", param="template"
-        )
-    check_text(template, param="template")
-    check_template(template, max_chars=settings.max_template_chars)
-    labels = labels if labels is not None else adapter.about.get("labels")
-    if labels is not None:
-        check_labels(
-            labels, limits=LabelLimits.of(settings), count_tokens=_token_counter(backbone), param="labels"
-        )
+    template, labels = _template_and_labels(adapter, template, labels, backbone=backbone, settings=settings)
     # Last: it runs the backbone on the engine's thread (about 0.4 s on 2 cores), so an import refused for
     # its template or labels costs no one else anything.
     fault = prompt_fault(adapter.prompt)
@@ -119,6 +102,30 @@ def import_version(
         },
         upload_bytes=len(data),
     )
+
+
+def _template_and_labels(
+    adapter: ImportedAdapter,
+    template: str | None,
+    labels: list[str] | None,
+    *,
+    backbone: Backbone,
+    settings: Settings,
+) -> tuple[str, list[str] | None]:
+    """The request's template and labels, else those our own export wrote into the zip, checked."""
+    template = template if template is not None else adapter.about.get("template")
+    if not isinstance(template, str):
+        raise InvalidRequest(
+            "template is required: the text around each input, with {input} where it goes.", param="template"
+        )
+    check_text(template, param="template")
+    check_template(template, max_chars=settings.max_template_chars)
+    labels = labels if labels is not None else adapter.about.get("labels")
+    if labels is not None:
+        check_labels(
+            labels, limits=LabelLimits.of(settings), count_tokens=_token_counter(backbone), param="labels"
+        )
+    return template, labels
 
 
 def _token_counter(backbone: Backbone):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -28,12 +27,11 @@ from app.errors import Conflict, InvalidRequest, NotFound
 from app.services import checkpoints, idempotency, quotas
 from app.services.datasets import get_dataset, lock_datasets
 from app.services.pagination import paginate
-from app.services.prompts import check_template
+from app.services.prompts import check_task_name, check_template
 from app.services.queue import enqueue_training, send_committed
 from app.services.tenants import Caller
 
 log = logging.getLogger(__name__)
-TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 # Held out for validation when the job names no validation dataset.
 HOLDOUT_FRACTION = 0.1
@@ -136,12 +134,7 @@ def _validated_fields(
 def _checked_shape(request: JobRequest, settings: Settings) -> tuple[str, int]:
     """What the request says without reading anything: the task's name, the backbone, the template and
     the number of virtual tokens. Returns (base model, virtual tokens)."""
-    if not TASK_NAME.fullmatch(request.task):
-        raise InvalidRequest(
-            f"Task name {request.task!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit.",
-            param="task",
-        )
+    check_task_name(request.task)
     base_model = request.base_model or settings.default_backbone
     if base_model not in settings.backbones:
         raise InvalidRequest(

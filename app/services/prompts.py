@@ -21,6 +21,20 @@ from app.services.pagination import paginate
 TASK_REF = re.compile(r"(?P<task>[a-z0-9][a-z0-9_-]{0,63})(?:@(?P<version>[1-9][0-9]{0,8}))?")
 
 
+TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def check_task_name(name: str) -> str:
+    """A new task's name, as a job or an import gives it: 422 naming ``task`` when it is not one."""
+    if not TASK_NAME.fullmatch(name):
+        raise InvalidRequest(
+            f"Task name {name!r} is not valid: use 1-64 characters of a-z, 0-9, '_' and '-', starting with a "
+            "letter or digit.",
+            param="task",
+        )
+    return name
+
+
 def check_template(template: str, *, max_chars: int) -> str:
     """A template a version can hold: ``{input}`` exactly once, at most ``max_chars`` characters (jobs and
     imports alike; SOFTPROMPT_MAX_TEMPLATE_CHARS)."""
