@@ -15,7 +15,7 @@ from app.cli import cli
 from app.client import ApiError, Client
 from app.db.models import Evaluation, TuningJob
 from app.db.session import session_scope
-from app.services import evaluating, training
+from app.services import runs
 from app.services.evaluating import run_evaluation
 from app.services.training import run_job
 from tests.helpers import TEMPLATE, jsonl, sentiment_file, upload
@@ -56,7 +56,7 @@ def worker_thread(settings, backbone, table: type = TuningJob) -> threading.Thre
 
 
 def test_upload_tune_follow_then_use_the_task(softprompt, settings, tiny_backbone, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "PROGRESS_INTERVAL_S", 0.0)  # every step reported, for the bar
+    monkeypatch.setattr(runs, "PROGRESS_INTERVAL_S", 0.0)  # every step reported, for the bar
     data = tmp_path / "reviews.jsonl"
     data.write_bytes(sentiment_file())
     uploaded = softprompt("datasets", "upload", str(data))
@@ -200,7 +200,7 @@ def test_tune_takes_the_method(softprompt, tmp_path):
 @pytest.fixture
 def quick_evaluations(monkeypatch):
     """Progress written at every chunk and polled often, so the bar moves within a short test."""
-    monkeypatch.setattr(evaluating, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(runs, "PROGRESS_INTERVAL_S", 0.0)
     monkeypatch.setattr("app.client.EVALUATION_POLL_S", 0.05)
 
 

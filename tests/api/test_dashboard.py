@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from app.services import training
+from app.services import runs
 from app.services.evaluating import run_evaluation
 from app.services.training import run_job
 from tests.helpers import TEMPLATE, new_key, sentiment_file, upload
@@ -34,7 +34,7 @@ SCREENSHOT = os.environ.get("SOFTPROMPT_DASHBOARD_SCREENSHOT")
 @pytest.fixture
 def finished_job(client, settings, tiny_backbone, monkeypatch):
     """A succeeded job that reported its loss at every step (the worker reports at most once a second)."""
-    monkeypatch.setattr(training, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(runs, "PROGRESS_INTERVAL_S", 0.0)
     dataset = upload(client, sentiment_file()).json()["id"]
     body = {
         "task": "sst2",
@@ -182,7 +182,8 @@ def test_another_key_shows_only_its_tenants_objects(
     page.click("#save-key")
     expect(page.locator("#status")).to_have_text("")
     expect(page.locator("#jobs tbody tr")).to_have_count(0)
-    page.wait_for_timeout(2500)  # one more poll
+    with page.expect_response(lambda answer: "/v1/evaluations?" in answer.url, timeout=10_000):
+        pass  # one more poll, the last of its reads
     expect(page.locator("#status")).to_have_text("")
     expect(page.locator("#curve polyline")).to_have_count(0)
     expect(page.locator("#evaluations tbody tr")).to_have_count(0)
