@@ -50,7 +50,7 @@ def keys_create(tenant: Annotated[str, typer.Option(help="The tenant; created if
     """Make a key for a tenant. The key is printed once, alone on the last line; only its hash is kept."""
     from app.db.session import session_scope
     from app.errors import DomainError
-    from app.services.api_keys import create_key
+    from app.services.tenancy.api_keys import create_key
 
     try:
         with session_scope(get_settings().registry_url) as session:
@@ -67,7 +67,7 @@ def keys_create(tenant: Annotated[str, typer.Option(help="The tenant; created if
 def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None) -> None:
     """Every key's id, tenant, visible prefix, and when it was made or revoked (never the key)."""
     from app.db.session import session_scope
-    from app.services.api_keys import list_keys
+    from app.services.tenancy.api_keys import list_keys
 
     with session_scope(get_settings().registry_url) as session:
         for row in list_keys(session, tenant=tenant):
@@ -82,7 +82,7 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="The key's id, from `
     """Revoke a key: requests with it are refused from then on."""
     from app.db.session import session_scope
     from app.errors import DomainError
-    from app.services.api_keys import revoke_key
+    from app.services.tenancy.api_keys import revoke_key
 
     try:
         with session_scope(get_settings().registry_url) as session:
@@ -106,7 +106,7 @@ def tenants_quota(
     """Show a tenant's quotas, or set some of them; the API applies a change within seconds."""
     from app.db.session import session_scope
     from app.errors import DomainError
-    from app.services.tenants import caller_of, set_quotas
+    from app.services.tenancy.tenants import caller_of, set_quotas
 
     settings = get_settings()
     values = {

@@ -85,16 +85,16 @@ class Settings(BaseSettings):
     # worker, on any machine, loses at most this many steps (0: only when a worker hands a job back).
     checkpoint_every_steps: int = 50
 
-    # Job ownership (app/services/leases.py). A worker renews its job's lease every third of job_lease_s; a
-    # lease that lapses (a killed worker) gets the job queued again, up to job_max_attempts attempts. A
-    # queued job nobody claimed for job_resend_after_s is sent to the broker again (a lost message). Every
-    # API process runs the reaper every reaper_interval_s (0: never).
+    # Job ownership (app/services/runs/leases.py). A worker renews its job's lease every third of
+    # job_lease_s; a lease that lapses (a killed worker) gets the job queued again, up to job_max_attempts
+    # attempts. A queued job nobody claimed for job_resend_after_s is sent to the broker again (a lost
+    # message). Every API process runs the reaper every reaper_interval_s (0: never).
     job_lease_s: float = 60.0
     job_max_attempts: int = 3
     job_resend_after_s: float = 600.0
     reaper_interval_s: float = 15.0
     # A run that has had its worker this long gives it up at its next step or batch when another tenant's
-    # run is waiting: it goes back to the queue with its state saved (app/services/turns.py). 0: never.
+    # run is waiting: it goes back to the queue with its state saved (app/services/runs/turns.py). 0: never.
     run_time_slice_s: float = 600.0
     # SIGTERM to the API: it stops accepting connections, lets requests in flight finish for up to this
     # long, then closes the rest and exits. Event streams end at once with a "shutdown" event.

@@ -1,6 +1,7 @@
 """The one rule for the text and numbers clients send, applied where they enter the service: request bodies,
 form fields, file names, path and query parameters (app/api/input_guard.py), dataset rows
-(app/services/dataset_parsing.py) and the metadata inside an imported adapter (app/services/adapters.py).
+(app/services/datasets/parsing.py) and the metadata inside an imported adapter
+(app/services/registry/adapters.py).
 
 - Text is valid Unicode. JSON can carry a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 encoder
   writes: the tokenizer, the database driver or the JSON response would fail on it later, after a version

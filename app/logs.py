@@ -14,7 +14,8 @@ request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 job_id: ContextVar[int | None] = ContextVar("job_id", default=None)
 evaluation_id: ContextVar[int | None] = ContextVar("evaluation_id", default=None)
 task: ContextVar[str | None] = ContextVar("task", default=None)
-RUN_IDS = {"job": job_id, "evaluation": evaluation_id}  # by the kind of run's noun (app/services/leases.py)
+# By the noun of the kind of run (app/services/runs/leases.py).
+RUN_IDS = {"job": job_id, "evaluation": evaluation_id}
 
 FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 RENAMED = {"asctime": "time", "levelname": "level", "name": "logger"}

@@ -21,11 +21,12 @@ from app.api.request_id import RequestId
 from app.api.routes import datasets, evaluations, health, inference, jobs, prompts
 from app.config import Settings, get_settings
 from app.ml.backbone import Backbone, load_backbone, materialize_backbone
-from app.services import leases, uploads
 from app.services.api_metrics import Metrics
-from app.services.quotas import InferenceRateLimiter
-from app.services.serving import Serving
-from app.services.streams import StreamSlots
+from app.services.datasets import uploads
+from app.services.runs import leases
+from app.services.serving.serving import Serving
+from app.services.serving.streams import StreamSlots
+from app.services.tenancy.quotas import InferenceRateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from app.ml.generation_scores import generation_report  # noqa: E402
 from app.ml.inference import generate  # noqa: E402
 from app.ml.text import render  # noqa: E402
 from app.ml.trainer import BatchOrder, Example, TrainConfig, lr_factor  # noqa: E402
-from app.services.evaluating import CHUNK_ROWS as EVALUATION_CHUNK  # noqa: E402
-from app.services.training import split_holdout  # noqa: E402
+from app.services.evaluation.evaluating import CHUNK_ROWS as EVALUATION_CHUNK  # noqa: E402
+from app.services.tuning.training import split_holdout  # noqa: E402
 from bench.in_process import Registry  # noqa: E402
 from bench.tuning import load, log, peft_batch  # noqa: E402
 

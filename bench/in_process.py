@@ -19,14 +19,14 @@ from app.db.models import Evaluation, TuningJob
 from app.db.session import session_scope
 from app.ml.backbone import Backbone
 from app.ml.soft_prompt import stored_shape
-from app.services.datasets import store_upload
-from app.services.evaluating import run_evaluation
-from app.services.evaluations import EvaluationRequest, create_evaluation
-from app.services.jobs import JobRequest, create_job
-from app.services.prompts import find_version
-from app.services.serving import decode_version
-from app.services.tenants import default_caller
-from app.services.training import run_job
+from app.services.datasets.datasets import store_upload
+from app.services.evaluation.evaluating import run_evaluation
+from app.services.evaluation.evaluations import EvaluationRequest, create_evaluation
+from app.services.registry.prompts import find_version
+from app.services.serving.serving import decode_version
+from app.services.tenancy.tenants import default_caller
+from app.services.tuning.jobs import JobRequest, create_job
+from app.services.tuning.training import run_job
 
 
 class Registry:

@@ -43,7 +43,7 @@ from app.db.migrate import upgrade  # noqa: E402
 from app.db.models import DEFAULT_TENANT, Tenant  # noqa: E402
 from app.db.session import session_scope  # noqa: E402
 from app.ml.soft_prompt import prompt_to_bytes, virtual_tokens  # noqa: E402
-from app.services import prompts as prompts_service  # noqa: E402
+from app.services.registry import prompts as prompts_service  # noqa: E402
 from bench.fairness import log  # noqa: E402
 from bench.serving import INPUTS, load, percentile, rss_bytes, start_api, task_prefixes, task_prompts  # noqa: E402
 

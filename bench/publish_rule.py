@@ -39,7 +39,7 @@ from app.contract.kinds import Method  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.trainer import Example, TrainConfig, evaluate, train_prompt  # noqa: E402
 from app.ml.versus_bare import REFUSE_BELOW_P as CHOSEN  # noqa: E402
-from app.services.training import split_holdout  # noqa: E402
+from app.services.tuning.training import split_holdout  # noqa: E402
 from bench.tuning import load, log  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"

@@ -29,7 +29,7 @@ from app.contract.kinds import Method  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.trainer import TrainConfig, train_prompt  # noqa: E402
-from app.services.training import split_holdout  # noqa: E402
+from app.services.tuning.training import split_holdout  # noqa: E402
 from bench.tuning import LABELS, TEMPLATE, accuracy, load, log, rows  # noqa: E402
 
 TARGET = 0.84  # mean dev[:200] accuracy of the default job over the seeds (zero-shot 0.790)

@@ -46,7 +46,7 @@ from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.text import render  # noqa: E402
 from app.ml.trainer import BatchOrder, Example, TrainConfig, lr_factor, train_prompt  # noqa: E402
-from app.services.training import split_holdout  # noqa: E402
+from app.services.tuning.training import split_holdout  # noqa: E402
 
 SST2 = ROOT.parent / "shared/data/sst2"
 TEMPLATE = "Review: {input}\nSentiment:"

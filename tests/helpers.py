@@ -25,8 +25,8 @@ from app.db.models import PromptVersion
 from app.db.session import session_scope
 from app.main import create_app
 from app.ml.soft_prompt import loose_shape, prompt_from_bytes, prompt_to_bytes
-from app.services.api_keys import create_key
-from app.services.training import run_job
+from app.services.tenancy.api_keys import create_key
+from app.services.tuning.training import run_job
 from tests.paths import REPO
 from tests.stacks import Stack
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from app.config import get_settings
-from app.services.queue import celery_config
+from app.services.runs.queue import celery_config
 
 settings = get_settings()
 celery = Celery("softprompt", include=["workers.tasks"])

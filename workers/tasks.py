@@ -14,11 +14,11 @@ from app.config import Settings, get_settings
 from app.db.session import session_scope
 from app.errors import UnsupportedBackbone
 from app.ml.backbone import Backbone
-from app.services import leases, turns, worker_metrics
-from app.services.evaluating import run_evaluation
-from app.services.queue import EVALUATE_TASK, TRAIN_TASK
-from app.services.runs import HANDBACK, RunOutcome, refuse
-from app.services.training import run_job
+from app.services.evaluation.evaluating import run_evaluation
+from app.services.runs import leases, turns, worker_metrics
+from app.services.runs.lifecycle import HANDBACK, RunOutcome, refuse
+from app.services.runs.queue import EVALUATE_TASK, TRAIN_TASK
+from app.services.tuning.training import run_job
 from workers.backbones import get_backbone
 from workers.celery_app import celery
 
@@ -61,7 +61,7 @@ Start = Callable[[Settings, int, Backbone], RunOutcome]
 
 
 def _run(kind: leases.Leased, preferred: int, *, start: Start, counted: Counter) -> RunOutcome:
-    """One message: the queued row whose tenant is owed a turn (app/services/turns.py), which may not be
+    """One message: the queued row whose tenant is owed a turn (app/services/runs/turns.py), which may not be
     the message's own; the message's row is then run by another message, or sent again by the reaper."""
     if HANDBACK.is_set():
         # Shutting down: a message fetched now goes back to the broker for another worker, untouched.

@@ -16,9 +16,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.config import Settings
 from app.db.session import session_scope
 from app.errors import Unauthorized
-from app.services import tenants
-from app.services.quotas import InferenceRateLimiter
-from app.services.tenants import Caller
+from app.services.tenancy import tenants
+from app.services.tenancy.quotas import InferenceRateLimiter
+from app.services.tenancy.tenants import Caller
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from app.config import Settings
 from app.contract.kinds import MAX_ID
 from app.db.session import session_scope
 from app.services.api_metrics import Metrics
-from app.services.serving import Serving
+from app.services.serving.serving import Serving
 
 
 def _session(request: Request) -> Iterator[Session]:

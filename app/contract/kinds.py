@@ -31,7 +31,7 @@ INITS = {Method.PROMPT: PROMPT_INITS, Method.PREFIX: (*PROMPT_INITS, InitStrateg
 
 
 class DatasetKind(StrEnum):
-    """What a dataset's records hold, told from their fields (app/services/dataset_parsing.py)."""
+    """What a dataset's records hold, told from their fields (app/services/datasets/parsing.py)."""
 
     CLASSIFICATION = "classification"  # {"text", "label"}
     GENERATION = "generation"  # {"input", "output"} or {"prompt", "completion"}

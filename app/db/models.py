@@ -164,7 +164,7 @@ class PromptVersion(Base):
 
 
 class WorkerRun:
-    """The columns of work a worker leases (app/services/leases.py) and a client may retry with an
+    """The columns of work a worker leases (app/services/runs/leases.py) and a client may retry with an
     Idempotency-Key: jobs and evaluations alike."""
 
     status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED)

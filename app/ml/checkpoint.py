@@ -3,7 +3,7 @@ if it had never stopped: the same next batch, the same optimiser moments, the sa
 
 Serialised as safetensors (tensors) with the rest as JSON in its metadata: no pickle, nothing executed on
 load. A few hundred kilobytes for a 20-token prompt, so it is kept in the registry database
-(app/services/checkpoints.py), where every worker, on any machine, finds it."""
+(app/services/tuning/checkpoints.py), where every worker, on any machine, finds it."""
 
 from __future__ import annotations
 

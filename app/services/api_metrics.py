@@ -73,7 +73,7 @@ class Metrics:
             registry=self.registry,
         )
 
-        # The tiers a version goes through (app/services/version_cache.py).
+        # The tiers a version goes through (app/services/serving/version_cache.py).
         self.cache_events = Counter(
             "softprompt_version_cache_events",
             "Lookups and changes of the version tiers (names, prompts, keys_values), by event: hit, miss, "

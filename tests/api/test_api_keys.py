@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from app.db.session import get_engine, session_scope
-from app.services.api_keys import tenant_for_key
+from app.services.tenancy.api_keys import tenant_for_key
 from tests.helpers import softprompt
 
 

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from app.db.session import session_scope
 from app.main import create_app
-from app.services.api_keys import revoke_key
+from app.services.tenancy.api_keys import revoke_key
 from tests.helpers import bearer, new_key, sentiment_file, upload
 
 CHALLENGE = 'Bearer realm="softprompt"'

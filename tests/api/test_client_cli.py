@@ -15,9 +15,9 @@ from app.cli import cli
 from app.client import ApiError, Client
 from app.db.models import Evaluation, TuningJob
 from app.db.session import session_scope
-from app.services import runs
-from app.services.evaluating import run_evaluation
-from app.services.training import run_job
+from app.services.evaluation.evaluating import run_evaluation
+from app.services.runs import lifecycle as runs
+from app.services.tuning.training import run_job
 from tests.helpers import TEMPLATE, jsonl, sentiment_file, upload
 
 

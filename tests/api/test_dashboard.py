@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from app.services import runs
-from app.services.evaluating import run_evaluation
-from app.services.training import run_job
+from app.services.evaluation.evaluating import run_evaluation
+from app.services.runs import lifecycle as runs
+from app.services.tuning.training import run_job
 from tests.helpers import TEMPLATE, new_key, sentiment_file, upload
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

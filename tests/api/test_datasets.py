@@ -10,7 +10,7 @@ from app.api.body_limit import MULTIPART_OVERHEAD, BodyLimit
 from app.config import Settings
 from app.db.models import Dataset
 from app.db.session import session_scope
-from app.services import idempotency
+from app.services.tenancy import idempotency
 from tests.helpers import sentiment_file, upload
 
 

@@ -10,9 +10,10 @@ from sqlalchemy import update
 
 from app.db.models import Evaluation, utcnow
 from app.db.session import session_scope
-from app.services import evaluating, leases
-from app.services.evaluating import run_evaluation
-from app.services.training import run_job
+from app.services.evaluation import evaluating
+from app.services.evaluation.evaluating import run_evaluation
+from app.services.runs import leases
+from app.services.tuning.training import run_job
 from tests.helpers import SENTIMENT, TEMPLATE, jsonl, predictions, sentiment_file, upload
 
 

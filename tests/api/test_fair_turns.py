@@ -13,9 +13,10 @@ from fastapi.testclient import TestClient
 from app.db.models import JobCheckpoint
 from app.db.session import session_scope
 from app.main import create_app
-from app.services import evaluating, leases, turns
-from app.services.evaluating import run_evaluation
-from app.services.training import run_job
+from app.services.evaluation import evaluating
+from app.services.evaluation.evaluating import run_evaluation
+from app.services.runs import leases, turns
+from app.services.tuning.training import run_job
 from tests.helpers import TEMPLATE, bearer, new_key, predictions, sentiment_file, upload
 
 

@@ -9,8 +9,8 @@ import torch
 
 from app.contract.kinds import EvalMetric
 from app.ml.versus_bare import compare
-from app.services import training
-from app.services.training import run_job
+from app.services.tuning import training
+from app.services.tuning.training import run_job
 from tests.helpers import SENTIMENT, TEMPLATE, jsonl, upload
 
 

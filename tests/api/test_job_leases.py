@@ -14,8 +14,10 @@ from sqlalchemy import update
 from app.db.models import JobCheckpoint, TuningJob, utcnow
 from app.db.session import session_scope
 from app.ml.checkpoint import Checkpoint
-from app.services import checkpoints, leases, runs, training
-from app.services.training import run_job
+from app.services.runs import leases
+from app.services.runs import lifecycle as runs
+from app.services.tuning import checkpoints, training
+from app.services.tuning.training import run_job
 from tests.helpers import sentiment_file, upload
 
 pytestmark = pytest.mark.servers  # leases: claims and lapses race on each database

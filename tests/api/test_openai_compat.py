@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from app.services.training import run_job
+from app.services.tuning.training import run_job
 from tests.helpers import TEMPLATE, bearer, quota_client, sentiment_file
 
 

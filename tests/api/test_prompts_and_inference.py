@@ -12,8 +12,8 @@ from sqlalchemy import update
 from app.db.models import JobCheckpoint, PromptVersion, TuningJob
 from app.db.session import session_scope
 from app.ml import inference
-from app.services import checkpoints
-from app.services.training import run_job
+from app.services.tuning import checkpoints
+from app.services.tuning.training import run_job
 from tests.helpers import TEMPLATE, sentiment_file, stored_prompt, upload
 
 

@@ -12,8 +12,8 @@ from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from sqlalchemy import text
 
 from app.db.session import get_engine
-from app.services.evaluating import run_evaluation
-from app.services.training import run_job
+from app.services.evaluation.evaluating import run_evaluation
+from app.services.tuning.training import run_job
 from tests.helpers import bearer, new_key, sentiment_file, upload
 
 TEMPLATE = "Review: {input}\nSentiment:"

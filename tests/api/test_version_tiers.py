@@ -1,4 +1,4 @@
-"""The tiers a version goes through on its way to the engine (app/services/version_cache.py): a cold
+"""The tiers a version goes through on its way to the engine (app/services/serving/version_cache.py): a cold
 version's first requests share one registry read, and every tier is counted on /metrics."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from app.db.models import Tenant
 from app.db.session import session_scope
 from app.main import create_app
-from app.services import serving as serving_module
+from app.services.serving import serving as serving_module
 from tests.api.test_metrics import scrape
 from tests.helpers import adapter_zip, bearer
 

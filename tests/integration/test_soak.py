@@ -108,7 +108,7 @@ def _runs(logs: list[Path], killed_at: dict[int, float]) -> list[tuple[int, int,
     for log in logs:
         for line in log.read_text(errors="replace").splitlines():
             record = json.loads(line) if line.startswith("{") else {}
-            if record.get("logger") == "app.services.training" and (
+            if record.get("logger") == "app.services.tuning.training" and (
                 match := _RUN_MESSAGE.match(record["message"])
             ):
                 job, what, pid = match.groups()

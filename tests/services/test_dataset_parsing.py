@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from app.errors import DatasetInvalid, DomainError, PayloadTooLarge, UnsupportedMediaType
-from app.services.dataset_parsing import (
+from app.services.datasets.parsing import (
     ParsedDataset,
     dataset_stats,
     decode_records,

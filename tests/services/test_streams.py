@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from app.errors import Overloaded, QuotaExceeded
-from app.services.streams import StreamSlots
+from app.services.serving.streams import StreamSlots
 
 
 def test_streams_are_capped_per_tenant_and_in_all_and_a_slot_is_freed_once():

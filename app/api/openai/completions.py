@@ -26,8 +26,8 @@ from app.api.responses import errors
 from app.config import Settings
 from app.errors import DomainError, InvalidRequest
 from app.ml.row import Generation, GenerationRequest
-from app.services import generation
-from app.services.serving import ResolvedTask, Serving
+from app.services.serving import generation
+from app.services.serving.serving import ResolvedTask, Serving
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 # The `object` of an answer, by (chat, chunk): a completion's stream chunks are text_completion objects too.

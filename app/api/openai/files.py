@@ -13,7 +13,7 @@ from app.api.openai import ids
 from app.api.openai.schemas import Deleted, FileObject, ListOf
 from app.api.responses import errors
 from app.db.models import Dataset
-from app.services import datasets as service
+from app.services.datasets import datasets as service
 
 router = APIRouter(prefix="/v1/files", tags=["OpenAI-compatible"])
 

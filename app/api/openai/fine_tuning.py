@@ -28,8 +28,8 @@ from app.contract.kinds import JobStatus
 from app.contract.kinds import Method as TuningMethod
 from app.db.models import JobEvent, TuningJob
 from app.errors import InvalidRequest
-from app.services import jobs as service
-from app.services.model_names import fine_tuned_model
+from app.services.registry.model_names import fine_tuned_model
+from app.services.tuning import jobs as service
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible"])
 # Our names for what the client called otherwise, for errors raised by the shared job service.

@@ -1,4 +1,4 @@
-"""OpenAI-style ids over our integer ids (model names: app/services/model_names.py)."""
+"""OpenAI-style ids over our integer ids (model names: app/services/registry/model_names.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from app.contract.kinds import MAX_ID
 from app.errors import NotFound
-from app.services.model_names import NUMBER
+from app.services.registry.model_names import NUMBER
 
 FILE = "file-"
 JOB = "ftjob-"

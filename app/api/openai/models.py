@@ -13,9 +13,9 @@ from app.api.openai import ids
 from app.api.openai.schemas import Deleted, ListOf, ModelObject
 from app.api.responses import errors
 from app.errors import InvalidRequest, NotFound
-from app.services import prompts
-from app.services.model_names import fine_tuned_model, missing, task_ref_of_model
-from app.services.tenants import Caller
+from app.services.registry import prompts
+from app.services.registry.model_names import fine_tuned_model, missing, task_ref_of_model
+from app.services.tenancy.tenants import Caller
 
 router = APIRouter(prefix="/v1/models", tags=["OpenAI-compatible"])
 BACKBONE_OWNER = "softprompt"

@@ -10,7 +10,7 @@ from app.api.deps import AfterQuery, IdPath, LimitQuery, ServingDep, SessionDep,
 from app.api.responses import errors
 from app.contract.schemas import DatasetPublic, Page
 from app.db.models import NAME_CHARS
-from app.services import datasets as service
+from app.services.datasets import datasets as service
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -8,7 +8,7 @@ from app.api.auth import CallerDep
 from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.contract.schemas import EvaluationCreate, EvaluationPublic, Page
-from app.services import evaluations as service
+from app.services.evaluation import evaluations as service
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 

@@ -23,8 +23,8 @@ from app.contract.schemas import (
 )
 from app.errors import DomainError
 from app.ml.row import GenerationRequest
-from app.services import generation
-from app.services.serving import ResolvedTask
+from app.services.serving import generation
+from app.services.serving.serving import ResolvedTask
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 

@@ -19,7 +19,7 @@ from app.contract.kinds import FINISHED_STATUSES
 from app.contract.schemas import JobCreate, JobEventPublic, JobPublic, Page
 from app.db.session import session_scope
 from app.errors import DomainError
-from app.services import jobs as service
+from app.services.tuning import jobs as service
 
 router = APIRouter(prefix="/v1/tuning/jobs", tags=["tuning jobs"])
 EVENT_POLL_S = 0.5

@@ -10,8 +10,9 @@ from app.api.responses import errors
 from app.contract.schemas import TASK_VERSIONS_SHOWN, Page, TaskPublic, VersionPublic
 from app.errors import InvalidRequest
 from app.input_text import check_json, load_json
-from app.services import adapters, evaluations
-from app.services import prompts as service
+from app.services.evaluation import evaluations
+from app.services.registry import adapters
+from app.services.registry import prompts as service
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"])
 

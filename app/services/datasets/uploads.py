@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from app.errors import PayloadTooLarge, Unavailable
-from app.services.dataset_parsing import ParsedUpload, parse_upload
+from app.services.datasets.parsing import ParsedUpload, parse_upload
 
 OWN_PROCESS_BYTES = 1 << 20
 READ_CHUNK = 1 << 20

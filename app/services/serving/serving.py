@@ -27,10 +27,10 @@ from app.ml.prompt_kv import report_load
 from app.ml.row import Generation, GenerationRequest, Row
 from app.ml.soft_prompt import prompt_from_bytes, stored_shape, virtual_tokens
 from app.ml.text import render
-from app.services import prompts as prompts_service
-from app.services.labels import LabelLimits, check_labels
-from app.services.model_names import missing, task_ref_of_model
-from app.services.version_cache import NAMES, PromptTensors, RegistryMark, SingleFlight
+from app.services.datasets.labels import LabelLimits, check_labels
+from app.services.registry import prompts as prompts_service
+from app.services.registry.model_names import missing, task_ref_of_model
+from app.services.serving.version_cache import NAMES, PromptTensors, RegistryMark, SingleFlight
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from app.config import Settings
 from app.contract.kinds import ACTIVE_STATUSES, JobStatus
 from app.db.models import Evaluation, TuningJob, utcnow
 from app.db.session import session_scope
-from app.services import checkpoints
-from app.services import jobs as jobs_service
-from app.services.queue import enqueue_evaluation, enqueue_training
+from app.services.runs.queue import enqueue_evaluation, enqueue_training
+from app.services.tuning import checkpoints
+from app.services.tuning import jobs as jobs_service
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from sqlalchemy import case, func, select, union_all
 from app.contract.kinds import JobStatus
 from app.db.models import Evaluation, TuningJob
 from app.db.session import session_scope
-from app.services.leases import Leased
+from app.services.runs.leases import Leased
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,13 @@ from app.contract.kinds import (
 )
 from app.db.models import Dataset, JobEvent, TuningJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.services import checkpoints, idempotency, quotas
-from app.services.datasets import get_dataset, lock_datasets
+from app.services.datasets.datasets import get_dataset, lock_datasets
 from app.services.pagination import paginate
-from app.services.prompts import check_task_name, check_template
-from app.services.queue import enqueue_training, send_committed
-from app.services.tenants import Caller
+from app.services.registry.prompts import check_task_name, check_template
+from app.services.runs.queue import enqueue_training, send_committed
+from app.services.tenancy import idempotency, quotas
+from app.services.tenancy.tenants import Caller
+from app.services.tuning import checkpoints
 
 log = logging.getLogger(__name__)
 

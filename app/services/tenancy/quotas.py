@@ -17,7 +17,7 @@ from app.config import Settings
 from app.contract.kinds import ACTIVE_STATUSES
 from app.db.models import Dataset, PromptVersion, Task, Tenant, TuningJob, utcnow
 from app.errors import PayloadTooLarge, QuotaExceeded
-from app.services.tenants import Caller
+from app.services.tenancy.tenants import Caller
 
 log = logging.getLogger(__name__)
 UPLOAD_WINDOW = timedelta(hours=1)

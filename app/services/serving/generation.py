@@ -12,8 +12,8 @@ from app.config import Settings
 from app.errors import InvalidRequest
 from app.ml.row import Generation, GenerationRequest
 from app.services.api_metrics import Metrics
-from app.services.serving import GenerationHandle, ResolvedTask, RowUpdate, Serving
-from app.services.tenants import Caller
+from app.services.serving.serving import GenerationHandle, ResolvedTask, RowUpdate, Serving
+from app.services.tenancy.tenants import Caller
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,19 @@ from app.ml.layout import context_ids, fit_context
 from app.ml.scores import classification_report
 from app.ml.soft_prompt import stored_shape, virtual_tokens
 from app.ml.text import render
-from app.services import leases
-from app.services.dataset_parsing import Record, decode_records, outputs_of
-from app.services.runs import HANDBACK, RunOutcome, RunOwner, RunWatch, requeue, retrying, run_leased
-from app.services.serving import decode_version
-from app.services.turns import TimeSlice
+from app.services.datasets.parsing import Record, decode_records, outputs_of
+from app.services.runs import leases
+from app.services.runs.lifecycle import (
+    HANDBACK,
+    RunOutcome,
+    RunOwner,
+    RunWatch,
+    requeue,
+    retrying,
+    run_leased,
+)
+from app.services.runs.turns import TimeSlice
+from app.services.serving.serving import decode_version
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,7 @@ def run_evaluation(
     time_slice_s: float = 0.0,
 ) -> RunOutcome:
     """Runs the evaluation if this call wins the claim; returns how the run ended. After ``time_slice_s``
-    (0: never) it yields its worker to another tenant's waiting run (app/services/turns.py)."""
+    (0: never) it yields its worker to another tenant's waiting run (app/services/runs/turns.py)."""
 
     def body(owner: RunOwner, lost: threading.Event) -> RunOutcome:
         inputs = retrying(lambda: _load(db_url, evaluation_id, backbone))

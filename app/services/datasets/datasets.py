@@ -12,12 +12,13 @@ from app.config import Settings
 from app.contract.kinds import ACTIVE_STATUSES
 from app.db.models import NAME_CHARS, Dataset, Evaluation, Tenant, TuningJob
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.services import idempotency, quotas, uploads
-from app.services.dataset_parsing import Record, decode_records, token_stats
-from app.services.labels import LabelLimits, check_labels
+from app.services.datasets import uploads
+from app.services.datasets.labels import LabelLimits, check_labels
+from app.services.datasets.parsing import Record, decode_records, token_stats
+from app.services.datasets.uploads import Upload
 from app.services.pagination import paginate
-from app.services.tenants import Caller
-from app.services.uploads import Upload
+from app.services.tenancy import idempotency, quotas
+from app.services.tenancy.tenants import Caller
 
 
 def store_upload(
@@ -33,7 +34,8 @@ def store_upload(
 ) -> tuple[Dataset, bool]:
     """An uploaded file read within its limit, parsed and stored: POST /v1/datasets and POST /v1/files
     both. Blocking, so run in a worker thread; a large file is parsed in a process of its own
-    (app/services/uploads.py): parsing 50 MB takes seconds, and the event loop serves everyone meanwhile."""
+    (app/services/datasets/uploads.py): parsing 50 MB takes seconds, and the event loop serves everyone
+    meanwhile."""
     upload = uploads.receive(stream, limit=settings.max_upload_bytes)
     try:
         dataset, created = create_dataset(
@@ -69,7 +71,8 @@ def create_dataset(
     idempotency_key: str | None = None,
 ) -> tuple[Dataset, bool]:
     """The new dataset and True, or the one an earlier upload with the same key made and False. A
-    classification dataset's classes obey the same limits as a task's labels (app/services/labels.py)."""
+    classification dataset's classes obey the same limits as a task's labels
+    (app/services/datasets/labels.py)."""
     if len(filename) > NAME_CHARS:
         raise InvalidRequest(
             f"The file name is {len(filename)} characters; the limit is {NAME_CHARS}.", param="file"

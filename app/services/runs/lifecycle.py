@@ -1,11 +1,11 @@
-"""One run of a leased row on a worker, a tuning job (app/services/training.py) or an evaluation
-(app/services/evaluating.py): the lifecycle both share, so that only their bodies differ.
+"""One run of a leased row on a worker, a tuning job (app/services/tuning/training.py) or an evaluation
+(app/services/evaluation/evaluating.py): the lifecycle both share, so that only their bodies differ.
 
-    claim (app/services/leases.py) -> heartbeat -> the body, watched (RunWatch: progress, cancel, turn)
+    claim (app/services/runs/leases.py) -> heartbeat -> the body, watched (RunWatch: progress, cancel, turn)
       -> one ending, written through the RunOwner only while this worker still holds the row
 
 A body that raises fails its row, saying why. A run whose worker shuts down (HANDBACK) or whose time slice
-ends with another tenant's run waiting (app/services/turns.py) goes back to the queue with its state
+ends with another tenant's run waiting (app/services/runs/turns.py) goes back to the queue with its state
 saved (requeue), not counted as an attempt."""
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from app.contract.kinds import JobStatus
 from app.db.models import Evaluation, TuningJob, utcnow
 from app.db.session import session_scope
 from app.errors import DomainError
-from app.services import leases
-from app.services.leases import Leased
-from app.services.turns import TimeSlice
+from app.services.runs import leases
+from app.services.runs.leases import Leased
+from app.services.runs.turns import TimeSlice
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

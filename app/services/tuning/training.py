@@ -23,11 +23,10 @@ from app.ml.prompt_check import prompt_fault
 from app.ml.selection import bare_key, tuned_key
 from app.ml.soft_prompt import init_prompt, prompt_to_bytes
 from app.ml.trainer import Example, Progress, TrainConfig, TrainResult, train_prompt
-from app.services import checkpoints, leases, worker_metrics
-from app.services import jobs as jobs_service
-from app.services.datasets import get_dataset, load_records
-from app.services.prompts import publish_version
-from app.services.runs import (
+from app.services.datasets.datasets import get_dataset, load_records
+from app.services.registry.prompts import publish_version
+from app.services.runs import leases, worker_metrics
+from app.services.runs.lifecycle import (
     HANDBACK,
     RunOutcome,
     RunOwner,
@@ -37,7 +36,9 @@ from app.services.runs import (
     retrying,
     run_leased,
 )
-from app.services.turns import TimeSlice
+from app.services.runs.turns import TimeSlice
+from app.services.tuning import checkpoints
+from app.services.tuning import jobs as jobs_service
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def run_job(
     The run's state is saved in the registry every ``checkpoint_every`` steps (0: only at a hand-back),
     and a job that finds a checkpoint of its own continues from it (a job handed back, or queued again
     after its worker died); the checkpoint goes once the job ends. After ``time_slice_s`` (0: never) the
-    job yields its worker to another tenant's waiting run (app/services/turns.py)."""
+    job yields its worker to another tenant's waiting run (app/services/runs/turns.py)."""
 
     def body(owner: RunOwner, lost: threading.Event) -> RunOutcome:
         # Claimed, so no other worker will take it: wait out a database that is briefly away rather than
@@ -265,8 +266,8 @@ def _hand_back(session, row: TuningJob, state: Checkpoint, *, yielded: bool) -> 
 
 
 class _Reporter:
-    """Trainer callbacks as throttled writes (app/services/runs.py RunWatch): the job's progress and an
-    event, and the step time metric."""
+    """Trainer callbacks as throttled writes (RunWatch, app/services/runs/lifecycle.py): the job's
+    progress and an event, and the step time metric."""
 
     def __init__(self, watch: RunWatch):
         self.watch = watch

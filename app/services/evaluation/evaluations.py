@@ -15,12 +15,12 @@ from app.config import Settings
 from app.contract.kinds import FINISHED_STATUSES, DatasetKind, JobStatus
 from app.db.models import Dataset, Evaluation, EvaluationModel, PromptVersion, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.services import idempotency, quotas
-from app.services.datasets import get_dataset, load_records, lock_datasets
+from app.services.datasets.datasets import get_dataset, load_records, lock_datasets
 from app.services.pagination import paginate
-from app.services.prompts import check_template, find_version
-from app.services.queue import enqueue_evaluation, send_committed
-from app.services.tenants import Caller
+from app.services.registry.prompts import check_template, find_version
+from app.services.runs.queue import enqueue_evaluation, send_committed
+from app.services.tenancy import idempotency, quotas
+from app.services.tenancy.tenants import Caller
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,11 @@ from app.input_text import check_text, text_fault
 from app.ml.backbone import Backbone
 from app.ml.peft_format import ImportedAdapter, export_zip, import_zip
 from app.ml.soft_prompt import PROMPT_KEY, loose_shape, prompt_from_bytes, prompt_to_bytes, virtual_tokens
-from app.services import prompts, quotas
-from app.services.labels import LabelLimits, check_labels
-from app.services.prompts import check_task_name, check_template
-from app.services.tenants import Caller
+from app.services.datasets.labels import LabelLimits, check_labels
+from app.services.registry import prompts
+from app.services.registry.prompts import check_task_name, check_template
+from app.services.tenancy import quotas
+from app.services.tenancy.tenants import Caller
 
 
 @dataclass(frozen=True)

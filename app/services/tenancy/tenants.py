@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.models import DEFAULT_TENANT, ApiKey, Tenant
 from app.errors import InvalidRequest, NotFound
-from app.services.api_keys import tenant_for_key
+from app.services.tenancy.api_keys import tenant_for_key
 
 
 @dataclass(frozen=True)

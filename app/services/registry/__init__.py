@@ -1,0 +1,2 @@
+"""The registry of tasks and their versions: publishing, listing, PEFT import and export, OpenAI
+model names."""

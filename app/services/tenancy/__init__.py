@@ -1,0 +1,1 @@
+"""Tenants and what is theirs: API keys, quotas, idempotency keys."""
