@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from app.config import Settings
-from app.errors import InvalidRequest
 from app.ml.row import Generation, GenerationRequest
 from app.services.api_metrics import Metrics
+from app.services.serving import limits
 from app.services.serving.serving import GenerationHandle, ResolvedTask, RowUpdate, Serving
 from app.services.tenancy.tenants import Caller
 
@@ -30,28 +30,13 @@ class Sampling:
 
 
 def check(settings: Settings, sampling: Sampling) -> None:
-    """A generation's own bounds, before anything is read: new tokens, and the number and length of its
-    stop strings (each is looked for in the newest text at every step)."""
-    if sampling.max_new_tokens > settings.max_new_tokens:
-        raise InvalidRequest(
-            f"{sampling.tokens_param} is {sampling.max_new_tokens}; the limit is {settings.max_new_tokens}.",
-            param=sampling.tokens_param,
-        )
-    if len(sampling.stop) > settings.max_stop_strings:
-        raise InvalidRequest(
-            f"There are {len(sampling.stop)} stop strings; the limit is {settings.max_stop_strings} "
-            "(SOFTPROMPT_MAX_STOP_STRINGS).",
-            param="stop",
-        )
-    for text in sampling.stop:
-        if not text:
-            raise InvalidRequest("stop strings must not be empty.", param="stop")
-        if len(text) > settings.max_stop_chars:
-            raise InvalidRequest(
-                f"A stop string is {len(text)} characters; the limit is {settings.max_stop_chars} "
-                "(SOFTPROMPT_MAX_STOP_CHARS).",
-                param="stop",
-            )
+    """A generation's own bounds, before anything is read (app/services/serving/limits.py)."""
+    limits.check_sampling(
+        settings,
+        max_new_tokens=sampling.max_new_tokens,
+        stop=sampling.stop,
+        tokens_param=sampling.tokens_param,
+    )
 
 
 def rows(
@@ -59,14 +44,7 @@ def rows(
 ) -> list[GenerationRequest]:
     """Each input rendered into the template, tokenised, checked against the limits and repeated ``n``
     times. Blocking (tokenizer), so called off the event loop."""
-    limit = serving.settings.max_batch_inputs
-    if sampling.n > 1 and len(inputs) * sampling.n > limit:
-        raise InvalidRequest(
-            f"{len(inputs)} prompts with n={sampling.n} make {len(inputs) * sampling.n} completions; "
-            f"the limit is {limit} per request.",
-            param="n",
-        )
-    texts, _ = serving.render_inputs(resolved, inputs)
+    texts, _ = serving.render_inputs(resolved, inputs, n=sampling.n)
     # Row j samples with seed + j, so the n completions of one input differ even with a seed.
     texts = [text for text in texts for _ in range(sampling.n)]
     return serving.generation_requests(

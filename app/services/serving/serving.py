@@ -30,6 +30,7 @@ from app.ml.text import render
 from app.services.datasets.labels import LabelLimits, check_labels
 from app.services.registry import prompts as prompts_service
 from app.services.registry.model_names import missing, task_ref_of_model
+from app.services.serving import limits
 from app.services.serving.version_cache import NAMES, PromptTensors, RegistryMark, SingleFlight
 
 
@@ -195,28 +196,20 @@ class Serving:
     def _decode(session: Session, *, row_id: int, shape: tuple[int | None, ...], ref: str) -> torch.Tensor:
         return decode_version(session.get(PromptVersion, row_id), shape=shape, ref=ref)
 
-    def render_inputs(self, resolved: ResolvedTask, inputs: list[str]) -> tuple[list[str], list[int]]:
+    def render_inputs(
+        self, resolved: ResolvedTask, inputs: list[str], *, n: int = 1
+    ) -> tuple[list[str], list[int]]:
         """Templated inputs and their token counts, refused before any model work when too many or too
-        long."""
+        long (app/services/serving/limits.py)."""
         engine = self._require_engine()
-        limit = self.settings.max_batch_inputs
-        if not inputs:
-            raise InvalidRequest("input must not be empty.", param="input")
-        if len(inputs) > limit:
-            raise InvalidRequest(f"At most {limit} inputs per request; got {len(inputs)}.", param="input")
+        limits.check_input_count(self.settings, len(inputs), n=n)
         texts = [render(resolved.template, text) for text in inputs]
-        virtual = virtual_tokens(resolved.soft_prompt)
         lengths = [
             len(ids) for ids in engine.backbone.tokenizer(texts, add_special_tokens=False)["input_ids"]
         ]
-        for index, length in enumerate(lengths):
-            if length + virtual > self.settings.max_input_tokens:
-                raise InvalidRequest(
-                    f"input[{index}] is {length} tokens after the template (+{virtual} virtual tokens); the "
-                    f"limit is {self.settings.max_input_tokens}.",
-                    param="input",
-                    code="input_too_long",
-                )
+        limits.check_input_lengths(
+            self.settings, lengths, virtual_tokens=virtual_tokens(resolved.soft_prompt)
+        )
         return texts, lengths
 
     def generation_requests(
@@ -246,15 +239,10 @@ class Serving:
             labels = resolved.labels
             if not labels:
                 raise InvalidRequest("This task has no label set; pass labels.", param="labels")
-        limits = LabelLimits.of(self.settings)
-        tokens = check_labels(labels, limits=limits, count_tokens=self.count_tokens, min_labels=1)
-        work, limit = inputs * sum(tokens), self.settings.max_classify_tokens
-        if work > limit:
-            raise InvalidRequest(
-                f"{inputs} inputs times {sum(tokens)} label tokens make {work} tokens to score; the limit is "
-                f"{limit} per request (SOFTPROMPT_MAX_CLASSIFY_TOKENS). Send fewer inputs or labels.",
-                param="input",
-            )
+        tokens = check_labels(
+            labels, limits=LabelLimits.of(self.settings), count_tokens=self.count_tokens, min_labels=1
+        )
+        limits.check_classify_work(self.settings, inputs=inputs, label_tokens=sum(tokens))
         return labels
 
     def start_classification(
