@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint test-tools
+.PHONY: up test coverage lint test-tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ up: $(STAMP)
 test: $(STAMP) test-tools
 	$(VENV)/bin/ruff check app workers migrations tests bench
 	$(VENV)/bin/pytest
+
+# The suite under coverage.py: line coverage of app/ and workers/ in the suite's own process (the servers
+# and workers it starts as processes of their own are not traced).
+coverage: $(STAMP) test-tools
+	$(VENV)/bin/coverage run -m pytest -q
+	$(VENV)/bin/coverage report --skip-covered --sort=cover | tail -n 25
 
 # Debian's Chromium for the dashboard test (tests/api/test_dashboard.py) and docker-compose to validate
 # docker-compose.yml (tests/test_deploy_files.py); installed once, as root.
