@@ -1,0 +1,256 @@
+"""Where an HTTP generation's time goes outside the engine, and what a fuller batch buys on this machine.
+
+    .venv/bin/python bench/http_profile.py                # about 6 minutes on 2 cores
+
+In one run, on the real backbone, 16 tasks of 20 virtual tokens, chat inputs, --new-tokens each:
+
+1. the bare backbone's `generate` at batch 16 (the reference of bench/serving.py (a));
+2. the engine in-process, no HTTP: --clients closed-loop callers for --seconds, at each of --batch-rows
+   (SOFTPROMPT_ENGINE_MAX_BATCH_ROWS), to see whether more rows per step pay here;
+3. `softprompt api` over HTTP with the same callers and the same batch bound as the best in-process run,
+   while py-spy samples every thread of the API process. Printed: tokens per second of each, and where the
+   API's sampled time went, by thread (the engine's, the event loop's, the request threads') and by the
+   parts of a request (parsing and validation, resolving the task, tokenising, JSON, the event loop's own
+   work, waiting).
+
+py-spy comes from PyPI (`pip install py-spy`); it is not a dependency of the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.config import Settings  # noqa: E402
+from app.ml.engine import Engine  # noqa: E402
+from app.ml.inference import generation_requests  # noqa: E402
+from bench.serving import (  # noqa: E402
+    INPUTS,
+    bare_generate,
+    load,
+    log,
+    seed_registry,
+    start_api,
+    task_prompts,
+)
+
+# What a sampled stack is doing, by the first of these names found in it, most specific first.
+PARTS = [
+    ("forward passes (torch)", ("decode_step", "Prefill.run", "run (app/ml/decode_batch.py)", "forward")),
+    ("choosing tokens, stop strings, detokenising", ("choose_tokens", "advance", "stream_delta")),
+    ("the scheduler's own work", ("app/ml/engine.py",)),
+    ("resolving the task", ("resolve_task", "resolve_model")),
+    ("tokenising and checking inputs", ("render_inputs", "generation_requests", "tokenizer")),
+    ("JSON and response models", ("jsonable_encoder", "serialize_response", "render (starlette", "dumps")),
+    ("request parsing and validation", ("httptools", "validate_python", "solve_dependencies", "_get_body")),
+    (
+        "auth, quotas, metrics, middleware",
+        ("auth.py", "quotas.py", "prometheus", "middleware", "api_metrics"),
+    ),
+    ("the event loop's own work", ("asyncio", "uvicorn", "anyio")),
+]
+
+
+def thread_kind(stack: str) -> str:
+    if "app/ml/engine.py" in stack and "_loop" in stack:
+        return "engine thread"
+    if "run_forever" in stack:
+        return "event loop"
+    if "worker_thread" in stack or "_worker (" in stack or "anyio" in stack:
+        return "request threads"
+    return "other"
+
+
+def part_of(stack: str) -> str:
+    for name, marks in PARTS:
+        if any(mark in stack for mark in marks):
+            return name
+    return "other"
+
+
+def in_process(engine: Engine, prompts: list, clients: int, seconds: float, new_tokens: int) -> float:
+    """Closed-loop callers straight on the engine (no HTTP): tokens per second."""
+    deadline = time.perf_counter() + seconds
+    tokens = [0] * clients
+
+    def caller(index: int) -> None:
+        n = index
+        while time.perf_counter() < deadline:
+            task = n % len(prompts)
+            request = generation_requests(
+                engine.backbone,
+                prompts=[prompts[task]],
+                texts=[INPUTS[n % len(INPUTS)]],
+                max_new_tokens=new_tokens,
+                prompt_keys=[task],
+            )
+            done = threading.Event()
+            result = []
+
+            def listener(row, _delta, over, result=result, done=done):
+                if over:
+                    result.append(row.result())
+                    done.set()
+
+            engine.submit(request, listener)
+            done.wait()
+            tokens[index] += result[0].tokens
+            n += clients
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(tokens) / (time.perf_counter() - started)
+
+
+async def http_phase(url: str, clients: int, seconds: float, new_tokens: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    tokens = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+
+        async def client(index: int) -> None:
+            nonlocal tokens
+            n = index
+            while time.perf_counter() < deadline:
+                body = {"task": f"t{n % 16}", "input": INPUTS[n % len(INPUTS)], "max_new_tokens": new_tokens}
+                started = time.perf_counter()
+                response = await http.post("/v1/generate", json=body)
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+                tokens += response.json()["usage"]["completion_tokens"]
+                n += clients
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        return tokens / (time.perf_counter() - started), latencies
+
+
+def profile_report(raw: Path) -> None:
+    """py-spy's raw stacks (one line each: frames;...;frames count), summed by thread and by part."""
+    by_thread: collections.Counter[str] = collections.Counter()
+    by_part: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        kind = thread_kind(stack)
+        by_thread[kind] += int(count)
+        by_part[kind][part_of(stack)] += int(count)
+    total = sum(by_thread.values()) or 1
+    log(f"py-spy: {total} samples of active threads (idle ones left out)")
+    for kind, samples in by_thread.most_common():
+        log(f"  {kind}: {samples / total:.0%} of the samples")
+        for part, count in by_part[kind].most_common(6):
+            log(f"      {part}: {count / samples:.0%}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=40)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--batch-rows", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--port", type=int, default=8771)
+    args = parser.parse_args()
+    spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
+
+    settings = Settings(backbone_dir=ROOT / ".cache/backbones")
+    backbone = load(settings)
+    prompts = task_prompts(backbone, 16)
+    n = args.new_tokens
+    bare_generate(backbone, n)  # warm-up
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        tokens = bare_generate(backbone, n)
+        times.append(time.perf_counter() - started)
+    bare = tokens / statistics.median(times)
+    log(f"(a) bare backbone, generate, batch 16, {n} new tokens: {bare:.1f} tokens/s (median of 3)")
+
+    rates = {}
+    for rows in args.batch_rows:
+        engine = Engine(backbone, max_batch_rows=rows, max_queued_rows=512, prompt_kv_cache_bytes=128 << 20)
+        engine.start()
+        in_process(engine, prompts, args.clients, 5, n)  # warm-up: every prompt's keys and values cached
+        rates[rows] = in_process(engine, prompts, args.clients, args.seconds, n)
+        engine.stop()
+        log(
+            f"in-process engine, {args.clients} callers, at most {rows} rows a step: {rates[rows]:.1f} "
+            f"tokens/s = {rates[rows] / bare:.2f}x (a)"
+        )
+    best_rows = max(rates, key=rates.get)
+    del backbone
+
+    with tempfile.TemporaryDirectory(prefix="softprompt-profile-") as data_dir:
+        env = {
+            **os.environ,
+            "SOFTPROMPT_DATA_DIR": data_dir,
+            "SOFTPROMPT_BACKBONE_DIR": str(ROOT / ".cache/backbones"),
+            "SOFTPROMPT_ENGINE_MAX_BATCH_ROWS": str(best_rows),
+            "SOFTPROMPT_TENANT_INFERENCE_RPS": "100000",
+        }
+        seed_registry(Settings(data_dir=Path(data_dir)).registry_url, load(settings), prompts, 1)
+        server = start_api(env, args.port)
+        url = f"http://127.0.0.1:{args.port}"
+        raw = Path(data_dir) / "profile.txt"
+        try:
+            asyncio.run(http_phase(url, 16, 5, n))  # warm-up: every task resolved once
+            spy_run = subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(server.pid),
+                    "--duration",
+                    str(int(args.seconds)),
+                    "--rate",
+                    "50",
+                    "--threads",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(raw),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            rate, latencies = asyncio.run(http_phase(url, args.clients, args.seconds, n))
+            spy_run.wait(60)
+            log(
+                f"(d) HTTP, {args.clients} clients over 16 tasks, at most {best_rows} rows a step: "
+                f"{rate:.1f} tokens/s = {rate / bare:.2f}x (a), {rate / rates[best_rows]:.2f}x in-process; "
+                f"{len(latencies)} requests, p50 {statistics.median(latencies):.2f} s"
+            )
+            if raw.is_file():
+                profile_report(raw)
+            else:
+                log("py-spy wrote no profile (is ptrace allowed here?)")
+        finally:
+            server.terminate()
+            server.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
