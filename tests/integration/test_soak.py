@@ -39,7 +39,9 @@ SOAK_ENV = {
 _RUN_MESSAGE = re.compile(r"job (\d+) (claimed|released) by [^:]+:(\d+):")
 
 
-@pytest.mark.parametrize("stack_kind", STACK_PARAMS)
+# On the production shape only: two workers racing for leases is what PostgreSQL's row locks and Redis's
+# redelivery are for. The embedded stack's recovery from killed workers is tested in test_worker_faults.py.
+@pytest.mark.parametrize("stack_kind", STACK_PARAMS[1:])
 def test_twenty_jobs_survive_random_worker_kills_with_two_workers(stack_kind, tmp_path, tiny_backbone_dir):
     rng = random.Random(20)
     port = free_port()
