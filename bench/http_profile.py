@@ -5,13 +5,15 @@
 In one run, on the real backbone, 16 tasks of 20 virtual tokens, chat inputs, --new-tokens each:
 
 1. the bare backbone's `generate` at batch 16 (the reference of bench/serving.py (a));
-2. the engine in-process, no HTTP: --clients closed-loop callers for --seconds, at each of --batch-rows
-   (SOFTPROMPT_ENGINE_MAX_BATCH_ROWS), to see whether more rows per step pay here;
+2. the engine in-process, no HTTP, with the service's engine settings: --clients closed-loop callers for
+   --seconds, at each of --batch-rows (SOFTPROMPT_ENGINE_MAX_BATCH_ROWS), to see whether more rows per
+   step pay here, and how the engine's time splits between decoder steps and the rest (admissions'
+   prefills, idle);
 3. `softprompt api` over HTTP with the same callers and the same batch bound as the best in-process run,
    while py-spy samples every thread of the API process. Printed: tokens per second of each, and where the
    API's sampled time went, by thread (the engine's, the event loop's, the request threads') and by the
    parts of a request (parsing and validation, resolving the task, tokenising, JSON, the event loop's own
-   work, waiting).
+   work, waiting), and the engine's decoder-step share from /metrics.
 
 py-spy comes from PyPI (`pip install py-spy`); it is not a dependency of the service.
 """
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,6 +84,65 @@ def part_of(stack: str) -> str:
         if any(mark in stack for mark in marks):
             return name
     return "other"
+
+
+class Steps:
+    """The engine's Observer, counting decoder steps: how many, their rows and their time."""
+
+    def __init__(self) -> None:
+        self.count, self.rows, self.seconds = 0, 0, 0.0
+
+    def stepped(self, rows: int, seconds: float) -> None:
+        self.count, self.rows, self.seconds = self.count + 1, self.rows + rows, self.seconds + seconds
+
+    def admitted(self, waited_seconds: list[float]) -> None:
+        pass
+
+    def cache_counted(self, tier: str, event: str, count: int = 1) -> None:
+        pass
+
+    def cache_loaded(self, tier: str, seconds: float) -> None:
+        pass
+
+    def cache_holds(self, tier: str, nbytes: int) -> None:
+        pass
+
+    def line(self, wall: float) -> str:
+        steps = max(1, self.count)
+        return (
+            f"{self.count} decoder steps of {self.rows / steps:.1f} rows on average, "
+            f"{self.seconds / steps * 1000:.0f} ms each: {self.seconds:.1f} s of {wall:.1f} s (the rest: "
+            "admissions' prefills, and idle)"
+        )
+
+
+def engine_metrics(url: str) -> Steps:
+    steps = Steps()
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "softprompt_engine_step_seconds_count":
+                steps.count = int(sample.value)
+            elif sample.name == "softprompt_engine_step_seconds_sum":
+                steps.seconds = sample.value
+            elif sample.name == "softprompt_engine_batch_rows_sum":
+                steps.rows = int(sample.value)
+    return steps
+
+
+def service_engine(backbone, settings: Settings, rows: int, observer: Steps) -> Engine:
+    """An engine as the API builds it (app/services/serving/serving.py), at most ``rows`` rows a step."""
+    return Engine(
+        backbone,
+        max_batch_rows=rows,
+        max_queued_rows=settings.engine_max_queued_rows,
+        max_tenant_rows=None,
+        admit_every_steps=settings.engine_admit_every_steps,
+        prefill_tokens=settings.engine_prefill_tokens,
+        prefill_chunk_tokens=settings.engine_prefill_chunk_tokens,
+        max_batch_tokens=settings.engine_max_batch_tokens,
+        observer=observer,
+        prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,
+    )
 
 
 def in_process(engine: Engine, prompts: list, clients: int, seconds: float, new_tokens: int) -> float:
@@ -189,14 +251,17 @@ def main() -> int:
 
     rates = {}
     for rows in args.batch_rows:
-        engine = Engine(backbone, max_batch_rows=rows, max_queued_rows=512, prompt_kv_cache_bytes=128 << 20)
-        engine.start()
+        steps = Steps()
+        engine = service_engine(backbone, settings, rows, steps).start()
         in_process(engine, prompts, args.clients, 5, n)  # warm-up: every prompt's keys and values cached
+        steps.__init__()
+        started = time.perf_counter()
         rates[rows] = in_process(engine, prompts, args.clients, args.seconds, n)
+        wall = time.perf_counter() - started
         engine.stop()
         log(
             f"in-process engine, {args.clients} callers, at most {rows} rows a step: {rates[rows]:.1f} "
-            f"tokens/s = {rates[rows] / bare:.2f}x (a)"
+            f"tokens/s = {rates[rows] / bare:.2f}x (a); {steps.line(wall)}"
         )
     best_rows = max(rates, key=rates.get)
     del backbone
@@ -215,6 +280,7 @@ def main() -> int:
         raw = Path(data_dir) / "profile.txt"
         try:
             asyncio.run(http_phase(url, 16, 5, n))  # warm-up: every task resolved once
+            before, started = engine_metrics(url), time.perf_counter()
             spy_run = subprocess.Popen(
                 [
                     spy,
@@ -236,12 +302,17 @@ def main() -> int:
                 stderr=subprocess.DEVNULL,
             )
             rate, latencies = asyncio.run(http_phase(url, args.clients, args.seconds, n))
+            wall = time.perf_counter() - started
+            after = engine_metrics(url)
             spy_run.wait(60)
             log(
                 f"(d) HTTP, {args.clients} clients over 16 tasks, at most {best_rows} rows a step: "
                 f"{rate:.1f} tokens/s = {rate / bare:.2f}x (a), {rate / rates[best_rows]:.2f}x in-process; "
                 f"{len(latencies)} requests, p50 {statistics.median(latencies):.2f} s"
             )
+            after.count, after.rows = after.count - before.count, after.rows - before.rows
+            after.seconds -= before.seconds
+            log(f"  the API's engine: {after.line(wall)}")
             if raw.is_file():
                 profile_report(raw)
             else:
