@@ -83,6 +83,31 @@ def compute_prompt_kv(backbone: Backbone, prompt: torch.Tensor) -> PromptKV:
     return PromptKV(keys, values)
 
 
+def compute_prompt_kvs(backbone: Backbone, prompts: list[torch.Tensor]) -> list[PromptKV]:
+    """``compute_prompt_kv`` for several prompts, those of one length in one pass: a pass reads every weight
+    of the backbone whatever its rows, so eight cold prompts cost about one pass, not eight."""
+    found: list[PromptKV | None] = [None] * len(prompts)
+    lengths: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        if is_prefix(prompt) or len(prompt) == 0:
+            found[i] = compute_prompt_kv(backbone, prompt)
+        else:
+            lengths.setdefault(len(prompt), []).append(i)
+    for k, members in lengths.items():
+        embeds = torch.stack([prompts[i] for i in members]).to(backbone.device, backbone.dtype)  # [B, k, d]
+        positions = torch.arange(k, device=backbone.device)[None].expand(len(members), k)  # [B, k]
+        cache = DynamicCache()
+        with torch.inference_mode():
+            backbone.model.get_decoder()(
+                inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True
+            )
+        for row, i in enumerate(members):
+            keys = torch.stack([layer.keys[row] for layer in cache.layers])  # [L, H_kv, k, Dh]
+            values = torch.stack([layer.values[row] for layer in cache.layers])
+            found[i] = PromptKV(keys, values)
+    return found
+
+
 class PromptKVCache:
     """LRU of PromptKV bounded by bytes. Keys must name immutable content (a version's id and checksum),
     so an entry never goes stale; a new version is a new key."""
@@ -99,6 +124,24 @@ class PromptKVCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
+
+    def holds(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def warm(self, items: list[tuple[Hashable, torch.Tensor]]) -> None:
+        """Compute and keep the keys and values of ``items`` (key, prompt) not held yet, together, in passes
+        of their own (compute_prompt_kvs), each counted as a miss."""
+        with self._lock:
+            cold = {key: prompt for key, prompt in items if key not in self._entries}
+        if not cold:
+            return
+        started = time.perf_counter()
+        computed = compute_prompt_kvs(self.backbone, list(cold.values()))
+        seconds = (time.perf_counter() - started) / len(cold)
+        for key, kv in zip(cold, computed, strict=True):
+            self._count("miss")
+            self.keep(key, kv, seconds)
 
     def lookup(self, key: Hashable) -> PromptKV | None:
         """The entry for ``key``, counted as a hit or a miss; None when not held."""

@@ -14,7 +14,7 @@ from app.errors import Overloaded, PromptCorrupt
 from app.ml.engine import Abandoned, Engine, Scheduler, batch_tokens, generate_all
 from app.ml.inference import classify, classify_steps, generate_reference, generation_requests
 from app.ml.prefix import init_prefix
-from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv
+from app.ml.prompt_kv import PromptKVCache, compute_prompt_kv, compute_prompt_kvs
 from app.ml.row import Generation, Row
 from tests.ml.rows import input_text, random_prompt
 
@@ -527,6 +527,55 @@ def test_running_rows_and_short_newcomers_take_turns_with_the_chunks_of_a_long_p
         assert row.result().token_ids == generate_reference(
             tiny_backbone, prompt=None, text=text, max_new_tokens=30
         )
+
+
+def test_cold_prompts_computed_together_equal_those_computed_one_by_one(tiny_backbone):
+    prompts = [random_prompt(3, seed=i) for i in range(4)] + [random_prompt(5, seed=9)]
+    prompts.append(init_prefix(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=1))
+    passes = []
+    decoder = tiny_backbone.model.get_decoder()
+    hook = decoder.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        together = compute_prompt_kvs(tiny_backbone, prompts)
+    finally:
+        hook.remove()
+    assert len(passes) == 2  # the four of length 3 in one pass, the one of length 5 in another
+    for prompt, kv in zip(prompts, together, strict=True):
+        alone = compute_prompt_kv(tiny_backbone, prompt)
+        assert torch.allclose(kv.keys, alone.keys, atol=1e-5) and torch.allclose(
+            kv.values, alone.values, atol=1e-5
+        )
+
+
+def test_a_cold_prompt_that_would_widen_a_large_group_gets_a_pass_of_its_own(tiny_backbone):
+    """One cold prompt among 40 rows of one length: inline it would add its 30 columns to every row (1,200
+    columns), apart it costs its 30 positions and one pass. Apart it is, and every row is exact."""
+    prompt = random_prompt(30, 5)
+    cache = PromptKVCache(tiny_backbone, max_bytes=1 << 20)
+    scheduler = Scheduler(tiny_backbone, max_batch_rows=64, prompt_kv_cache=cache)
+    texts = ["a fine film with a dull plot"] * 40
+    requests = generation_requests(
+        tiny_backbone,
+        prompts=[prompt] + [None] * 39,
+        texts=texts,
+        max_new_tokens=3,
+        prompt_keys=["cold"] + [None] * 39,
+    )
+    rows = [Row(request=request) for request in requests]
+    for row in rows:
+        scheduler.add(row, lambda *_: None)
+    passes = []
+    hook = tiny_backbone.model.get_decoder().register_forward_hook(lambda *_: passes.append(1))
+    try:
+        scheduler.step()  # the admission: the prompt's pass, then the group's prefill
+    finally:
+        hook.remove()
+    assert len(passes) == 2 and cache.holds("cold")
+    while not scheduler.idle:
+        scheduler.step()
+    for row, request in zip(rows, requests, strict=True):
+        expected = generate_reference(tiny_backbone, prompt=request.prompt, text=texts[0], max_new_tokens=3)
+        assert row.result().token_ids == expected
 
 
 def test_newcomers_beside_a_chunked_prefill_never_displace_it(tiny_backbone):
