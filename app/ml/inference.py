@@ -67,7 +67,9 @@ def generation_requests(
 def generate(
     backbone: Backbone, *, prompts: list[torch.Tensor | None], texts: list[str], **options
 ) -> list[Generation]:
-    """Continue each rendered text, all rows batched by the engine's scheduler, in this thread."""
+    """Continue each rendered text, all rows batched by the engine's scheduler, in this thread. Rows given
+    the same prompt tensor share its keys and values (keyed by the tensor, for this call)."""
+    options.setdefault("prompt_keys", [None if p is None else ("call", id(p)) for p in prompts])
     requests = generation_requests(backbone, prompts=prompts, texts=texts, **options)
     if not requests:
         return []

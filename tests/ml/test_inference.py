@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from app.errors import InvalidRequest, PromptCorrupt
+from app.ml import prompt_kv
 from app.ml.inference import classify, generate, generate_reference, label_log_likelihoods, label_scores
 from app.ml.layout import context_ids, target_ids
 from app.ml.prefix import init_prefix
@@ -37,6 +38,22 @@ def test_batched_greedy_equals_single_rows_and_uncached_reference(tiny_backbone)
         assert got.text == alone.text
         assert got.tokens == len(reference)
         assert got.input_tokens == len(context_ids(tiny_backbone, text))
+
+
+def test_rows_that_share_a_prompt_compute_its_keys_and_values_once(tiny_backbone, monkeypatch):
+    """An evaluation's batch: 24 rows of one prompt-tuned version. The prompt's keys and values are
+    computed once for the call (a pass of their own: inline they would widen all 24 rows), and every row
+    is what it is alone."""
+    passes = []
+    real = prompt_kv.compute_prompt_kvs
+    monkeypatch.setattr(prompt_kv, "compute_prompt_kvs", lambda b, ps: passes.append(len(ps)) or real(b, ps))
+    prompt, texts = random_prompt(8, 7), [input_text(i) for i in range(24)]
+    results = generate(tiny_backbone, prompts=[prompt] * 24, texts=texts, max_new_tokens=3)
+    assert passes == [1]
+    for text, result in zip(texts, results, strict=True):
+        assert result.token_ids == generate_reference(
+            tiny_backbone, prompt=prompt, text=text, max_new_tokens=3
+        )
 
 
 def test_a_prompt_changes_the_output(tiny_backbone):
