@@ -40,10 +40,9 @@ from app.ml.row import UNDECODABLE, GenerationRequest, Row, choose_tokens
 from app.ml.soft_prompt import is_prefix
 
 log = logging.getLogger(__name__)
-# Prompt keys and values evicted before the idle engine hands freed memory back: about 18 prompts of the
-# default backbone, so a trim (a few milliseconds) is rare even when the cache turns over quickly.
+# Prompt keys and values evicted before the engine hands freed memory back: about 18 prompts of the default
+# backbone, so a trim (a few milliseconds) is rare even when the cache turns over quickly.
 RELEASE_AFTER_EVICTED_BYTES = 16 << 20
-BUSY_RELEASE_FACTOR = 4
 CALL_PROMPT_CACHE_BYTES = 256 << 20  # generate_all's own prompt cache, gone with the call
 # What one more pass over the backbone's weights costs, in the columns (positions of one row) the same time
 # runs inside a pass. Measured on the default backbone on 2 cores: a pass of 1 row takes 45.6 ms for 1
@@ -585,14 +584,13 @@ class Engine:
             else:
                 self.scheduler.step()
                 self._owed_to_steps = max(0.0, self._owed_to_steps - (time.perf_counter() - started))
-            self._release_evicted_memory(busy=not (self.scheduler.idle and not self._calls))
+            self._release_evicted_memory()
 
-    def _release_evicted_memory(self, *, busy: bool) -> None:
-        """When the engine goes idle after its prompt cache has turned over, between requests rather than
-        inside one, the freed pages go back to the system (app/ml/memory.py). Under a steady load, which
-        may never leave it idle, they go back after BUSY_RELEASE_FACTOR times as much has been evicted: a
-        trim costs a few milliseconds of the engine's time."""
+    def _release_evicted_memory(self) -> None:
+        """Once the prompt cache has evicted RELEASE_AFTER_EVICTED_BYTES, the freed pages go back to the
+        system (app/ml/memory.py), between two steps, idle or under load: a steady load may never leave the
+        engine idle, and a trim costs a few milliseconds of its time."""
         self._evicted += self.prompt_kv_cache.take_evicted_bytes()
-        if self._evicted >= RELEASE_AFTER_EVICTED_BYTES * (BUSY_RELEASE_FACTOR if busy else 1):
+        if self._evicted >= RELEASE_AFTER_EVICTED_BYTES:
             self._evicted = 0
             release_freed_memory()
