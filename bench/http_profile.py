@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import os
 import shutil
 import statistics
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from app.config import Settings  # noqa: E402
 from app.ml.engine import Engine  # noqa: E402
 from app.ml.inference import generation_requests  # noqa: E402
+from bench.many_tasks import phase  # noqa: E402
 from bench.serving import (  # noqa: E402
     INPUTS,
     bare_generate,
@@ -183,28 +185,10 @@ def in_process(engine: Engine, prompts: list, clients: int, seconds: float, new_
     return sum(tokens) / (time.perf_counter() - started)
 
 
-async def http_phase(url: str, clients: int, seconds: float, new_tokens: int) -> tuple[float, list[float]]:
-    latencies: list[float] = []
-    tokens = 0
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-
-        async def client(index: int) -> None:
-            nonlocal tokens
-            n = index
-            while time.perf_counter() < deadline:
-                body = {"task": f"t{n % 16}", "input": INPUTS[n % len(INPUTS)], "max_new_tokens": new_tokens}
-                started = time.perf_counter()
-                response = await http.post("/v1/generate", json=body)
-                response.raise_for_status()
-                latencies.append(time.perf_counter() - started)
-                tokens += response.json()["usage"]["completion_tokens"]
-                n += clients
-
-        started = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(clients)))
-        return tokens / (time.perf_counter() - started), latencies
+def each_task_in_turn():
+    """The 16 tasks' names, one after another, for many_tasks.phase to draw."""
+    names = itertools.cycle(f"t{i}" for i in range(16))
+    return lambda: next(names)
 
 
 def profile_report(raw: Path) -> None:
@@ -279,7 +263,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{args.port}"
         raw = Path(data_dir) / "profile.txt"
         try:
-            asyncio.run(http_phase(url, 16, 5, n))  # warm-up: every task resolved once
+            asyncio.run(phase(url, each_task_in_turn(), 16, 5, n))  # warm-up: every task resolved once
             before, started = engine_metrics(url), time.perf_counter()
             spy_run = subprocess.Popen(
                 [
@@ -301,7 +285,7 @@ def main() -> int:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            rate, latencies = asyncio.run(http_phase(url, args.clients, args.seconds, n))
+            rate, latencies = asyncio.run(phase(url, each_task_in_turn(), args.clients, args.seconds, n))
             wall = time.perf_counter() - started
             after = engine_metrics(url)
             spy_run.wait(60)
