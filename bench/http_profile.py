@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from app.config import Settings  # noqa: E402
 from app.ml.engine import Engine  # noqa: E402
 from app.ml.inference import generation_requests  # noqa: E402
+from app.services.serving.serving import engine_from  # noqa: E402
 from bench.many_tasks import phase  # noqa: E402
 from bench.serving import (  # noqa: E402
     INPUTS,
@@ -129,22 +130,6 @@ def engine_metrics(url: str) -> Steps:
             elif sample.name == "softprompt_engine_batch_rows_sum":
                 steps.rows = int(sample.value)
     return steps
-
-
-def service_engine(backbone, settings: Settings, rows: int, observer: Steps) -> Engine:
-    """An engine as the API builds it (app/services/serving/serving.py), at most ``rows`` rows a step."""
-    return Engine(
-        backbone,
-        max_batch_rows=rows,
-        max_queued_rows=settings.engine_max_queued_rows,
-        max_tenant_rows=None,
-        admit_every_steps=settings.engine_admit_every_steps,
-        prefill_tokens=settings.engine_prefill_tokens,
-        prefill_chunk_tokens=settings.engine_prefill_chunk_tokens,
-        max_batch_tokens=settings.engine_max_batch_tokens,
-        observer=observer,
-        prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,
-    )
 
 
 def in_process(engine: Engine, prompts: list, clients: int, seconds: float, new_tokens: int) -> float:
@@ -236,7 +221,8 @@ def main() -> int:
     rates = {}
     for rows in args.batch_rows:
         steps = Steps()
-        engine = service_engine(backbone, settings, rows, steps).start()
+        at_most = settings.model_copy(update={"engine_max_batch_rows": rows})
+        engine = engine_from(at_most, backbone, steps).start()
         in_process(engine, prompts, args.clients, 5, n)  # warm-up: every prompt's keys and values cached
         steps.__init__()
         started = time.perf_counter()

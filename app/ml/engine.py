@@ -310,18 +310,12 @@ class Scheduler:
         vectors to run inline in the prefill (cheaper than a pass of its own: docs/benchmarks.md)."""
         if request.prompt is None:
             return None
-        cache, key = self.prompt_kv_cache, request.prompt_key
+        cache, key, prompt = self.prompt_kv_cache, request.prompt_key, request.prompt
         keyed = cache is not None and key is not None
+        if is_prefix(prompt):  # already keys and values: only moved to the backbone's device and dtype
+            return cache.get(key, prompt) if keyed else compute_prompt_kv(self.backbone, prompt)
         found = cache.lookup(key) if keyed else None
-        if found is not None:
-            return found
-        if not is_prefix(request.prompt):
-            return InlinePrompt(request.prompt)
-        started = time.perf_counter()
-        kv = compute_prompt_kv(self.backbone, request.prompt)  # a prefix already is keys and values
-        if keyed:
-            cache.keep(key, kv, time.perf_counter() - started)
-        return kv
+        return found if found is not None else InlinePrompt(prompt)
 
     def _warm_apart_if_cheaper(self, joining: list[Row]) -> None:
         """Where a group's cold prompt-tuned prompts get their keys and values. Inline (the default, in

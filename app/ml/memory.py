@@ -17,15 +17,17 @@ import ctypes
 import ctypes.util
 
 
-def _malloc_trim():
+def _libc(function: str):
+    """The C library's ``function``, or None where the C library is another (musl, macOS) without it."""
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # another C library (musl, macOS): nothing to call
+        return getattr(ctypes.CDLL(name), function) if name else None
+    except (OSError, AttributeError):
         return None
 
 
-_TRIM = _malloc_trim()
+_TRIM = _libc("malloc_trim")
+_MALLOPT = _libc("mallopt")
 M_ARENA_MAX = -8  # mallopt's parameter number in glibc's malloc.h
 SHARED_ARENAS = 2
 
@@ -33,12 +35,7 @@ SHARED_ARENAS = 2
 def share_arenas() -> bool:
     """At most SHARED_ARENAS malloc arenas for the threads this process starts from now on; True when the
     C library took the setting."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt is not None and mallopt(M_ARENA_MAX, SHARED_ARENAS))
+    return bool(_MALLOPT is not None and _MALLOPT(M_ARENA_MAX, SHARED_ARENAS))
 
 
 def release_freed_memory() -> bool:

@@ -101,16 +101,15 @@ class RunOwner:
             row = self.row(session)
             if row is None:
                 log.warning(
-                    "%s %s: the lease went to another worker; this run writes nothing", *self._named()
+                    "%s %s: the lease went to another worker; this run writes nothing",
+                    self.kind.noun,
+                    self.row_id,
                 )
                 return RunOutcome.LOST
             return ending(session, row)
 
     def fail(self, *, code: str, message: str) -> RunOutcome:
         return self.end(lambda session, row: failed(session, self.kind, row, code=code, message=message))
-
-    def _named(self) -> tuple[str, int]:
-        return self.kind.noun, self.row_id
 
 
 def failed(session: Session, kind: Leased, row: Run, *, code: str, message: str) -> RunOutcome:

@@ -66,18 +66,7 @@ class Serving:
         self._mark = RegistryMark(self._read_mark, settings.task_resolve_ttl_s)
         self.engine: Engine | None = None
         if backbone is not None:
-            self.engine = Engine(
-                backbone,
-                max_batch_rows=settings.engine_max_batch_rows,
-                max_queued_rows=settings.engine_max_queued_rows,
-                max_tenant_rows=settings.engine_max_tenant_rows,
-                admit_every_steps=settings.engine_admit_every_steps,
-                prefill_tokens=settings.engine_prefill_tokens,
-                prefill_chunk_tokens=settings.engine_prefill_chunk_tokens,
-                max_batch_tokens=settings.engine_max_batch_tokens,
-                observer=observer,
-                prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,
-            ).start()
+            self.engine = engine_from(settings, backbone, observer).start()
 
     @property
     def ready(self) -> bool:
@@ -264,6 +253,22 @@ class Serving:
             rows=len(texts),
             tenant=tenant_id,
         )
+
+
+def engine_from(settings: Settings, backbone: Backbone, observer: Observer | None = None) -> Engine:
+    """The engine the settings describe (SOFTPROMPT_ENGINE_*), not started yet."""
+    return Engine(
+        backbone,
+        max_batch_rows=settings.engine_max_batch_rows,
+        max_queued_rows=settings.engine_max_queued_rows,
+        max_tenant_rows=settings.engine_max_tenant_rows,
+        admit_every_steps=settings.engine_admit_every_steps,
+        prefill_tokens=settings.engine_prefill_tokens,
+        prefill_chunk_tokens=settings.engine_prefill_chunk_tokens,
+        max_batch_tokens=settings.engine_max_batch_tokens,
+        observer=observer,
+        prompt_kv_cache_bytes=settings.prompt_kv_cache_bytes,
+    )
 
 
 @dataclass
