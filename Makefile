@@ -22,7 +22,7 @@ test: $(STAMP) test-tools
 # The suite under coverage.py: line coverage of app/ and workers/ in the suite's own process (the servers
 # and workers it starts as processes of their own are not traced).
 coverage: $(STAMP) test-tools
-	$(VENV)/bin/coverage run -m pytest -q
+	$(VENV)/bin/coverage run -m pytest -q -n 0
 	$(VENV)/bin/coverage report --skip-covered --sort=cover | tail -n 25
 
 # Debian's Chromium for the dashboard test (tests/api/test_dashboard.py) and docker-compose to validate

@@ -15,6 +15,10 @@ import pytest
 from tests.integration.processes import free_port, running, service_env, wait_ready
 from tests.paths import REPO, SST2_TRAIN
 
+# The tests that share the service run on one process of the suite's (pytest-xdist's --dist loadgroup):
+# one service, and the README's ids following one another.
+REAL_BACKBONE = pytest.mark.xdist_group("real_backbone")
+
 
 @dataclass
 class Service:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import REAL_BACKBONE
 from tests.paths import REPO, SST2_DEV
 
-pytestmark = [pytest.mark.e2e, pytest.mark.worker]
+pytestmark = [pytest.mark.e2e, pytest.mark.worker, REAL_BACKBONE]
 README_URL = "http://127.0.0.1:8000"
 SENTENCES = {"a gorgeous, witty, seductive movie.": "positive", "dull and lifeless": "negative"}
 

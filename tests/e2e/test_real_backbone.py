@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.worker]
+from tests.e2e.conftest import REAL_BACKBONE
+
+pytestmark = [pytest.mark.e2e, pytest.mark.worker, REAL_BACKBONE]
 
 
 def test_bare_backbone_answers_correctly(real_service):

@@ -141,6 +141,7 @@ def test_upload_tune_and_serve(service):
     assert service.api.get("/v1/prompts/other").status_code == 404
 
 
+@pytest.mark.parametrize("service", ["embedded"], indirect=True)  # a service rule: one stack
 def test_cancel_a_running_job(service):
     dataset = service.api.post("/v1/datasets", files={"file": ("reviews.jsonl", sentiment_file())}).json()
     job = service.api.post(
@@ -160,6 +161,7 @@ def test_cancel_a_running_job(service):
     assert service.api.get("/v1/prompts/long").status_code == 404
 
 
+@pytest.mark.parametrize("service", ["embedded"], indirect=True)  # a service rule: one stack
 def test_the_first_key_ends_the_open_mode_and_no_key_reaches_the_logs(service):
     assert service.api.get("/v1/datasets").status_code == 200  # no key yet: loopback is served
     key = create_key(service, "default")

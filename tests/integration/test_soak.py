@@ -22,9 +22,9 @@ from tests.stacks import STACK_PARAMS, server_stack
 
 pytestmark = pytest.mark.worker
 
-JOBS = 20
+JOBS = 12
 STEPS = 120
-KILLS = 6
+KILLS = 4
 SOAK_ENV = {
     "SOFTPROMPT_JOB_LEASE_S": "3",
     "SOFTPROMPT_REAPER_INTERVAL_S": "1",
@@ -32,7 +32,7 @@ SOAK_ENV = {
     "SOFTPROMPT_CHECKPOINT_EVERY_STEPS": "20",
     # Kills are random, so one job may be hit several times; the attempt cap has its own test.
     "SOFTPROMPT_JOB_MAX_ATTEMPTS": str(KILLS + 1),
-    # All twenty are queued at once by one tenant, past the default quota of 4.
+    # All are queued at once by one tenant, past the default quota of 4.
     "SOFTPROMPT_TENANT_MAX_ACTIVE_JOBS": str(JOBS),
 }
 # The worker's own log lines (JSON), "job N claimed by host:pid:thread" and "job N released by ...".
@@ -42,7 +42,7 @@ _RUN_MESSAGE = re.compile(r"job (\d+) (claimed|released) by [^:]+:(\d+):")
 # On the production shape only: two workers racing for leases is what PostgreSQL's row locks and Redis's
 # redelivery are for. The embedded stack's recovery from killed workers is tested in test_worker_faults.py.
 @pytest.mark.parametrize("stack_kind", STACK_PARAMS[1:])
-def test_twenty_jobs_survive_random_worker_kills_with_two_workers(stack_kind, tmp_path, tiny_backbone_dir):
+def test_a_dozen_jobs_survive_random_worker_kills_with_two_workers(stack_kind, tmp_path, tiny_backbone_dir):
     rng = random.Random(20)
     port = free_port()
     with ExitStack() as stack:
@@ -96,6 +96,7 @@ def test_twenty_jobs_survive_random_worker_kills_with_two_workers(stack_kind, tm
         assert sorted(v["version"] for v in versions) == list(range(1, JOBS + 1))
         assert sorted(v["source_job"] for v in versions) == sorted(jobs)
         runs = _runs(logs, killed_at)
+        assert len(runs) >= JOBS + kills - 1, runs  # each job's run, and the runs its kills cut short
         _assert_never_two_at_once(runs)
         retried = sum(job["attempts"] - 1 for job in finished)
         print(f"{kills} kills, {retried} jobs' attempts redone, {len(runs)} runs, {len(versions)} versions")
@@ -110,7 +111,7 @@ def _runs(logs: list[Path], killed_at: dict[int, float]) -> list[tuple[int, int,
     for log in logs:
         for line in log.read_text(errors="replace").splitlines():
             record = json.loads(line) if line.startswith("{") else {}
-            if record.get("logger") == "app.services.tuning.training" and (
+            if record.get("logger") == "app.services.runs.lifecycle" and (
                 match := _RUN_MESSAGE.match(record["message"])
             ):
                 job, what, pid = match.groups()
