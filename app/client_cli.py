@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from app.client import DEFAULT_URL, ApiError, Client
-from app.contract.kinds import FINISHED_STATUSES, JobStatus, Method
+from app.contract.kinds import FINISHED_STATUSES, InitStrategy, JobStatus, Method
 from app.contract.schemas import EvaluationPublic
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="SOFTPROMPT_URL", help="The service's address.")]
@@ -102,6 +102,14 @@ def tune(
     steps: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     learning_rate: Annotated[float | None, typer.Option()] = None,
+    start_from: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="Start from one of your versions (task@version) instead of a fresh prompt: its method, "
+            "length and, unless --template is given, its template.",
+        ),
+    ] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Show live progress until the job ends.")] = False,
     url: UrlOption = DEFAULT_URL,
     key: KeyOption = None,
@@ -113,6 +121,7 @@ def tune(
         "validation_dataset": validation_dataset,
         "num_virtual_tokens": virtual_tokens,
         "method": method,
+        "init": {"strategy": InitStrategy.VERSION, "from": start_from} if start_from else None,
         "hyperparameters": {k: v for k, v in hyperparameters.items() if v is not None},
     }
     with _client(url, key) as client:
@@ -399,12 +408,15 @@ def prompts_show(task: str, url: UrlOption = DEFAULT_URL, key: KeyOption = None)
 
 @prompts_cli.command("versions")
 def prompts_versions(task: str, url: UrlOption = DEFAULT_URL, key: KeyOption = None) -> None:
-    """Every version of a task, newest first: version, method, created, validation accuracy."""
+    """Every version of a task, newest first: version, method, created, validation accuracy, and the version
+    it started from (its parent) if it did."""
     with _client(url, key) as client:
         for v in client.list_versions(task):
             accuracy = v.metrics.get("val_accuracy")
             shown = accuracy if accuracy is not None else "-"
-            typer.echo(f"{v.version}\t{v.method.value}\t{v.created_at:%Y-%m-%d %H:%M}\t{shown}")
+            typer.echo(
+                f"{v.version}\t{v.method.value}\t{v.created_at:%Y-%m-%d %H:%M}\t{shown}\t{v.parent or '-'}"
+            )
 
 
 def generate(

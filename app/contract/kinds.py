@@ -17,17 +17,23 @@ class Method(StrEnum):
 
 class InitStrategy(StrEnum):
     """How a job's soft prompt starts: from text (the given text, the task's label words, frequent
-    vocabulary; a prefix from the keys and values those tokens leave), random, or (a prefix only) zero."""
+    vocabulary; a prefix from the keys and values those tokens leave), random, (a prefix only) zero, or as
+    a version in the registry already is (transfer from another task, or more training of the same)."""
 
     TEXT = "text"
     LABELS = "labels"
     VOCAB = "vocab"
     RANDOM = "random"
     ZERO = "zero"
+    VERSION = "version"
 
 
+# The starts made from the backbone alone; a version's start is read from the registry.
 PROMPT_INITS = (InitStrategy.TEXT, InitStrategy.LABELS, InitStrategy.VOCAB, InitStrategy.RANDOM)
-INITS = {Method.PROMPT: PROMPT_INITS, Method.PREFIX: (*PROMPT_INITS, InitStrategy.ZERO)}
+INITS = {
+    Method.PROMPT: (*PROMPT_INITS, InitStrategy.VERSION),
+    Method.PREFIX: (*PROMPT_INITS, InitStrategy.ZERO, InitStrategy.VERSION),
+}
 
 
 class DatasetKind(StrEnum):
@@ -38,8 +44,11 @@ class DatasetKind(StrEnum):
     REFERENCES = "references"  # {"input", "references"}: to score generation against, not to train on
 
 
-def check_init(method: Method, strategy: str, *, kind: DatasetKind, text: str | None) -> InitStrategy:
-    """The one check of a job's start, against its method and its dataset's kind: 422 naming the field."""
+def check_init(
+    method: Method, strategy: str, *, kind: DatasetKind, text: str | None, source: str | None = None
+) -> InitStrategy:
+    """The one check of a job's start, against its method and its dataset's kind: 422 naming the field.
+    Whether ``source`` (task@version) exists and fits is the job service's to check (app/services/tuning)."""
     allowed = INITS[method]
     if strategy not in allowed:
         raise InvalidRequest(
@@ -48,6 +57,13 @@ def check_init(method: Method, strategy: str, *, kind: DatasetKind, text: str | 
         )
     if strategy == InitStrategy.TEXT and not (text or "").strip():
         raise InvalidRequest("init.strategy 'text' needs a non-empty init.text.", param="init.text")
+    if strategy == InitStrategy.VERSION and not (source or "").strip():
+        raise InvalidRequest(
+            "init.strategy 'version' needs init.from, the version to start from (for example 'sst2@3').",
+            param="init.from",
+        )
+    if strategy != InitStrategy.VERSION and source is not None:
+        raise InvalidRequest("init.from goes with init.strategy 'version' only.", param="init.from")
     if strategy == InitStrategy.LABELS and kind != DatasetKind.CLASSIFICATION:
         raise InvalidRequest(
             "init.strategy 'labels' needs a classification dataset (records with 'text' and 'label').",

@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.contract.hyperparameters import DEFAULT_METHOD, Hyperparameters, per_method
 from app.contract.kinds import MAX_ID, DatasetKind, EvalMetric, InitStrategy, JobStatus, Method
-from app.contract.templates import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
     from app.db.models import Dataset, Evaluation, PromptVersion, Task, TuningJob
@@ -71,12 +70,24 @@ class DatasetPublic(BaseModel):
 
 
 class InitSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     strategy: InitStrategy = Field(
         description="labels, text, vocab: from those tokens (a prefix: the keys and values they leave); "
-        "random; zero (prefix only)."
+        "random; zero (prefix only); version: as the version named by `from` is."
     )
     text: str | None = Field(default=None, max_length=10_000)
+    source: str | None = Field(
+        default=None,
+        alias="from",
+        max_length=200,
+        description="With strategy version: one of your versions, task@version ('sst2@3'; 'sst2' is its "
+        "newest, fixed when the job is created). Same base model and method as the job; the job takes its "
+        "number of virtual tokens, and its template unless the job names one.",
+    )
+
+    def stored(self) -> dict[str, str]:
+        """As a job stores it: the fields given, ``from`` by that name."""
+        return self.model_dump(exclude_none=True, by_alias=True)
 
 
 class JobCreate(BaseModel):
@@ -110,22 +121,24 @@ class JobCreate(BaseModel):
     base_model: str | None = Field(
         default=None, description="A registered backbone; default: the service's default backbone."
     )
-    method: Method = Field(
-        default=DEFAULT_METHOD,
+    method: Method | None = Field(
+        default=None,
         description="prompt: input embeddings in front of the input (prompt tuning); prefix: keys and "
-        "values in every layer (prefix tuning, P-tuning v2). The default measured best on small and "
-        "large SST-2 training sets.",
+        f"values in every layer (prefix tuning, P-tuning v2). Default: the start version's (init strategy "
+        f"version), else {DEFAULT_METHOD.value}, which measured best on small and large SST-2 training sets.",
     )
     num_virtual_tokens: int | None = Field(
         default=None,
         strict=True,
         ge=1,
-        description=f"Length of the soft prompt. Default: {per_method('num_virtual_tokens')}.",
+        description="Length of the soft prompt. Default: the start version's (init strategy version), else "
+        f"{per_method('num_virtual_tokens')}.",
     )
-    template: str = Field(
-        default=DEFAULT_TEMPLATE,
+    template: str | None = Field(
+        default=None,
         description="Text around each input, with {input} once; stored with the prompt "
-        "and applied at inference. At most 10,000 characters (SOFTPROMPT_MAX_TEMPLATE_CHARS).",
+        "and applied at inference. At most 10,000 characters (SOFTPROMPT_MAX_TEMPLATE_CHARS). Default: the "
+        "start version's (init strategy version), else '{input}'.",
     )
     init: InitSpec | None = Field(
         default=None, description="Default: 'labels' for classification datasets, 'vocab' otherwise."
@@ -363,6 +376,10 @@ class VersionPublic(BaseModel):
     sha256: str
     source_job: int | None
     source_dataset: int | None
+    parent: str | None = Field(
+        default=None,
+        description="The version this one's job started from (init strategy version), task@version.",
+    )
     metrics: dict[str, Any]
     evaluations: list[int] | None = Field(
         default=None, description="Ids of the evaluations that include this version (on GET of one version)."
@@ -384,6 +401,7 @@ class VersionPublic(BaseModel):
             sha256=row.sha256,
             source_job=row.source_job_id,
             source_dataset=row.source_dataset_id,
+            parent=row.parent,
             metrics=row.metrics,
             evaluations=evaluations,
             created_at=row.created_at,

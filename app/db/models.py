@@ -154,6 +154,9 @@ class PromptVersion(Base):
         ForeignKey("tuning_jobs.id", ondelete="SET NULL"), unique=True
     )
     source_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    # The version its job started from, as task@version (the same tenant's); kept as text, so lineage
+    # outlives a deleted parent.
+    parent: Mapped[str | None] = mapped_column(String(200))
     metrics: Mapped[dict[str, Any]]
     # Of the adapter file an imported version came from: imports count toward the upload quota as datasets
     # do. None for a job's version.

@@ -90,7 +90,8 @@ def test_dashboard_shows_tasks_jobs_and_the_loss_curve_and_tries_a_task(
 
     expect(page.locator("#tasks tbody tr")).to_have_count(1)
     expect(page.locator("#tasks tbody tr td").first).to_have_text("sst2")
-    expect(page.locator("#tasks tbody tr td").nth(2)).to_have_text(
+    expect(page.locator("#tasks tbody tr td").nth(2)).to_have_text("–")  # started from no other version
+    expect(page.locator("#tasks tbody tr td").nth(3)).to_have_text(
         "prefix"
     )  # the version's method: the default
     job_row = page.locator(f'#jobs tr[data-job-id="{finished_job["id"]}"]')

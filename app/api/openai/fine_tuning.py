@@ -24,11 +24,12 @@ from app.api.openai.schemas import (
 )
 from app.api.responses import errors
 from app.contract.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters
-from app.contract.kinds import JobStatus
+from app.contract.kinds import InitStrategy, JobStatus
 from app.contract.kinds import Method as TuningMethod
-from app.db.models import JobEvent, TuningJob
-from app.errors import InvalidRequest
-from app.services.registry.model_names import fine_tuned_model
+from app.db.models import JobEvent, PromptVersion, TuningJob
+from app.errors import DomainError, InvalidRequest
+from app.services.registry.model_names import fine_tuned_model, missing, task_ref_of_model
+from app.services.registry.prompts import find_version
 from app.services.tuning import jobs as service
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible"])
@@ -38,6 +39,7 @@ PARAMS = {
     "base_model": "model",
     "training_dataset": "training_file",
     "validation_dataset": "validation_file",
+    "method": "method.type",
 }
 # A job's method as OpenAI's `method.type` names it, and back.
 TYPES = {TuningMethod.PROMPT: "prompt_tuning", TuningMethod.PREFIX: "prefix_tuning"}
@@ -52,39 +54,70 @@ def create_fine_tuning_job(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> FineTuningJob:
-    """Queue a prompt-tuning job on a base model."""
-    if body.model not in settings.backbones:
-        raise InvalidRequest(
-            f"model {body.model!r} is not a base model of this service; tune one of: "
-            f"{', '.join(sorted(settings.backbones))}.",
-            param="model",
-        )
+    """Queue a prompt-tuning job on a base model, or go on training a fine-tuned one
+    (ft:<backbone>:<task>:<version>): as OpenAI does, the job starts from that model, and its method and
+    template are that version's unless given. The result is a new version of `suffix`, or, without one,
+    the next version of the same task."""
+    backbone, source = _base(body.model, session, caller.tenant_id, settings)
     training = ids.from_id(ids.FILE, body.training_file, what="file", param="training_file")
     validation = (
         ids.from_id(ids.FILE, body.validation_file, what="file", param="validation_file")
         if body.validation_file is not None
         else None
     )
-    kind = body.method.type if body.method else TYPES[DEFAULT_METHOD]
+    if body.method:
+        method = METHODS[body.method.type]
+    else:  # the fine-tuned model's, as OpenAI keeps a model's method
+        method = TuningMethod(source.method) if source else DEFAULT_METHOD
+    kind = TYPES[method]
     tuning = body.method.tuning if body.method else PromptTuning()
+    if source is not None and tuning.init is not None:
+        raise InvalidRequest(
+            f"A job on the fine-tuned model {body.model!r} starts from it; leave method.{kind}.init out.",
+            param=f"method.{kind}.init",
+        )
+    init = {"strategy": "version", "from": f"{source.task.name}@{source.version}"} if source else None
     request = service.JobRequest(
-        task=body.suffix if body.suffix is not None else f"ft-{training}",
+        task=body.suffix if body.suffix is not None else source.task.name if source else f"ft-{training}",
         training_dataset=training,
         validation_dataset=validation,
-        base_model=body.model,
+        base_model=backbone,
         num_virtual_tokens=tuning.num_virtual_tokens,
         template=tuning.template,
-        init=tuning.init.model_dump(exclude_none=True) if tuning.init else None,
-        hyperparameters=_hyperparameters(body, tuning.hyperparameters, METHODS[kind]),
-        method=METHODS[kind],
+        init=tuning.init.stored() if tuning.init else init,
+        hyperparameters=_hyperparameters(body, tuning.hyperparameters, method),
+        method=method,
     )
-    settings_fields = ("num_virtual_tokens", "template", "init.strategy", "init.text")
+    settings_fields = ("num_virtual_tokens", "template", "init.strategy", "init.text", "init.from")
     names = {field: f"method.{kind}.{field}" for field in settings_fields}
     with speaking_as(PARAMS | names):
         job, _ = service.submit_job(
             session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
         )
     return fine_tuning_job(job, caller.tenant)
+
+
+def _base(model: str, session, tenant_id: int, settings) -> tuple[str, PromptVersion | None]:
+    """(backbone, the version to start from) that a job's `model` names: a base model of this service, or
+    one of the caller's fine-tuned models; any other name is a model that does not exist for the caller."""
+    backbone, ref = task_ref_of_model(model, set(settings.backbones))
+    if backbone is None:
+        raise InvalidRequest(
+            f"model {model!r} is not a base model of this service or one of your fine-tuned models "
+            f"(ft:<backbone>:<task>:<version>); base models: {', '.join(sorted(settings.backbones))}.",
+            param="model",
+        )
+    if ref is None:
+        return backbone, None
+    if backbone not in settings.backbones:
+        raise missing(model)
+    try:
+        source = find_version(session, tenant_id=tenant_id, ref=ref, with_vectors=False)
+    except DomainError as error:  # a name no task has, or no such version of the caller's
+        raise missing(model) from error
+    if source.base_model != backbone:
+        raise missing(model)
+    return backbone, source
 
 
 def _hyperparameters(
@@ -200,7 +233,7 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
         estimated_finish=int(time.time() + eta)
         if row.status == JobStatus.RUNNING and eta is not None
         else None,
-        model=row.base_model,
+        model=_model_of(row),
         fine_tuned_model=fine_tuned_model(row.base_model, row.task, row.result_version)
         if row.result_version
         else None,
@@ -229,6 +262,14 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
         else None,
         user_provided_suffix=row.task,
     )
+
+
+def _model_of(row: TuningJob) -> str:
+    """What the job tuned: a base model, or the fine-tuned model it started from."""
+    if row.init.get("strategy") != InitStrategy.VERSION:
+        return row.base_model
+    task, version = row.init["from"].split("@")
+    return fine_tuned_model(row.base_model, task, int(version))
 
 
 def _event(row: JobEvent) -> FineTuningJobEvent:

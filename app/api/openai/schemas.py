@@ -11,7 +11,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from app.contract.hyperparameters import Hyperparameters, per_method
 from app.contract.kinds import JobStatus
 from app.contract.schemas import InitSpec
-from app.contract.templates import DEFAULT_TEMPLATE
 
 
 class Strict(BaseModel):
@@ -72,7 +71,10 @@ class PromptTuning(Strict):
     num_virtual_tokens: int | None = Field(
         default=None, ge=1, description=f"Default: {per_method('num_virtual_tokens')}."
     )
-    template: str = Field(default=DEFAULT_TEMPLATE, description="As a native job's template.")
+    template: str | None = Field(
+        default=None,
+        description="As a native job's template. Default: the fine-tuned model's, else '{input}'.",
+    )
     init: InitSpec | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 

@@ -45,7 +45,7 @@ def create_job(
         method=body.method,
         num_virtual_tokens=body.num_virtual_tokens,
         template=body.template,
-        init=body.init.model_dump(exclude_none=True) if body.init else None,
+        init=body.init.stored() if body.init else None,
         hyperparameters=body.hyperparameters,
     )
     job, created = service.submit_job(

@@ -58,8 +58,8 @@ async function refreshTasks() {
       const row = body.insertRow();
       row.dataset.task = task.name;
       const m = version.metrics || {};
-      [task.name, version.version, version.method, version.kind, percent(m.val_accuracy), percent(m.val_macro_f1),
-        percent(m.zero_shot_accuracy), day(version.created_at)].forEach((text) => cell(row, text));
+      [task.name, version.version, version.parent, version.method, version.kind, percent(m.val_accuracy),
+        percent(m.val_macro_f1), percent(m.zero_shot_accuracy), day(version.created_at)].forEach((text) => cell(row, text));
     }
   }
   picker.value = [...picker.options].some((o) => o.value === picked) ? picked : picker.value;

@@ -88,6 +88,7 @@ def publish_version(
         metrics=metrics,
         source_job_id=job.id,
         source_dataset_id=job.training_dataset_id,
+        parent=job.init.get("from"),
     )
 
 
@@ -107,6 +108,7 @@ def add_version(
     method: str = Method.PROMPT,
     source_job_id: int | None = None,
     source_dataset_id: int | None = None,
+    parent: str | None = None,
     upload_bytes: int | None = None,
 ) -> PromptVersion:
     """The task's next version (the task made if it is new), from a job or an imported adapter (of
@@ -126,6 +128,7 @@ def add_version(
         sha256=hashlib.sha256(vectors).hexdigest(),
         source_job_id=source_job_id,
         source_dataset_id=source_dataset_id,
+        parent=parent,
         metrics=metrics,
         upload_bytes=upload_bytes,
     )

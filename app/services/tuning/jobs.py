@@ -22,11 +22,12 @@ from app.contract.kinds import (
     check_init,
     default_init,
 )
-from app.db.models import Dataset, JobEvent, TuningJob, utcnow
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.contract.templates import DEFAULT_TEMPLATE
+from app.db.models import Dataset, JobEvent, PromptVersion, TuningJob, utcnow
+from app.errors import Conflict, DomainError, InvalidRequest, NotFound
 from app.services.datasets.datasets import get_dataset, lock_datasets
 from app.services.pagination import paginate
-from app.services.registry.prompts import check_task_name, check_template
+from app.services.registry.prompts import check_task_name, check_template, get_version, parse_task_ref
 from app.services.runs.queue import enqueue_training, send_committed
 from app.services.tenancy import idempotency, quotas
 from app.services.tenancy.tenants import Caller
@@ -46,11 +47,11 @@ class JobRequest:
     training_dataset: int
     validation_dataset: int | None
     base_model: str | None
-    num_virtual_tokens: int | None  # None: the method's default
-    template: str
-    init: dict[str, Any] | None
+    num_virtual_tokens: int | None  # None: the start version's, else the method's default
+    template: str | None  # None: the start version's, else DEFAULT_TEMPLATE
+    init: dict[str, Any] | None  # InitSpec.stored()
     hyperparameters: Hyperparameters  # as given; the job stores them resolved
-    method: Method = DEFAULT_METHOD
+    method: Method | None = DEFAULT_METHOD  # None: the start version's, else DEFAULT_METHOD
 
     def fingerprint(self) -> str:
         fields = {**self.__dict__, "hyperparameters": self.hyperparameters.given()}
@@ -106,52 +107,115 @@ def _validated_fields(
     session: Session, *, tenant_id: int, request: JobRequest, settings: Settings
 ) -> dict[str, Any]:
     """The job's columns from a request, each checked: 422 naming the first field that is wrong."""
-    base_model, virtual_tokens = _checked_shape(request, settings)
+    _check_given_shape(request, settings)
     lock_datasets(session, tenant_id=tenant_id)
     training, validation = _datasets(session, tenant_id=tenant_id, request=request)
-    init = _validated_init(request.init, kind=training.kind, method=request.method)
+    source = start_version(session, tenant_id=tenant_id, request=request, settings=settings)
+    shape = _Shape.of(request, source, settings)
+    init = _validated_init(request.init, kind=training.kind, method=shape.method, source=source)
     holdout = 0 if validation is not None else holdout_size(training.num_examples)
     hyperparameters = request.hyperparameters.resolve(
         training.num_examples - holdout,
         max_steps=settings.max_steps,
-        method=request.method,
+        method=shape.method,
         classification=training.kind == DatasetKind.CLASSIFICATION,
     )
-    _check_work(training, hyperparameters, virtual_tokens=virtual_tokens, settings=settings)
+    _check_work(training, hyperparameters, virtual_tokens=shape.virtual_tokens, settings=settings)
     return {
         "task": request.task,
         "training_dataset_id": training.id,
         "validation_dataset_id": validation.id if validation else None,
-        "base_model": base_model,
-        "method": request.method,
-        "num_virtual_tokens": virtual_tokens,
-        "template": request.template,
+        "base_model": shape.base_model,
+        "method": shape.method,
+        "num_virtual_tokens": shape.virtual_tokens,
+        "template": shape.template,
         "init": init,
         "hyperparameters": hyperparameters.stored(),
         "progress": {"step": 0, "total_steps": hyperparameters.steps, "eta_seconds": None},
     }
 
 
-def _checked_shape(request: JobRequest, settings: Settings) -> tuple[str, int]:
-    """What the request says without reading anything: the task's name, the backbone, the template and
-    the number of virtual tokens. Returns (base model, virtual tokens)."""
+def _check_given_shape(request: JobRequest, settings: Settings) -> None:
+    """What the request says without reading anything: the task's name, and the backbone, the template
+    and the number of virtual tokens where it names them."""
     check_task_name(request.task)
-    base_model = request.base_model or settings.default_backbone
-    if base_model not in settings.backbones:
+    if request.base_model is not None and request.base_model not in settings.backbones:
         raise InvalidRequest(
-            f"Unknown base_model {base_model!r}; this service has: {', '.join(sorted(settings.backbones))}.",
+            f"Unknown base_model {request.base_model!r}; this service has: "
+            f"{', '.join(sorted(settings.backbones))}.",
             param="base_model",
         )
-    check_template(request.template, max_chars=settings.max_template_chars)
-    virtual_tokens = request.num_virtual_tokens
-    if virtual_tokens is None:
-        virtual_tokens = METHOD_DEFAULTS[request.method].num_virtual_tokens
-    if not 1 <= virtual_tokens <= settings.max_virtual_tokens:
+    if request.template is not None:
+        check_template(request.template, max_chars=settings.max_template_chars)
+    given = request.num_virtual_tokens
+    if given is not None and not 1 <= given <= settings.max_virtual_tokens:
         raise InvalidRequest(
-            f"num_virtual_tokens must be between 1 and {settings.max_virtual_tokens}; got {virtual_tokens}.",
+            f"num_virtual_tokens must be between 1 and {settings.max_virtual_tokens}; got {given}.",
             param="num_virtual_tokens",
         )
-    return base_model, virtual_tokens
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What the job's soft prompt is: as the request names it, else as its start version is, else the
+    defaults."""
+
+    base_model: str
+    method: Method
+    virtual_tokens: int
+    template: str
+
+    @classmethod
+    def of(cls, request: JobRequest, source: PromptVersion | None, settings: Settings) -> _Shape:
+        if source is None:
+            method = request.method or DEFAULT_METHOD
+            return cls(
+                base_model=request.base_model or settings.default_backbone,
+                method=method,
+                virtual_tokens=request.num_virtual_tokens or METHOD_DEFAULTS[method].num_virtual_tokens,
+                template=request.template if request.template is not None else DEFAULT_TEMPLATE,
+            )
+        ref = f"{request.init['from']!r}"
+        for field, given, theirs in (
+            ("base_model", request.base_model, source.base_model),
+            ("method", request.method, source.method),
+            ("num_virtual_tokens", request.num_virtual_tokens, source.num_virtual_tokens),
+        ):
+            if given is not None and given != theirs:
+                raise InvalidRequest(
+                    f"{field} is {given!r} but the start version {ref} has {theirs!r}; a job started from a "
+                    f"version keeps its {field} (leave {field} out to take it).",
+                    param=field,
+                )
+        return cls(
+            base_model=source.base_model,
+            method=Method(source.method),
+            virtual_tokens=source.num_virtual_tokens,
+            template=request.template if request.template is not None else source.template,
+        )
+
+
+def start_version(
+    session: Session, *, tenant_id: int, request: JobRequest, settings: Settings
+) -> PromptVersion | None:
+    """The version a job starts from (init strategy "version"), one of the caller's own: another tenant's
+    is not found, as everywhere. None for any other start."""
+    init = request.init or {}
+    if init.get("strategy") != InitStrategy.VERSION or not isinstance(init.get("from"), str):
+        return None  # _validated_init says what is wrong with it
+    try:
+        name, number = parse_task_ref(init["from"])
+        source = get_version(session, tenant_id=tenant_id, name=name, version=number)
+    except DomainError as error:  # not a task reference, or no such version of the caller's
+        error.message, error.param = f"init.from: {error.message}", "init.from"
+        raise
+    if source.base_model not in settings.backbones:
+        raise InvalidRequest(
+            f"init.from {init['from']!r} was tuned on {source.base_model!r}, which this service no longer "
+            "serves.",
+            param="init.from",
+        )
+    return source
 
 
 def _datasets(session: Session, *, tenant_id: int, request: JobRequest) -> tuple[Dataset, Dataset | None]:
@@ -218,11 +282,20 @@ def holdout_size(num_examples: int) -> int:
     return min(HOLDOUT_MAX, max(1, int(num_examples * HOLDOUT_FRACTION)))
 
 
-def _validated_init(init: dict[str, Any] | None, *, kind: DatasetKind, method: Method) -> dict[str, Any]:
+def _validated_init(
+    init: dict[str, Any] | None, *, kind: DatasetKind, method: Method, source: PromptVersion | None
+) -> dict[str, Any]:
+    """As the job stores it; a start version by its number ('sst2' becomes 'sst2@3')."""
     if not init:
         return {"strategy": default_init(kind)}
-    strategy = check_init(method, init.get("strategy"), kind=kind, text=init.get("text"))
-    return {"strategy": strategy, **({"text": init["text"]} if strategy == InitStrategy.TEXT else {})}
+    strategy = check_init(
+        method, init.get("strategy"), kind=kind, text=init.get("text"), source=init.get("from")
+    )
+    if strategy == InitStrategy.TEXT:
+        return {"strategy": strategy, "text": init["text"]}
+    if strategy == InitStrategy.VERSION:
+        return {"strategy": strategy, "from": f"{source.task.name}@{source.version}"}
+    return {"strategy": strategy}
 
 
 def get_job(session: Session, *, tenant_id: int, job_id: int) -> TuningJob:

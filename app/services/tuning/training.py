@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from app.contract.hyperparameters import Hyperparameters
-from app.contract.kinds import DatasetKind, JobStatus, Method
+from app.contract.kinds import DatasetKind, InitStrategy, JobStatus, Method
 from app.db.models import TuningJob, utcnow
 from app.db.session import session_scope
 from app.errors import DomainError, NotFound
@@ -21,10 +21,10 @@ from app.ml.checkpoint import Checkpoint
 from app.ml.prefix import init_prefix
 from app.ml.prompt_check import prompt_fault
 from app.ml.selection import bare_key, tuned_key
-from app.ml.soft_prompt import init_prompt, prompt_to_bytes
+from app.ml.soft_prompt import init_prompt, prompt_from_bytes, prompt_to_bytes, stored_shape
 from app.ml.trainer import Example, Progress, TrainConfig, TrainResult, train_prompt
 from app.services.datasets.datasets import get_dataset, load_records
-from app.services.registry.prompts import publish_version
+from app.services.registry.prompts import get_version, parse_task_ref, publish_version
 from app.services.runs import leases, worker_metrics
 from app.services.runs.lifecycle import (
     HANDBACK,
@@ -50,6 +50,7 @@ class JobInputs:
     train: list[Example]
     validation: list[Example]
     resume: Checkpoint | None  # the state a worker that ran the job before saved, if any
+    start: bytes | None = None  # the stored soft prompt of the version the job starts from, if it does
 
 
 def run_job(
@@ -102,6 +103,7 @@ def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
         else:
             seed = Hyperparameters.model_validate(job.hyperparameters).seed
             train_records, validation_records = split_holdout(train_records, seed=seed)
+        start = _start_vectors(session, job) if job.init.get("strategy") == InitStrategy.VERSION else None
         resume = checkpoints.load(session, job_id=job_id)
         if resume is not None:
             jobs_service.add_event(
@@ -119,8 +121,24 @@ def _load_inputs(*, db_url: str, job_id: int) -> tuple[JobInputs, TuningJob]:
         train=[Example(input=i, output=o) for i, o in train_records],
         validation=[Example(input=i, output=o) for i, o in validation_records],
         resume=resume,
+        start=start,
     )
     return inputs, job
+
+
+def _start_vectors(session, job: TuningJob) -> bytes:
+    """The start version's soft prompt; the job fails, saying so, if that version was deleted after the
+    job was queued (the job checked its shape then: versions never change)."""
+    name, number = parse_task_ref(job.init["from"])
+    try:
+        return get_version(
+            session, tenant_id=job.tenant_id, name=name, version=number, with_vectors=True
+        ).vectors
+    except NotFound as error:
+        raise DomainError(
+            f"The version this job starts from, {job.init['from']}, was deleted before the job ran.",
+            code="start_version_missing",
+        ) from error
 
 
 def split_holdout(records: list, *, seed: int) -> tuple[list, list]:
@@ -138,15 +156,7 @@ def _train_and_publish(
     *, watch: RunWatch, job: TuningJob, inputs: JobInputs, backbone: Backbone, checkpoint_every: int
 ) -> RunOutcome:
     hp = Hyperparameters.model_validate(job.hyperparameters)
-    start = init_prefix if job.method == Method.PREFIX else init_prompt
-    prompt = start(
-        backbone,
-        num_virtual_tokens=job.num_virtual_tokens,
-        strategy=job.init["strategy"],
-        text=job.init.get("text"),
-        labels=inputs.labels,
-        seed=hp.seed,
-    )
+    prompt = _start_prompt(job, inputs, backbone, seed=hp.seed)
     config = TrainConfig.of(
         hp, classification=inputs.kind == DatasetKind.CLASSIFICATION, checkpoint_every=checkpoint_every
     )
@@ -176,6 +186,21 @@ def _train_and_publish(
                 session, row, result, inputs=inputs, backbone=backbone, fault=fault, yielded=yielded
             )
         )
+    )
+
+
+def _start_prompt(job: TuningJob, inputs: JobInputs, backbone: Backbone, *, seed: int):
+    """The soft prompt the job's first step trains: a version's as stored, or one made as init says."""
+    if inputs.start is not None:
+        return prompt_from_bytes(inputs.start, shape=stored_shape(backbone, Method(job.method)))
+    make = init_prefix if job.method == Method.PREFIX else init_prompt
+    return make(
+        backbone,
+        num_virtual_tokens=job.num_virtual_tokens,
+        strategy=job.init["strategy"],
+        text=job.init.get("text"),
+        labels=inputs.labels,
+        seed=seed,
     )
 
 

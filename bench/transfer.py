@@ -1,0 +1,252 @@
+"""Transfer between tasks: a soft prompt learned on a mixture of other tasks as the start of a target task's
+job (init strategy "version"), against the default start (the label words), over several seeds.
+
+    .venv/bin/python bench/transfer.py                                  # SST-2, CR and subj as targets
+    .venv/bin/python bench/transfer.py --targets sst2 --seeds 0         # one target, one seed: a first look
+    .venv/bin/python bench/transfer.py --budgets small large            # and the larger budget
+
+For each target, a source prompt is trained on a mixture of the training rows of every other task (SST-2 and
+the six of ../shared/data/TASKS.md), each capped at --cap rows so that none dominates (T5's examples-
+proportional mixing with a cap), each row in its own task's wording ("Review: …\\nSentiment:" followed by
+" positive"), as a generation job with the default method and length would train on it. Then, per seed
+and budget, the target's job from the default start and from the source prompt:
+
+- small: --train-rows target rows sampled once (400), 60 steps of 8 (bench/small_data.py's job);
+- large: --large-rows target rows, the job's own default steps and batch.
+
+Everything else is the job's: its seeded hold-out, the method's learning rate, the start as the fallback
+and the bare-template rule (a job that would publish nothing leaves the user with the bare template, and
+is scored so). The target's test split (SST-2: the first --test-rows dev rows) is read once per finished
+job, after training; nothing is chosen on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.contract.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters  # noqa: E402
+from app.contract.kinds import EvalMetric, InitStrategy, Method  # noqa: E402
+from app.ml.backbone import Backbone  # noqa: E402
+from app.ml.inference import classify  # noqa: E402
+from app.ml.prefix import init_prefix  # noqa: E402
+from app.ml.soft_prompt import init_prompt  # noqa: E402
+from app.ml.text import render  # noqa: E402
+from app.ml.trainer import Example, TrainConfig, train_prompt  # noqa: E402
+from app.services.tuning.training import split_holdout  # noqa: E402
+from bench.tuning import load, log  # noqa: E402
+
+DATA = ROOT.parent / "shared/data"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    template: str  # the task's own wording, with {input}
+    labels: tuple[str, str]
+    test_file: str = "test"
+
+
+TASKS = {
+    task.name: task
+    for task in (
+        Task("sst2", "Review: {input}\nSentiment:", ("negative", "positive"), test_file="dev"),
+        Task("cr", "Customer review: {input}\nSentiment:", ("negative", "positive")),
+        Task("mpqa", "Phrase: {input}\nPolarity:", ("negative", "positive")),
+        Task("subj", "Sentence: {input}\nSubjective or objective?", ("subjective", "objective")),
+        Task("cola", "Sentence: {input}\nGrammatically acceptable?", ("unacceptable", "acceptable")),
+        Task("mrpc", "{input}\nSame meaning?", ("different", "equivalent")),
+        Task("qnli", "{input}\nDoes the sentence answer the question?", ("no", "yes")),
+    )
+}
+
+
+def examples(task: Task, split: str) -> list[Example]:
+    with (DATA / task.name / f"{split}.jsonl").open() as f:
+        return [Example(r["text"], r["label"]) for r in map(json.loads, f)]
+
+
+def mixture(target: str, *, cap: int, seed: int) -> list[Example]:
+    """Every other task's training rows, at most ``cap`` of each, in its own wording: the input is the
+    rendered template and the output the label word, as a generation dataset's {"input", "output"}."""
+    rows: list[Example] = []
+    for task in TASKS.values():
+        if task.name == target:
+            continue
+        own = examples(task, "train")
+        random.Random(seed).shuffle(own)
+        rows += [Example(render(task.template, ex.input), ex.output) for ex in own[:cap]]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def fresh_start(backbone: Backbone, method: Method, *, labels: list[str], seed: int) -> torch.Tensor:
+    make = init_prefix if method == Method.PREFIX else init_prompt
+    k = METHOD_DEFAULTS[method].num_virtual_tokens
+    return make(backbone, num_virtual_tokens=k, strategy=InitStrategy.LABELS, labels=labels, seed=seed)
+
+
+def train_source(backbone: Backbone, rows: list[Example], *, method: Method, steps: int) -> torch.Tensor:
+    """The source prompt: a generation job on the mixture (its outputs are the label words), started from
+    frequent vocabulary as such a job starts."""
+    kept, held = split_holdout(rows, seed=0)
+    hp = Hyperparameters(steps=steps, batch_size=16).resolve(
+        len(kept), max_steps=100_000, method=method, classification=False
+    )
+    make = init_prefix if method == Method.PREFIX else init_prompt
+    start = make(
+        backbone,
+        num_virtual_tokens=METHOD_DEFAULTS[method].num_virtual_tokens,
+        strategy=InitStrategy.VOCAB,
+        seed=0,
+    )
+    # Decoding the hold-out at every evaluation is what a generation job does; the loss is enough here.
+    config = TrainConfig.of(hp.model_copy(update={"eval_metric": EvalMetric.LOSS}), classification=False)
+    result = train_prompt(
+        backbone,
+        prompt=start,
+        train=kept,
+        validation=held[:100],
+        template="{input}",
+        labels=None,
+        config=config,
+        on_progress=lambda _: None,
+        should_stop=lambda: False,
+    )
+    log(f"    source: {hp.steps} steps of {hp.batch_size}, hold-out loss {result.metrics['val_loss']:.3f}")
+    return result.prompt.detach()
+
+
+def accuracy(backbone: Backbone, task: Task, prompt: torch.Tensor | None, rows: list[Example]) -> float:
+    correct = 0
+    for first in range(0, len(rows), 32):
+        chunk = rows[first : first + 32]
+        scores = classify(
+            backbone,
+            prompts=[prompt] * len(chunk),
+            texts=[render(task.template, ex.input) for ex in chunk],
+            labels=list(task.labels),
+        )
+        correct += sum(max(s, key=s.get) == ex.output for s, ex in zip(scores, chunk, strict=True))
+    return correct / len(rows)
+
+
+def target_job(
+    backbone: Backbone, task: Task, sample: list[Example], start: torch.Tensor, *, given: dict, seed: int
+) -> tuple[torch.Tensor | None, dict]:
+    """The target's job from ``start``: the published prompt (None when the job would publish nothing)
+    and its metrics."""
+    kept, held = split_holdout(sample, seed=seed)
+    hp = Hyperparameters(**given, seed=seed).resolve(
+        len(kept), max_steps=10_000, method=DEFAULT_METHOD, classification=True
+    )
+    result = train_prompt(
+        backbone,
+        prompt=start.clone(),
+        train=kept,
+        validation=held,
+        template=task.template,
+        labels=list(task.labels),
+        config=TrainConfig.of(hp, classification=True),
+        on_progress=lambda _: None,
+        should_stop=lambda: False,
+    )
+    published = result.versus_bare is None or not result.versus_bare.worse
+    return (result.prompt if published else None), {**result.metrics, "steps": hp.steps}
+
+
+def scored_job(
+    backbone: Backbone,
+    task: Task,
+    sample: list[Example],
+    start: torch.Tensor,
+    test: list[Example],
+    *,
+    budget: str,
+    seed: int,
+    label: str,
+) -> float:
+    """One target job, its test accuracy read after it finished."""
+    began = time.perf_counter()
+    prompt, metrics = target_job(backbone, task, sample, start, given=BUDGETS[budget], seed=seed)
+    scored = accuracy(backbone, task, prompt, test)
+    log(
+        f"  {label}: {metrics['steps']} steps, hold-out {metrics['val_accuracy']:.3f} "
+        f"(bare {metrics['zero_shot_accuracy']:.3f}, kept step {metrics['best_step']}), "
+        f"{'published' if prompt is not None else 'NOT published'}; test {scored:.3f}; "
+        f"{time.perf_counter() - began:.0f} s"
+    )
+    return scored
+
+
+BUDGETS = {"small": {"steps": 60, "batch_size": 8}, "large": {}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", nargs="+", choices=list(TASKS), default=["sst2", "cr", "subj"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=["small"])
+    parser.add_argument("--train-rows", type=int, default=400, help="target rows at the small budget")
+    parser.add_argument("--large-rows", type=int, default=1200, help="target rows at the large budget")
+    parser.add_argument("--cap", type=int, default=500, help="rows of each source task in a mixture")
+    parser.add_argument("--source-steps", type=int, default=300, help="steps of 16 for a source prompt")
+    parser.add_argument("--test-rows", type=int, default=200)
+    args = parser.parse_args()
+
+    backbone = load()
+    method = DEFAULT_METHOD
+    table: list[tuple[str, str, str, list[float]]] = []
+    for name in args.targets:
+        task = TASKS[name]
+        rows = mixture(name, cap=args.cap, seed=0)
+        log(f"{name}: source prompt on {len(rows)} rows of the other tasks (at most {args.cap} each)")
+        began = time.perf_counter()
+        source = train_source(backbone, rows, method=method, steps=args.source_steps)
+        log(f"    {time.perf_counter() - began:.0f} s")
+        pool = examples(task, "train")
+        random.Random(0).shuffle(pool)
+        test = examples(task, task.test_file)[: args.test_rows]
+        for budget in args.budgets:
+            size = args.train_rows if budget == "small" else args.large_rows
+            sample = pool[:size]
+            for start_name in ("default", "transfer"):
+                scores = []
+                for seed in args.seeds:
+                    if start_name == "default":
+                        start = fresh_start(backbone, method, labels=list(task.labels), seed=seed)
+                    else:
+                        start = source
+                    label = f"{name} {budget} ({size} rows) {start_name} seed {seed}"
+                    scores.append(
+                        scored_job(backbone, task, sample, start, test, budget=budget, seed=seed, label=label)
+                    )
+                table.append((name, budget, start_name, scores))
+        bare = accuracy(backbone, task, None, test)
+        log(f"  {name}: bare template on the test rows {bare:.3f}")
+
+    log("\n| target | budget | start | test accuracy per seed | mean |")
+    log("| --- | --- | --- | --- | --- |")
+    for name, budget, start_name, scores in table:
+        shown = ", ".join(f"{s:.3f}" for s in scores)
+        log(f"| {name} | {budget} | {start_name} | {shown} | {statistics.mean(scores):.3f} |")
+    gains = [
+        statistics.mean(t[3]) - statistics.mean(d[3]) for d, t in zip(table[::2], table[1::2], strict=True)
+    ]
+    log(f"transfer minus default start, mean over the rows above: {statistics.mean(gains):+.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
