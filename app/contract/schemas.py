@@ -5,9 +5,9 @@ imports this without the database layer."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from app.contract.hyperparameters import DEFAULT_METHOD, Hyperparameters, per_method
 from app.contract.kinds import MAX_ID, DatasetKind, EvalMetric, InitStrategy, JobStatus, Method
@@ -64,6 +64,24 @@ class DatasetPublic(BaseModel):
             sha256=row.sha256,
             created_at=row.created_at,
         )
+
+
+# -- metadata of runs ----------------------------------------------------------------------------------------
+
+# A job's or an evaluation's own key-value pairs, with OpenAI's limits for a fine-tuning job's metadata.
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+Metadata = Annotated[
+    dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=METADATA_KEY_CHARS)],
+        Annotated[str, StringConstraints(max_length=METADATA_VALUE_CHARS)],
+    ],
+    Field(
+        max_length=METADATA_PAIRS,
+        description=f"Up to {METADATA_PAIRS} pairs of your own (keys of 1-{METADATA_KEY_CHARS} characters, "
+        f"values of at most {METADATA_VALUE_CHARS}), returned with the run; lists filter on them with "
+        "?metadata[key]=value.",
+    ),
+]
 
 
 # -- tuning jobs ------------------------------------------------------------------------------------------
@@ -144,6 +162,7 @@ class JobCreate(BaseModel):
         default=None, description="Default: 'labels' for classification datasets, 'vocab' otherwise."
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    metadata: Metadata | None = None
 
 
 class Progress(BaseModel):
@@ -234,6 +253,7 @@ class JobPublic(BaseModel):
     result: JobResult | None
     error: JobError | None
     attempts: int
+    metadata: dict[str, str] | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -265,6 +285,7 @@ class JobPublic(BaseModel):
             result=JobResult(task=row.task, version=row.result_version) if row.result_version else None,
             error=JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None,
             attempts=row.attempts,
+            metadata=row.client_metadata,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,
@@ -301,6 +322,7 @@ class EvaluationCreate(BaseModel):
         description="Generation: greedy decoding stops at the end of the answer or after this many tokens "
         "(default 64).",
     )
+    metadata: Metadata | None = None
 
 
 class EvaluationProgress(BaseModel):
@@ -328,6 +350,7 @@ class EvaluationPublic(BaseModel):
     results: list[EvaluationResult]
     error: JobError | None
     attempts: int
+    metadata: dict[str, str] | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -346,6 +369,7 @@ class EvaluationPublic(BaseModel):
             results=[EvaluationResult(model=m.reference, metrics=m.metrics) for m in row.models],
             error=JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None,
             attempts=row.attempts,
+            metadata=row.client_metadata,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,

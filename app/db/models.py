@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -176,12 +177,31 @@ class WorkerRun:
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The client's own key-value pairs (OpenAI's job metadata), as given; RunMetadata rows are what lists
+    # filter on. ("metadata" is the declarative base's own attribute, so the column has another name here.)
+    client_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class RunMetadata(Base):
+    """One pair of a job's or an evaluation's metadata, a row so that a list filters on it in SQL on either
+    database (SQLite's JSON paths cannot name a key that holds a double quote)."""
+
+    __tablename__ = "run_metadata"
+    __table_args__ = (Index("ix_run_metadata_pair", "key", "value"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("tuning_jobs.id", ondelete="CASCADE"), index=True)
+    evaluation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("evaluations.id", ondelete="CASCADE"), index=True
+    )
+    key: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(String(512))
 
 
 class TuningJob(WorkerRun, Base):

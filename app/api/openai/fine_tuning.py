@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 
 from app.api.auth import CallerDep
-from app.api.deps import LimitQuery, SessionDep, SettingsDep
+from app.api.deps import LimitQuery, MetadataFilter, SessionDep, SettingsDep
 from app.api.openai import ids
 from app.api.openai.params import speaking_as
 from app.api.openai.schemas import (
@@ -87,6 +87,7 @@ def create_fine_tuning_job(
         init=tuning.init.stored() if tuning.init else init,
         hyperparameters=_hyperparameters(body, tuning.hyperparameters, method),
         method=method,
+        metadata=body.metadata,
     )
     settings_fields = ("num_virtual_tokens", "template", "init.strategy", "init.text", "init.from")
     names = {field: f"method.{kind}.{field}" for field in settings_fields}
@@ -149,11 +150,16 @@ def _hyperparameters(
 
 @router.get("", response_model=ListOf, responses=errors(401, 404, 422))
 def list_fine_tuning_jobs(
-    caller: CallerDep, session: SessionDep, limit: LimitQuery = 20, after: str | None = None
+    caller: CallerDep,
+    session: SessionDep,
+    metadata: MetadataFilter,
+    limit: LimitQuery = 20,
+    after: str | None = None,
 ) -> ListOf:
-    """List your jobs, newest first."""
+    """List your jobs, newest first; `metadata[key]=value` keeps those whose metadata holds every such
+    pair, as OpenAI's list does."""
     rows, has_more = service.list_jobs(
-        session, tenant_id=caller.tenant_id, limit=limit, after=ids.cursor(ids.JOB, after)
+        session, tenant_id=caller.tenant_id, limit=limit, after=ids.cursor(ids.JOB, after), metadata=metadata
     )
     return ListOf(data=[fine_tuning_job(r, caller.tenant) for r in rows], has_more=has_more)
 
@@ -261,6 +267,7 @@ def fine_tuning_job(row: TuningJob, tenant: str) -> FineTuningJob:
         if row.error_code
         else None,
         user_provided_suffix=row.task,
+        metadata=row.client_metadata,
     )
 
 

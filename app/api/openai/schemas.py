@@ -10,7 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 
 from app.contract.hyperparameters import Hyperparameters, per_method
 from app.contract.kinds import JobStatus
-from app.contract.schemas import InitSpec
+from app.contract.schemas import InitSpec, Metadata
 
 
 class Strict(BaseModel):
@@ -131,7 +131,7 @@ class FineTuningJobCreate(Strict):
     hyperparameters: OpenAIHyperparameters | None = None
     method: Method | None = None
     integrations: list[Any] | None = Field(default=None, max_length=0, description="Not supported: empty.")
-    metadata: dict[str, str] | None = Field(default=None, max_length=0, description="Not supported: empty.")
+    metadata: Metadata | None = None
 
 
 class JobErrorObject(BaseModel):
@@ -159,6 +159,7 @@ class FineTuningJob(BaseModel):
     trained_tokens: int | None = None
     error: JobErrorObject | None
     user_provided_suffix: str
+    metadata: dict[str, str] | None = None
 
 
 class FineTuningJobEvent(BaseModel):

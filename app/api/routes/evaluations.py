@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 
 from app.api.auth import CallerDep
-from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
+from app.api.deps import AfterQuery, IdPath, LimitQuery, MetadataFilter, SessionDep, SettingsDep
 from app.api.responses import errors
 from app.contract.schemas import EvaluationCreate, EvaluationPublic, Page
 from app.services.evaluation import evaluations as service
@@ -25,7 +25,11 @@ def create_evaluation(
     """Queue an evaluation: score a dataset with several models (versions, or null for the bare backbone)
     and compare their metrics. A repeated Idempotency-Key returns the evaluation the first request made."""
     request = service.EvaluationRequest(
-        dataset=body.dataset, models=body.models, template=body.template, max_new_tokens=body.max_new_tokens
+        dataset=body.dataset,
+        models=body.models,
+        template=body.template,
+        max_new_tokens=body.max_new_tokens,
+        metadata=body.metadata,
     )
     evaluation, created = service.submit_evaluation(
         session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
@@ -39,13 +43,15 @@ def create_evaluation(
 def list_evaluations(
     caller: CallerDep,
     session: SessionDep,
+    metadata: MetadataFilter,
     limit: LimitQuery = 20,
     after: AfterQuery = None,
     task: Annotated[str | None, Query(max_length=64, description="Only those including this task.")] = None,
 ) -> Page[EvaluationPublic]:
-    """List your evaluations, newest first; with task, those that include one of its versions."""
+    """List your evaluations, newest first; with task, those that include one of its versions;
+    `?metadata[key]=value` (each key once) keeps those whose metadata holds every such pair."""
     rows, has_more = service.list_evaluations(
-        session, tenant_id=caller.tenant_id, limit=limit, after=after, task=task
+        session, tenant_id=caller.tenant_id, limit=limit, after=after, task=task, metadata=metadata
     )
     return Page[EvaluationPublic](data=[EvaluationPublic.of(r) for r in rows], has_more=has_more)
 

@@ -12,7 +12,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from app.api.auth import BearerDep, CallerDep
-from app.api.deps import AfterQuery, IdPath, LimitQuery, SessionDep, SettingsDep
+from app.api.deps import AfterQuery, IdPath, LimitQuery, MetadataFilter, SessionDep, SettingsDep
 from app.api.errors import error_body
 from app.api.responses import errors
 from app.contract.kinds import FINISHED_STATUSES
@@ -47,6 +47,7 @@ def create_job(
         template=body.template,
         init=body.init.stored() if body.init else None,
         hyperparameters=body.hyperparameters,
+        metadata=body.metadata,
     )
     job, created = service.submit_job(
         session, caller=caller, request=request, settings=settings, idempotency_key=idempotency_key
@@ -58,10 +59,17 @@ def create_job(
 
 @router.get("", response_model=Page[JobPublic], responses=errors(401, 422))
 def list_jobs(
-    caller: CallerDep, session: SessionDep, limit: LimitQuery = 20, after: AfterQuery = None
+    caller: CallerDep,
+    session: SessionDep,
+    metadata: MetadataFilter,
+    limit: LimitQuery = 20,
+    after: AfterQuery = None,
 ) -> Page[JobPublic]:
-    """List your tuning jobs, newest first."""
-    rows, has_more = service.list_jobs(session, tenant_id=caller.tenant_id, limit=limit, after=after)
+    """List your tuning jobs, newest first; `?metadata[key]=value` (each key once) keeps those whose
+    metadata holds every such pair."""
+    rows, has_more = service.list_jobs(
+        session, tenant_id=caller.tenant_id, limit=limit, after=after, metadata=metadata
+    )
     return Page[JobPublic](data=[JobPublic.of(r) for r in rows], has_more=has_more)
 
 

@@ -18,6 +18,7 @@ from app.errors import Conflict, InvalidRequest, NotFound
 from app.services.datasets.datasets import get_dataset, load_records, lock_datasets
 from app.services.pagination import paginate
 from app.services.registry.prompts import check_template, find_version
+from app.services.runs import metadata as run_metadata
 from app.services.runs.queue import enqueue_evaluation, send_committed
 from app.services.tenancy import idempotency, quotas
 from app.services.tenancy.tenants import Caller
@@ -39,9 +40,13 @@ class EvaluationRequest:
     models: list[str | None]  # "task", "task@3", or None for the bare backbone
     template: str | None  # the bare backbone's; absent: the first named task's
     max_new_tokens: int | None
+    metadata: dict[str, str] | None = None
 
     def fingerprint(self) -> str:
-        return idempotency.fingerprint(self.__dict__)
+        fields = dict(self.__dict__)
+        if self.metadata is None:
+            del fields["metadata"]  # as requests were hashed before there was metadata: their retries match
+        return idempotency.fingerprint(fields)
 
 
 def submit_evaluation(
@@ -116,7 +121,10 @@ def create_evaluation(
             for index, v in enumerate(versions)
         ],
     )
-    return idempotency.insert(session, evaluation)
+    evaluation, created = idempotency.insert(session, evaluation)
+    if created:
+        run_metadata.keep(session, evaluation, request.metadata)
+    return evaluation, created
 
 
 def _check_work(
@@ -234,10 +242,19 @@ def _literal(text: str) -> str:
 
 
 def list_evaluations(
-    session: Session, *, tenant_id: int, limit: int, after: int | None, task: str | None = None
+    session: Session,
+    *,
+    tenant_id: int,
+    limit: int,
+    after: int | None,
+    task: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[Evaluation], bool]:
-    """The tenant's evaluations, newest first; with ``task``, those that include one of its versions."""
-    query = select(Evaluation).where(Evaluation.tenant_id == tenant_id)
+    """The tenant's evaluations, newest first; with ``task``, those that include one of its versions; with
+    ``metadata``, those whose metadata holds all its pairs."""
+    query = run_metadata.matching(
+        select(Evaluation).where(Evaluation.tenant_id == tenant_id), Evaluation, metadata or {}
+    )
     if task is not None:
         named = select(EvaluationModel.evaluation_id).where(
             EvaluationModel.reference.like(_literal(task) + "@%", escape="\\")

@@ -28,6 +28,7 @@ from app.errors import Conflict, DomainError, InvalidRequest, NotFound
 from app.services.datasets.datasets import get_dataset, lock_datasets
 from app.services.pagination import paginate
 from app.services.registry.prompts import check_task_name, check_template, get_version, parse_task_ref
+from app.services.runs import metadata as run_metadata
 from app.services.runs.queue import enqueue_training, send_committed
 from app.services.tenancy import idempotency, quotas
 from app.services.tenancy.tenants import Caller
@@ -52,11 +53,15 @@ class JobRequest:
     init: dict[str, Any] | None  # InitSpec.stored()
     hyperparameters: Hyperparameters  # as given; the job stores them resolved
     method: Method | None = DEFAULT_METHOD  # None: the start version's, else DEFAULT_METHOD
+    metadata: dict[str, str] | None = None
 
     def fingerprint(self) -> str:
         fields = {**self.__dict__, "hyperparameters": self.hyperparameters.given()}
+        # As requests were hashed before there were methods and metadata: their retries match.
         if self.method == Method.PROMPT:
-            del fields["method"]  # as requests were hashed before there were methods: their retries match
+            del fields["method"]
+        if self.metadata is None:
+            del fields["metadata"]
         return idempotency.fingerprint(fields)
 
 
@@ -99,6 +104,7 @@ def create_job(
     )
     job, created = idempotency.insert(session, job)
     if created:
+        run_metadata.keep(session, job, request.metadata)
         add_event(session, job=job, type="status", message="Job queued.", data={"status": JobStatus.QUEUED})
     return job, created
 
@@ -307,9 +313,12 @@ def get_job(session: Session, *, tenant_id: int, job_id: int) -> TuningJob:
 
 
 def list_jobs(
-    session: Session, *, tenant_id: int, limit: int, after: int | None
+    session: Session, *, tenant_id: int, limit: int, after: int | None, metadata: dict[str, str] | None = None
 ) -> tuple[list[TuningJob], bool]:
-    query = select(TuningJob).where(TuningJob.tenant_id == tenant_id)
+    """The tenant's jobs, newest first; with ``metadata``, those whose metadata holds all its pairs."""
+    query = run_metadata.matching(
+        select(TuningJob).where(TuningJob.tenant_id == tenant_id), TuningJob, metadata or {}
+    )
     return paginate(session, query, id_column=TuningJob.id, limit=limit, after=after)
 
 
