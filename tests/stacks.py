@@ -8,6 +8,7 @@ already at the newest revision."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import kombu
 import psycopg
 import pytest
 import redis
@@ -24,6 +26,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "SOFTPROMPT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("SOFTPROMPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get("SOFTPROMPT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 # The two deployments; the ids appear in test names and in the summary. API tests run on the embedded one,
 # and on both when marked `servers` (tests/api/conftest.py).
@@ -31,7 +34,15 @@ STACK_PARAMS = [
     pytest.param("embedded", id="embedded"),
     pytest.param("servers", id="postgres+redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
 ]
-STACK_IDS = tuple(param.id for param in STACK_PARAMS)
+# PostgreSQL with RabbitMQ as the broker, for the tests where brokers differ (workers killed, the broker
+# restarted, long jobs). They share one RabbitMQ, which some of them restart or reconfigure, so they run one
+# after another on one of the suite's processes.
+RABBITMQ_PARAM = pytest.param(
+    "rabbitmq",
+    id="postgres+rabbitmq",
+    marks=[pytest.mark.postgres, pytest.mark.rabbitmq, pytest.mark.xdist_group("rabbitmq")],
+)
+STACK_IDS = (*(param.id for param in STACK_PARAMS), RABBITMQ_PARAM.id)
 
 
 @dataclass(frozen=True)
@@ -145,17 +156,38 @@ def redis_namespace() -> Iterator[tuple[str, str, str]]:
 
 
 @contextmanager
-def server_stack(templates: MigratedTemplates | None = None) -> Iterator[Stack]:
-    """PostgreSQL registry and Redis broker, as in production (migrated when ``templates`` is given)."""
+def rabbitmq_queue() -> Iterator[tuple[str, str]]:
+    """(broker URL, queue name) private to this test; the queue and its exchange are deleted afterwards."""
+    queue = f"softprompt-test-{uuid.uuid4().hex[:12]}"
+    try:
+        yield RABBITMQ_URL, queue
+    finally:
+        with kombu.Connection(RABBITMQ_URL) as connection:
+            channel = connection.default_channel
+            channel.queue_delete(queue)
+            channel.exchange_delete(queue)
+
+
+@contextmanager
+def server_stack(templates: MigratedTemplates | None = None, *, broker: str = "redis") -> Iterator[Stack]:
+    """PostgreSQL registry and a Redis (or, with ``broker`` "rabbitmq", RabbitMQ) broker, as in production
+    (migrated when ``templates`` is given)."""
     template = templates.postgres_template() if templates is not None else None
-    with postgres_database(template) as database_url, redis_namespace() as (broker_url, queue, prefix):
-        yield Stack(
-            name="postgres+redis",
-            database_url=database_url,
-            broker_url=broker_url,
-            queue_name=queue,
-            broker_key_prefix=prefix,
-        )
+    with postgres_database(template) as database_url:
+        if broker == "rabbitmq":
+            with rabbitmq_queue() as (broker_url, queue):
+                yield Stack("postgres+rabbitmq", database_url, broker_url, queue, broker_key_prefix="")
+            return
+        with redis_namespace() as (broker_url, queue, prefix):
+            yield Stack("postgres+redis", database_url, broker_url, queue, broker_key_prefix=prefix)
+
+
+def stack_of(kind: str) -> contextlib.AbstractContextManager[Stack | None]:
+    """For tests that start processes: nothing for the embedded stack (its files live in the data
+    directory), else the servers of ``kind`` ("servers": PostgreSQL + Redis, or "rabbitmq")."""
+    if kind == "embedded":
+        return contextlib.nullcontext()
+    return server_stack(broker="rabbitmq" if kind == "rabbitmq" else "redis")
 
 
 @contextmanager

@@ -56,3 +56,11 @@ def test_compose_file_passes_docker_compose_config():
         [*command, "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stderr
+    # The RabbitMQ variant, an override file: every process of the service gets its broker.
+    files = ["-f", str(REPO / "docker-compose.yml"), "-f", str(REPO / "docker-compose.rabbitmq.yml")]
+    merged = subprocess.run([*command, *files, "config"], capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    services = yaml.safe_load(merged.stdout)["services"]
+    for name in ("migrate", "api", "worker"):
+        assert services[name]["environment"]["SOFTPROMPT_BROKER_URL"].startswith("amqp://"), name
+    assert services["worker"]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"

@@ -17,4 +17,7 @@ celery.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=False,
     worker_hijack_root_logger=False,
+    # No remote control: cancels and leases go through the registry. On RabbitMQ its queue is exclusive to
+    # a node name, so a second worker on the same host could not start.
+    worker_enable_remote_control=False,
 )

@@ -21,7 +21,7 @@ from tests.integration.processes import (
     wait_until,
 )
 from tests.paths import REPO
-from tests.stacks import STACK_PARAMS, server_stack
+from tests.stacks import STACK_PARAMS, stack_of
 
 pytestmark = pytest.mark.worker
 
@@ -59,7 +59,7 @@ def test_with_one_worker_another_tenants_small_job_starts_within_the_time_slice(
 ):
     port = free_port()
     with ExitStack() as stack:
-        servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
+        servers = stack.enter_context(stack_of(stack_kind))
         env = service_env(
             tmp_path / "data",
             tiny_backbone_dir,

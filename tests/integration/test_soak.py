@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import sentiment_file
 from tests.integration.processes import free_port, job_holder, migrated_api, running, service_env, stop
-from tests.stacks import STACK_PARAMS, server_stack
+from tests.stacks import RABBITMQ_PARAM, STACK_PARAMS, stack_of
 
 pytestmark = pytest.mark.worker
 
@@ -41,12 +41,12 @@ _RUN_MESSAGE = re.compile(r"job (\d+) (claimed|released) by [^:]+:(\d+):")
 
 # On the production shape only: two workers racing for leases is what PostgreSQL's row locks and Redis's
 # redelivery are for. The embedded stack's recovery from killed workers is tested in test_worker_faults.py.
-@pytest.mark.parametrize("stack_kind", STACK_PARAMS[1:])
+@pytest.mark.parametrize("stack_kind", [STACK_PARAMS[1], RABBITMQ_PARAM])
 def test_a_dozen_jobs_survive_random_worker_kills_with_two_workers(stack_kind, tmp_path, tiny_backbone_dir):
     rng = random.Random(20)
     port = free_port()
     with ExitStack() as stack:
-        servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
+        servers = stack.enter_context(stack_of(stack_kind))
         env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **SOAK_ENV)
         client = migrated_api(stack, env, port, tmp_path)
         workers: list[subprocess.Popen] = []

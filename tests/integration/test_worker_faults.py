@@ -30,7 +30,7 @@ from tests.integration.processes import (
     wait_for_job,
     wait_until,
 )
-from tests.stacks import STACK_PARAMS, Stack, postgres_database, redis_namespace, server_stack
+from tests.stacks import RABBITMQ_PARAM, STACK_PARAMS, Stack, postgres_database, redis_namespace, stack_of
 
 pytestmark = pytest.mark.worker
 
@@ -51,6 +51,9 @@ FAST_RECOVERY = {
         pytest.param(
             *STACK_PARAMS[1].values, "SIGKILL", marks=STACK_PARAMS[1].marks, id="postgres+redis-SIGKILL"
         ),
+        pytest.param(
+            *RABBITMQ_PARAM.values, "SIGKILL", marks=RABBITMQ_PARAM.marks, id="postgres+rabbitmq-SIGKILL"
+        ),
     ],
 )
 def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpoint(
@@ -60,7 +63,7 @@ def test_a_job_whose_worker_ends_mid_run_is_finished_by_another_from_its_checkpo
     saves its state and hands the job back at once, which is not counted as an attempt."""
     port = free_port()
     with ExitStack() as stack:
-        servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
+        servers = stack.enter_context(stack_of(stack_kind))
         env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY)
         client = migrated_api(stack, env, port, tmp_path)
         # Each worker as if on a machine of its own: a data directory of its own, sharing only the registry
@@ -125,7 +128,7 @@ def test_an_evaluation_whose_worker_is_killed_is_scored_again_from_the_first_row
     cancel while a worker scores stops it with no results."""
     port = free_port()
     with ExitStack() as stack:
-        servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
+        servers = stack.enter_context(stack_of(stack_kind))
         env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY, **EVALUATION_BATCH)
         client = migrated_api(stack, env, port, tmp_path)
         first = stack.enter_context(running(["worker"], env, tmp_path / "worker-1.log"))
@@ -362,7 +365,7 @@ def test_a_job_that_kills_its_worker_every_attempt_fails_and_the_other_jobs_fini
     SOFTPROMPT_JOB_MAX_ATTEMPTS (3) attempts it fails with `worker_lost`; jobs behind it are not held up."""
     port = free_port()
     with ExitStack() as stack:
-        servers = stack.enter_context(server_stack()) if stack_kind == "servers" else None
+        servers = stack.enter_context(stack_of(stack_kind))
         env = service_env(tmp_path / "data", tiny_backbone_dir, servers, **FAST_RECOVERY)
         client = migrated_api(stack, env, port, tmp_path)
         workers = {}

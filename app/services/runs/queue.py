@@ -22,13 +22,21 @@ def celery_config(settings: Settings) -> dict:
     transport_options: dict = {}
     if settings.broker_key_prefix:
         transport_options["global_keyprefix"] = settings.broker_key_prefix
+    amqp = settings.celery_broker_url.startswith(("amqp", "pyamqp"))
     if settings.celery_broker_url.startswith("redis"):
         # Longer than any job: otherwise Redis hands a long job to a second worker while the first still runs.
         transport_options["visibility_timeout"] = 24 * 3600
+    if amqp:
+        # A message RabbitMQ has not confirmed is a send that failed: the client hears 503 and retries.
+        transport_options["confirm_publish"] = True
     return {
         "broker_url": settings.celery_broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
+        # RabbitMQ: a worker runs one job at a time in its main thread, which sends no AMQP heartbeats while
+        # it trains, so the broker would drop its connection two heartbeats into any long job. TCP's
+        # keep-alive finds a dead peer instead (docs/operations.md, "Choosing the broker").
+        **({"broker_heartbeat": 0} if amqp else {}),
         "task_default_queue": settings.queue_name,
         "task_ignore_result": True,
         "result_backend": None,
