@@ -76,7 +76,9 @@ def create_fine_tuning_job(
             f"A job on the fine-tuned model {body.model!r} starts from it; leave method.{kind}.init out.",
             param=f"method.{kind}.init",
         )
-    init = {"strategy": "version", "from": f"{source.task.name}@{source.version}"} if source else None
+    init = (
+        {"strategy": InitStrategy.VERSION, "from": f"{source.task.name}@{source.version}"} if source else None
+    )
     request = service.JobRequest(
         task=body.suffix if body.suffix is not None else source.task.name if source else f"ft-{training}",
         training_dataset=training,
