@@ -13,7 +13,7 @@ from app.contract.hyperparameters import DEFAULT_METHOD, Hyperparameters, per_me
 from app.contract.kinds import MAX_ID, DatasetKind, EvalMetric, InitStrategy, JobStatus, Method
 
 if TYPE_CHECKING:
-    from app.db.models import Dataset, Evaluation, PromptVersion, Task, TuningJob
+    from app.db.models import Evaluation, PromptVersion, Task, TuningJob
 
 
 class ErrorBody(BaseModel):
@@ -39,6 +39,10 @@ class Page(BaseModel, Generic[T]):
 
 
 class DatasetPublic(BaseModel):
+    """A dataset as the API shows it: the row's own fields, read by name (``model_validate(row)``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     name: str
     filename: str
@@ -49,21 +53,6 @@ class DatasetPublic(BaseModel):
     stats: dict[str, Any]
     sha256: str
     created_at: datetime
-
-    @classmethod
-    def of(cls, row: Dataset) -> DatasetPublic:
-        return cls(
-            id=row.id,
-            name=row.name,
-            filename=row.filename,
-            format=row.format,
-            kind=row.kind,
-            num_examples=row.num_examples,
-            labels=row.labels,
-            stats=row.stats,
-            sha256=row.sha256,
-            created_at=row.created_at,
-        )
 
 
 # -- metadata of runs ----------------------------------------------------------------------------------------

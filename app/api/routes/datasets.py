@@ -50,7 +50,7 @@ async def upload_dataset(
     )
     if not created:
         response.status_code = 200
-    return DatasetPublic.of(dataset)
+    return DatasetPublic.model_validate(dataset)
 
 
 @router.get("", response_model=Page[DatasetPublic], responses=errors(401, 422))
@@ -59,13 +59,14 @@ def list_datasets(
 ) -> Page[DatasetPublic]:
     """List your datasets, newest first."""
     rows, has_more = service.list_datasets(session, tenant_id=caller.tenant_id, limit=limit, after=after)
-    return Page[DatasetPublic](data=[DatasetPublic.of(r) for r in rows], has_more=has_more)
+    return Page[DatasetPublic](data=[DatasetPublic.model_validate(r) for r in rows], has_more=has_more)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses=errors(401, 404))
 def get_dataset(dataset_id: IdPath, caller: CallerDep, session: SessionDep) -> DatasetPublic:
     """Get one dataset's description and statistics."""
-    return DatasetPublic.of(service.get_dataset(session, tenant_id=caller.tenant_id, dataset_id=dataset_id))
+    found = service.get_dataset(session, tenant_id=caller.tenant_id, dataset_id=dataset_id)
+    return DatasetPublic.model_validate(found)
 
 
 @router.delete("/{dataset_id}", status_code=204, responses=errors(401, 404, 409))
