@@ -242,7 +242,7 @@ class JobPublic(BaseModel):
     result: JobResult | None
     error: JobError | None
     attempts: int
-    metadata: dict[str, str] | None
+    metadata: dict[str, str] | None = None  # None also from a server older than metadata
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -339,7 +339,7 @@ class EvaluationPublic(BaseModel):
     results: list[EvaluationResult]
     error: JobError | None
     attempts: int
-    metadata: dict[str, str] | None
+    metadata: dict[str, str] | None = None  # None also from a server older than metadata
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
