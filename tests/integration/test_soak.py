@@ -96,7 +96,7 @@ def test_a_dozen_jobs_survive_random_worker_kills_with_two_workers(stack_kind, t
         assert sorted(v["version"] for v in versions) == list(range(1, JOBS + 1))
         assert sorted(v["source_job"] for v in versions) == sorted(jobs)
         runs = _runs(logs, killed_at)
-        assert len(runs) >= JOBS + kills - 1, runs  # each job's run, and the runs its kills cut short
+        assert len({job for job, *_ in runs}) == JOBS, runs  # the log lines were read: every job's runs
         _assert_never_two_at_once(runs)
         retried = sum(job["attempts"] - 1 for job in finished)
         print(f"{kills} kills, {retried} jobs' attempts redone, {len(runs)} runs, {len(versions)} versions")
