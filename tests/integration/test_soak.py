@@ -23,7 +23,7 @@ from tests.stacks import RABBITMQ_PARAM, STACK_PARAMS, stack_of
 pytestmark = pytest.mark.worker
 
 JOBS = 12
-STEPS = 120
+STEPS = 600  # a few seconds a job: its progress (written once a second) shows it running, to be killed
 KILLS = 4
 SOAK_ENV = {
     "SOFTPROMPT_JOB_LEASE_S": "3",
