@@ -167,20 +167,26 @@ def test_utf16_is_reported_as_not_utf8() -> None:
     assert_fault(fails(CLASSIFICATION.decode().encode("utf-16")), "not_utf8", line=1)
 
 
+# Both archives carry a fixed time: the suite's processes each collect the tests, and must build the same
+# bytes (and so the same test ids) even when their clocks read different seconds.
 def gz(data: bytes) -> bytes:
-    return gzip.compress(data)
+    return gzip.compress(data, mtime=0)
 
 
 def zipped(data: bytes) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("train.jsonl", data)
+        archive.writestr(zipfile.ZipInfo("train.jsonl", date_time=(2026, 1, 1, 0, 0, 0)), data)
     return buffer.getvalue()
 
 
 @pytest.mark.parametrize(
     ("blob", "kind"),
-    [(gz(CLASSIFICATION), "gzip"), (zipped(CLASSIFICATION), "zip"), (b"\x89PNG\r\n\x1a\n\x00\x00", "PNG")],
+    [
+        pytest.param(gz(CLASSIFICATION), "gzip", id="gzip"),
+        pytest.param(zipped(CLASSIFICATION), "zip", id="zip"),
+        pytest.param(b"\x89PNG\r\n\x1a\n\x00\x00", "PNG", id="PNG"),
+    ],
 )
 def test_compressed_or_binary_blob(blob: bytes, kind: str) -> None:
     err = fails(blob, "train.jsonl")
