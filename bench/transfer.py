@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 from app.contract.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters  # noqa: E402
 from app.contract.kinds import EvalMetric, InitStrategy, Method  # noqa: E402
 from app.ml.backbone import Backbone  # noqa: E402
-from app.ml.inference import classify  # noqa: E402
 from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.soft_prompt import init_prompt  # noqa: E402
 from app.ml.text import render  # noqa: E402
 from app.ml.trainer import Example, TrainConfig, train_prompt  # noqa: E402
 from app.services.tuning.training import split_holdout  # noqa: E402
+from bench.tuning import accuracy as rank_accuracy  # noqa: E402
 from bench.tuning import load, log  # noqa: E402
 
 DATA = ROOT.parent / "shared/data"
@@ -129,17 +129,7 @@ def train_source(backbone: Backbone, rows: list[Example], *, method: Method, ste
 
 
 def accuracy(backbone: Backbone, task: Task, prompt: torch.Tensor | None, rows: list[Example]) -> float:
-    correct = 0
-    for first in range(0, len(rows), 32):
-        chunk = rows[first : first + 32]
-        scores = classify(
-            backbone,
-            prompts=[prompt] * len(chunk),
-            texts=[render(task.template, ex.input) for ex in chunk],
-            labels=list(task.labels),
-        )
-        correct += sum(max(s, key=s.get) == ex.output for s, ex in zip(scores, chunk, strict=True))
-    return correct / len(rows)
+    return rank_accuracy(backbone, prompt, rows, template=task.template, labels=list(task.labels))
 
 
 def target_job(

@@ -75,15 +75,23 @@ def max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def accuracy(backbone: Backbone, prompt: torch.Tensor | None, dev: list[Example]) -> float:
+def accuracy(
+    backbone: Backbone,
+    prompt: torch.Tensor | None,
+    dev: list[Example],
+    *,
+    template: str = TEMPLATE,
+    labels: list[str] = LABELS,
+) -> float:
+    """Rank classification over the label words (SST-2's unless given)."""
     correct = 0
     for start in range(0, len(dev), 32):
         chunk = dev[start : start + 32]
         scores = classify(
             backbone,
             prompts=[prompt] * len(chunk),
-            texts=[render(TEMPLATE, ex.input) for ex in chunk],
-            labels=LABELS,
+            texts=[render(template, ex.input) for ex in chunk],
+            labels=labels,
         )
         correct += sum(max(s, key=s.get) == ex.output for s, ex in zip(scores, chunk, strict=True))
     return correct / len(dev)
