@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import pytest
@@ -95,6 +96,17 @@ def test_streamed_pieces_add_up_to_the_text_and_never_contain_the_stop_string(ti
     assert full.startswith(collector.finished[id(first)].text)
 
 
+def decoder_passes(backbone, run: Callable[[], object]) -> int:
+    """How many times ``run`` ran the backbone's decoder."""
+    passes = []
+    hook = backbone.model.get_decoder().register_forward_hook(lambda *_: passes.append(1))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return len(passes)
+
+
 def test_a_prompt_shared_by_many_rows_has_its_keys_and_values_computed_once(tiny_backbone):
     """Six rows of one cold prompt: its keys and values come out of the rows' own prefill (one decoder
     pass, no pass of their own), are kept once, and equal those of the prompt run alone."""
@@ -111,13 +123,7 @@ def test_a_prompt_shared_by_many_rows_has_its_keys_and_values_computed_once(tiny
     rows = [Row(request=request) for request in requests]
     for row in rows:
         scheduler.add(row, lambda *_: None)
-    passes = []
-    hook = tiny_backbone.model.get_decoder().register_forward_hook(lambda *_: passes.append(1))
-    try:
-        scheduler.step()  # the admission: one prefill
-    finally:
-        hook.remove()
-    assert len(passes) == 1
+    assert decoder_passes(tiny_backbone, scheduler.step) == 1  # the admission: one prefill
     while not scheduler.idle:
         scheduler.step()
     assert len(cache._entries) == 1
@@ -532,14 +538,11 @@ def test_running_rows_and_short_newcomers_take_turns_with_the_chunks_of_a_long_p
 def test_cold_prompts_computed_together_equal_those_computed_one_by_one(tiny_backbone):
     prompts = [random_prompt(3, seed=i) for i in range(4)] + [random_prompt(5, seed=9)]
     prompts.append(init_prefix(tiny_backbone, num_virtual_tokens=4, strategy="random", seed=1))
-    passes = []
-    decoder = tiny_backbone.model.get_decoder()
-    hook = decoder.register_forward_hook(lambda *_: passes.append(1))
-    try:
-        together = compute_prompt_kvs(tiny_backbone, prompts)
-    finally:
-        hook.remove()
-    assert len(passes) == 2  # the four of length 3 in one pass, the one of length 5 in another
+    together = []
+    passes = decoder_passes(
+        tiny_backbone, lambda: together.extend(compute_prompt_kvs(tiny_backbone, prompts))
+    )
+    assert passes == 2  # the four of length 3 in one pass, the one of length 5 in another
     for prompt, kv in zip(prompts, together, strict=True):
         alone = compute_prompt_kv(tiny_backbone, prompt)
         assert torch.allclose(kv.keys, alone.keys, atol=1e-5) and torch.allclose(
@@ -564,13 +567,8 @@ def test_a_cold_prompt_that_would_widen_a_large_group_gets_a_pass_of_its_own(tin
     rows = [Row(request=request) for request in requests]
     for row in rows:
         scheduler.add(row, lambda *_: None)
-    passes = []
-    hook = tiny_backbone.model.get_decoder().register_forward_hook(lambda *_: passes.append(1))
-    try:
-        scheduler.step()  # the admission: the prompt's pass, then the group's prefill
-    finally:
-        hook.remove()
-    assert len(passes) == 2 and cache.holds("cold")
+    # The admission: the prompt's pass, then the group's prefill.
+    assert decoder_passes(tiny_backbone, scheduler.step) == 2 and cache.holds("cold")
     while not scheduler.idle:
         scheduler.step()
     for row, request in zip(rows, requests, strict=True):
