@@ -29,7 +29,7 @@ from app.contract.kinds import Method as TuningMethod
 from app.db.models import JobEvent, PromptVersion, TuningJob
 from app.errors import DomainError, InvalidRequest
 from app.services.registry.model_names import fine_tuned_model, missing, task_ref_of_model
-from app.services.registry.prompts import find_version
+from app.services.registry.prompts import find_version, parse_task_ref
 from app.services.tuning import jobs as service
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["OpenAI-compatible"])
@@ -277,8 +277,8 @@ def _model_of(row: TuningJob) -> str:
     """What the job tuned: a base model, or the fine-tuned model it started from."""
     if row.init.get("strategy") != InitStrategy.VERSION:
         return row.base_model
-    task, version = row.init["from"].split("@")
-    return fine_tuned_model(row.base_model, task, int(version))
+    task, version = parse_task_ref(row.init["from"])  # pinned to a number when the job was created
+    return fine_tuned_model(row.base_model, task, version)
 
 
 def _event(row: JobEvent) -> FineTuningJobEvent:
