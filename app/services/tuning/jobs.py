@@ -116,7 +116,7 @@ def _validated_fields(
     _check_given_shape(request, settings)
     lock_datasets(session, tenant_id=tenant_id)
     training, validation = _datasets(session, tenant_id=tenant_id, request=request)
-    source = start_version(session, tenant_id=tenant_id, request=request, settings=settings)
+    source = _start_version(session, tenant_id=tenant_id, request=request, settings=settings)
     shape = _Shape.of(request, source, settings)
     init = _validated_init(request.init, kind=training.kind, method=shape.method, source=source)
     holdout = 0 if validation is not None else holdout_size(training.num_examples)
@@ -201,7 +201,7 @@ class _Shape:
         )
 
 
-def start_version(
+def _start_version(
     session: Session, *, tenant_id: int, request: JobRequest, settings: Settings
 ) -> PromptVersion | None:
     """The version a job starts from (init strategy "version"), one of the caller's own: another tenant's
