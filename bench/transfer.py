@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,6 +49,7 @@ from bench.tuning import accuracy as rank_accuracy  # noqa: E402
 from bench.tuning import load, log  # noqa: E402
 
 DATA = ROOT.parent / "shared/data"
+SOURCES = ROOT / ".cache/transfer"  # source prompts already trained, by recipe: a rerun reuses them
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,22 @@ def train_source(backbone: Backbone, rows: list[Example], *, method: Method, ste
     return result.prompt.detach()
 
 
+def source_prompt(backbone: Backbone, target: str, *, cap: int, steps: int, method: Method) -> torch.Tensor:
+    """The source prompt for ``target``, read from SOURCES when this recipe was trained before."""
+    path = SOURCES / f"without-{target}-cap{cap}-steps{steps}-{method.value}.safetensors"
+    if path.exists():
+        log(f"{target}: source prompt read from {path.relative_to(ROOT)}")
+        return load_file(path)["prompt"]
+    rows = mixture(target, cap=cap, seed=0)
+    log(f"{target}: source prompt on {len(rows)} rows of the other tasks (at most {cap} each)")
+    began = time.perf_counter()
+    prompt = train_source(backbone, rows, method=method, steps=steps)
+    log(f"    {time.perf_counter() - began:.0f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"prompt": prompt.contiguous()}, path)
+    return prompt
+
+
 def accuracy(backbone: Backbone, task: Task, prompt: torch.Tensor | None, rows: list[Example]) -> float:
     return rank_accuracy(backbone, prompt, rows, template=task.template, labels=list(task.labels))
 
@@ -163,13 +181,14 @@ def scored_job(
     start: torch.Tensor,
     test: list[Example],
     *,
-    budget: str,
+    given: dict,
     seed: int,
     label: str,
-) -> float:
-    """One target job, its test accuracy read after it finished."""
+) -> tuple[float, torch.Tensor | None]:
+    """One target job given ``given`` hyperparameters: its test accuracy, read after it finished, and the
+    prompt it published (None: nothing, and the bare template was scored)."""
     began = time.perf_counter()
-    prompt, metrics = target_job(backbone, task, sample, start, given=BUDGETS[budget], seed=seed)
+    prompt, metrics = target_job(backbone, task, sample, start, given=given, seed=seed)
     scored = accuracy(backbone, task, prompt, test)
     log(
         f"  {label}: {metrics['steps']} steps, hold-out {metrics['val_accuracy']:.3f} "
@@ -177,7 +196,7 @@ def scored_job(
         f"{'published' if prompt is not None else 'NOT published'}; test {scored:.3f}; "
         f"{time.perf_counter() - began:.0f} s"
     )
-    return scored
+    return scored, prompt
 
 
 BUDGETS = {"small": {"steps": 60, "batch_size": 8}, "large": {}}
@@ -200,11 +219,7 @@ def main() -> int:
     table: list[tuple[str, str, str, list[float]]] = []
     for name in args.targets:
         task = TASKS[name]
-        rows = mixture(name, cap=args.cap, seed=0)
-        log(f"{name}: source prompt on {len(rows)} rows of the other tasks (at most {args.cap} each)")
-        began = time.perf_counter()
-        source = train_source(backbone, rows, method=method, steps=args.source_steps)
-        log(f"    {time.perf_counter() - began:.0f} s")
+        source = source_prompt(backbone, name, cap=args.cap, steps=args.source_steps, method=method)
         pool = examples(task, "train")
         random.Random(0).shuffle(pool)
         test = examples(task, task.test_file)[: args.test_rows]
@@ -219,9 +234,11 @@ def main() -> int:
                     else:
                         start = source
                     label = f"{name} {budget} ({size} rows) {start_name} seed {seed}"
-                    scores.append(
-                        scored_job(backbone, task, sample, start, test, budget=budget, seed=seed, label=label)
+                    given = BUDGETS[budget]
+                    score, _ = scored_job(
+                        backbone, task, sample, start, test, given=given, seed=seed, label=label
                     )
+                    scores.append(score)
                 table.append((name, budget, start_name, scores))
         bare = accuracy(backbone, task, None, test)
         log(f"  {name}: bare template on the test rows {bare:.3f}")
