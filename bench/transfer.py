@@ -8,8 +8,9 @@ job (init strategy "version"), against the default start (the label words), over
 For each target, a source prompt is trained on a mixture of the training rows of every other task (SST-2 and
 the six of ../shared/data/TASKS.md), each capped at --cap rows so that none dominates (T5's examples-
 proportional mixing with a cap), each row in its own task's wording ("Review: …\\nSentiment:" followed by
-" positive"), as a generation job with the default method and length would train on it. Then, per seed
-and budget, the target's job from the default start and from the source prompt:
+" positive"), as a generation job with the default method and length would train on it. A source prompt is
+kept under .cache/transfer by its recipe, and a later run with the same recipe reads it instead of training
+it. Then, per seed and budget, the target's job from the default start and from the source prompt:
 
 - small: --train-rows target rows sampled once (400), 60 steps of 8 (bench/small_data.py's job);
 - large: --large-rows target rows, the job's own default steps and batch.
