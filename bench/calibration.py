@@ -12,9 +12,10 @@ prior from the label scores before the argmax. Estimates of that prior, each fro
 - own prior: the scored rows' own mean prediction, which no job can know in advance: how far a prior
   correction could go at best.
 
-Per job seed, the default job (bench/small_data.py's: 60 steps of 8 on 400 sampled rows, its seeded
-hold-out) and the bare template are scored on 500 other training rows of 12 words or more (as
-bench/defaults.py scores), raw and under each estimate; printed with the share of rows called positive.
+Per job seed, the default job (bench/transfer.py's small budget: 60 steps of 8 on 400 sampled rows, its
+seeded hold-out; the bare template when it would publish nothing) and the bare template are scored on 500
+other training rows of 12 words or more (as bench/defaults.py scores), raw and under each estimate;
+printed with the share of rows called positive.
 """
 
 from __future__ import annotations
@@ -29,14 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.contract.hyperparameters import DEFAULT_METHOD, METHOD_DEFAULTS, Hyperparameters  # noqa: E402
-from app.contract.kinds import InitStrategy  # noqa: E402
+from app.contract.hyperparameters import DEFAULT_METHOD  # noqa: E402
 from app.ml.backbone import Backbone  # noqa: E402
 from app.ml.inference import label_log_likelihoods  # noqa: E402
-from app.ml.prefix import init_prefix  # noqa: E402
 from app.ml.text import render  # noqa: E402
-from app.ml.trainer import Example, TrainConfig, train_prompt  # noqa: E402
+from app.ml.trainer import Example  # noqa: E402
 from app.services.tuning.training import split_holdout  # noqa: E402
+from bench.transfer import BUDGETS, TASKS, fresh_start, target_job  # noqa: E402
 from bench.tuning import LABELS, TEMPLATE, load, log, rows  # noqa: E402
 
 CONTENT_FREE = ["N/A", "", "[MASK]"]
@@ -101,30 +101,12 @@ def main() -> int:
     log(f"{len(scored)} held-out training rows, {sum(ex.output == 'positive' for ex in scored)} positive")
     kept, held = split_holdout(sample, seed=0)
     report("bare template", backbone, None, kept, held, scored)
+    sst2 = TASKS["sst2"]
     for seed in args.seeds:
-        kept, held = split_holdout(sample, seed=seed)
-        hp = Hyperparameters(steps=60, batch_size=8, seed=seed).resolve(
-            len(kept), max_steps=10_000, method=DEFAULT_METHOD, classification=True
-        )
-        start = init_prefix(
-            backbone,
-            num_virtual_tokens=METHOD_DEFAULTS[DEFAULT_METHOD].num_virtual_tokens,
-            strategy=InitStrategy.LABELS,
-            labels=LABELS,
-            seed=seed,
-        )
-        result = train_prompt(
-            backbone,
-            prompt=start,
-            train=kept,
-            validation=held,
-            template=TEMPLATE,
-            labels=LABELS,
-            config=TrainConfig.of(hp, classification=True),
-            on_progress=lambda _: None,
-            should_stop=lambda: False,
-        )
-        report(f"job seed {seed}", backbone, result.prompt.detach(), kept, held, scored)
+        start = fresh_start(backbone, DEFAULT_METHOD, labels=LABELS, seed=seed)
+        prompt, _ = target_job(backbone, sst2, sample, start, given=BUDGETS["small"], seed=seed)
+        kept, held = split_holdout(sample, seed=seed)  # the rows that job trained on and held out
+        report(f"job seed {seed}", backbone, prompt, kept, held, scored)
     return 0
 
 
