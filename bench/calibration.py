@@ -43,14 +43,9 @@ CONTENT_FREE = ["N/A", "", "[MASK]"]
 
 
 def scores(backbone: Backbone, prompt: torch.Tensor | None, texts: list[str]) -> torch.Tensor:
-    """Label log-likelihoods [rows, labels] under the SST-2 template."""
-    parts = []
-    for start in range(0, len(texts), 32):
-        chunk = [render(TEMPLATE, text) for text in texts[start : start + 32]]
-        parts.append(
-            label_log_likelihoods(backbone, prompts=[prompt] * len(chunk), texts=chunk, labels=LABELS)
-        )
-    return torch.cat(parts)
+    """Label log-likelihoods [rows, labels] under the SST-2 template (scored in chunks of tokens inside)."""
+    rendered = [render(TEMPLATE, text) for text in texts]
+    return label_log_likelihoods(backbone, prompts=[prompt] * len(texts), texts=rendered, labels=LABELS)
 
 
 def prior(label_scores: torch.Tensor) -> torch.Tensor:
