@@ -45,10 +45,9 @@ def one_seed(backbone, task: Task, first: list[Example], new: list[Example], tes
 
     def job(name: str, rows: list[Example], begin: torch.Tensor, given: dict) -> torch.Tensor | None:
         label = f"{name} seed {seed}"
-        scores[name], published = scored_job(
-            backbone, task, rows, begin, test, given=given, seed=seed, label=label
-        )
-        return published
+        scored = scored_job(backbone, task, rows, begin, test, given=given, seed=seed, label=label)
+        scores[name] = scored.test
+        return scored.prompt
 
     version = job(f"first ({len(first)} rows, {steps} steps of {batch})", first, start, small)
     from_version = start if version is None else version.detach()
