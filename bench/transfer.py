@@ -4,13 +4,15 @@ job (init strategy "version"), against the default start (the label words), over
     .venv/bin/python bench/transfer.py                                  # SST-2, CR and subj as targets
     .venv/bin/python bench/transfer.py --targets sst2 --seeds 0         # one target, one seed: a first look
     .venv/bin/python bench/transfer.py --budgets small large            # and the larger budget
+    .venv/bin/python bench/transfer.py --targets sst2 --sources cr mpqa # a source of the sentiment tasks only
 
-For each target, a source prompt is trained on a mixture of the training rows of every other task (SST-2 and
-the six of ../shared/data/TASKS.md), each capped at --cap rows so that none dominates (T5's examples-
-proportional mixing with a cap), each row in its own task's wording ("Review: …\\nSentiment:" followed by
-" positive"), as a generation job with the default method and length would train on it. A source prompt is
-kept under .cache/transfer by its recipe, and a later run with the same recipe reads it instead of training
-it. Then, per seed and budget, the target's job from the default start and from the source prompt:
+For each target, a source prompt is trained on a mixture of the training rows of every other task (SST-2
+and the six of ../shared/data/TASKS.md; --sources names fewer), each capped at --cap rows so that none
+dominates (T5's examples-proportional mixing with a cap), each row in its own task's wording ("Review:
+…\\nSentiment:" followed by " positive"), as a generation job with the default method and length would
+train on it. A source prompt is kept under .cache/transfer by its recipe, and a later run with the same
+recipe reads it instead of training it. Then, per seed and budget, the target's job from the default start
+and from the source prompt:
 
 - small: --train-rows target rows sampled once (400), 60 steps of 8 (bench/small_data.py's job);
 - large: --large-rows target rows, the job's own default steps and batch.
@@ -82,13 +84,16 @@ def examples(task: Task, split: str) -> list[Example]:
         return [Example(r["text"], r["label"]) for r in map(json.loads, f)]
 
 
-def mixture(target: str, *, cap: int, seed: int) -> list[Example]:
-    """Every other task's training rows, at most ``cap`` of each, in its own wording: the input is the
+def source_tasks(target: str, only: list[str] | None) -> list[str]:
+    """The tasks a source for ``target`` learns from: ``only`` (all others when None), never the target."""
+    return [name for name in (only or TASKS) if name != target]
+
+
+def mixture(names: list[str], *, cap: int, seed: int) -> list[Example]:
+    """The named tasks' training rows, at most ``cap`` of each, in each one's own wording: the input is the
     rendered template and the output the label word, as a generation dataset's {"input", "output"}."""
     rows: list[Example] = []
-    for task in TASKS.values():
-        if task.name == target:
-            continue
+    for task in map(TASKS.get, names):
         own = examples(task, "train")
         random.Random(seed).shuffle(own)
         rows += [Example(render(task.template, ex.input), ex.output) for ex in own[:cap]]
@@ -133,14 +138,19 @@ def train_source(backbone: Backbone, rows: list[Example], *, method: Method, ste
     return result.prompt.detach()
 
 
-def source_prompt(backbone: Backbone, target: str, *, cap: int, steps: int, method: Method) -> torch.Tensor:
-    """The source prompt for ``target``, read from SOURCES when this recipe was trained before."""
-    path = SOURCES / f"without-{target}-cap{cap}-steps{steps}-{method.value}.safetensors"
+def source_prompt(
+    backbone: Backbone, target: str, *, only: list[str] | None, cap: int, steps: int, method: Method
+) -> torch.Tensor:
+    """The source prompt for ``target`` (from the tasks ``only``, or all the others), read from SOURCES when
+    this recipe was trained before."""
+    names = source_tasks(target, only)
+    mix = f"without-{target}" if only is None else "from-" + "-".join(sorted(names))
+    path = SOURCES / f"{mix}-cap{cap}-steps{steps}-{method.value}.safetensors"
     if path.exists():
         log(f"{target}: source prompt read from {path.relative_to(ROOT)}")
         return load_file(path)["prompt"]
-    rows = mixture(target, cap=cap, seed=0)
-    log(f"{target}: source prompt on {len(rows)} rows of the other tasks (at most {cap} each)")
+    rows = mixture(names, cap=cap, seed=0)
+    log(f"{target}: source prompt on {len(rows)} rows of {', '.join(names)} (at most {cap} each)")
     began = time.perf_counter()
     prompt = train_source(backbone, rows, method=method, steps=steps)
     log(f"    {time.perf_counter() - began:.0f} s")
@@ -225,6 +235,9 @@ def main() -> int:
     parser.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=["small"])
     parser.add_argument("--train-rows", type=int, default=400, help="target rows at the small budget")
     parser.add_argument("--large-rows", type=int, default=1200, help="target rows at the large budget")
+    parser.add_argument(
+        "--sources", nargs="+", choices=list(TASKS), help="the source mixture's tasks (all but the target)"
+    )
     parser.add_argument("--cap", type=int, default=500, help="rows of each source task in a mixture")
     parser.add_argument("--source-steps", type=int, default=300, help="steps of 16 for a source prompt")
     parser.add_argument("--test-rows", type=int, default=200)
@@ -235,7 +248,9 @@ def main() -> int:
     table: list[tuple[str, str, str, list[float]]] = []
     for name in args.targets:
         task = TASKS[name]
-        source = source_prompt(backbone, name, cap=args.cap, steps=args.source_steps, method=method)
+        source = source_prompt(
+            backbone, name, only=args.sources, cap=args.cap, steps=args.source_steps, method=method
+        )
         pool = examples(task, "train")
         random.Random(0).shuffle(pool)
         test = examples(task, task.test_file)[: args.test_rows]
