@@ -144,6 +144,8 @@ def source_prompt(
     """The source prompt for ``target`` (from the tasks ``only``, or all the others), read from SOURCES when
     this recipe was trained before."""
     names = source_tasks(target, only)
+    if not names:
+        raise SystemExit(f"{target}: --sources names no task but the target itself")
     mix = f"without-{target}" if only is None else "from-" + "-".join(sorted(names))
     path = SOURCES / f"{mix}-cap{cap}-steps{steps}-{method.value}.safetensors"
     if path.exists():
